@@ -1,0 +1,78 @@
+"""The ``mailbench`` command line: one entry point, one subcommand per tool.
+
+Each subcommand's module is imported only when it runs, so ``mailbench fakegun`` never
+pays for pandas and ``mailbench serve`` never imports matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from harness.errors import MailbenchError
+
+# subcommand -> (module, help); each module has add_cli_arguments(parser) and cli_main(args)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("harness.run", "run the benchmark matrix and write a results folder"),
+    "report": ("harness.report", "rebuild charts and report.md from results folders"),
+    "compare": ("harness.compare", "CI gate: compare a run against a baseline, exit 1 on regression"),
+    "fakegun": ("servers.fakegun", "serve a fake Mailgun API with latency, faults and a ledger"),
+    "serve": ("servers.app", "serve the reference web application in one mode"),
+    "worker": ("queues.worker", "consume a queue and send through the Mailgun API"),
+    "services": ("harness.services", "start, stop or show local RabbitMQ / Redis / PostgreSQL"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Build only the parser of the command asked for: importing every tool costs seconds.
+    parser = _parser_for(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "httpcore", "aio_pika", "aiormq", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    module = importlib.import_module(args.module_name)
+    try:
+        return int(module.cli_main(args))
+    except MailbenchError as exc:
+        print(f"mailbench {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mailbench {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    if chosen not in COMMANDS:
+        return _summary_parser()
+    parser = argparse.ArgumentParser(prog="mailbench")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    module_name, help_text = COMMANDS[chosen]
+    command = sub.add_parser(chosen, help=help_text, description=help_text)
+    importlib.import_module(module_name).add_cli_arguments(command)
+    command.set_defaults(module_name=module_name)
+    return parser
+
+
+def _summary_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailbench",
+        description="Measure what sending email inside a web request costs, against queues.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

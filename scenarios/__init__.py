@@ -1,0 +1,1 @@
+"""Locust scenarios: what load, never what system (the harness picks the mode)."""

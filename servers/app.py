@@ -1,0 +1,275 @@
+"""The reference web application: one form, one POST handler, six ways to send.
+
+Every mode serves the identical form page; only how ``POST /send`` lets the email leave
+differs (see :data:`MODES`). A 2xx from ``POST /send`` is a promise that the email will be
+delivered: in ``direct``/``blocking`` mode the API has accepted it, in a queued mode the
+broker has durably accepted the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from harness.errors import MailbenchError
+from harness.metrics import Recorder
+from queues import Queue, open_queue
+from queues.base import Email, Job
+from servers.forms import FORM_PAGE, MAX_BODY_BYTES, FormError, render_done, render_form, validate
+from servers.mailgun import BlockingMailgunClient, MailgunClient, MailgunSettings, Outcome
+
+log = logging.getLogger(__name__)
+
+MODES = ("direct", "blocking", "rabbitmq", "redis", "sqlite", "postgres")
+QUEUED_MODES = ("rabbitmq", "redis", "sqlite", "postgres")
+FORM_CONTENT_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    mode: str = "direct"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    mailgun: MailgunSettings = field(default_factory=MailgunSettings)
+    queue_url: str | None = None  # required by the queued modes
+    metrics_out: Path | None = None  # histograms and accepted jobs, written at shutdown
+    send_delay_ms: float = 0.0  # fault knob: a known extra delay on the send path
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise MailbenchError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.mode in QUEUED_MODES and not self.queue_url:
+            raise MailbenchError(f"mode {self.mode!r} needs a queue URL (--queue-url)")
+
+
+@dataclass(frozen=True, slots=True)
+class Handed:
+    """What happened to an email the handler tried to hand on."""
+
+    accepted: bool
+    status: int
+    state: str  # "sent", "queued" or "failed"
+    detail: str = ""
+
+
+Dispatch = Callable[[Job], Awaitable[Handed]]
+
+
+@dataclass(slots=True)
+class ServerState:
+    settings: ServerSettings
+    recorder: Recorder = field(default_factory=Recorder)
+    accepted: list[tuple[str, float]] = field(default_factory=list)
+    refused: int = 0  # valid forms the API or broker did not take
+    dispatch: Dispatch | None = None
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "mode": self.settings.mode,
+            "histograms": self.recorder.encoded(),
+            "accepted": self.accepted,
+            "refused": self.refused,
+        }
+
+
+STATE = web.AppKey("state", ServerState)
+
+
+def _api_result(state: ServerState, ok: bool, outcome: Outcome, detail: str) -> Handed:
+    if ok:
+        return Handed(True, 200, "sent")
+    state.refused += 1
+    status = 503 if outcome is Outcome.RETRYABLE else 502
+    return Handed(False, status, "failed", f"The email service did not take it ({detail}).")
+
+
+async def _direct(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    client = MailgunClient(state.settings.mailgun)
+
+    async def dispatch(job: Job) -> Handed:
+        started = time.perf_counter()
+        result = await client.send(job.email, job.id)
+        state.recorder.record("api", time.perf_counter() - started)
+        return _api_result(state, result.ok, result.outcome, result.detail)
+
+    state.dispatch = dispatch
+    yield
+    await client.aclose()
+
+
+async def _blocking(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    client = BlockingMailgunClient(state.settings.mailgun)
+
+    async def dispatch(job: Job) -> Handed:
+        started = time.perf_counter()
+        # Deliberately synchronous: the event loop stops for the whole API call.
+        result = client.send(job.email, job.id)
+        state.recorder.record("api", time.perf_counter() - started)
+        return _api_result(state, result.ok, result.outcome, result.detail)
+
+    state.dispatch = dispatch
+    yield
+    client.close()
+
+
+async def _queued(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    assert state.settings.queue_url is not None
+    queue: Queue = await open_queue(state.settings.queue_url)
+
+    async def dispatch(job: Job) -> Handed:
+        started = time.perf_counter()
+        try:
+            await queue.enqueue(job)
+        except MailbenchError as exc:
+            state.refused += 1
+            log.warning("enqueue failed: %s", exc)
+            return Handed(False, 503, "failed", "The mail queue is unavailable; try again.")
+        state.recorder.record("enqueue", time.perf_counter() - started)
+        return Handed(True, 202, "queued")
+
+    state.dispatch = dispatch
+    yield
+    await queue.close()
+
+
+async def _write_metrics(app: web.Application) -> AsyncIterator[None]:
+    yield
+    state = app[STATE]
+    if state.settings.metrics_out is not None:
+        path = state.settings.metrics_out
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(state.snapshot()))
+
+
+def _wants_json(request: web.Request) -> bool:
+    return "application/json" in request.headers.get("Accept", "")
+
+
+def _reply(
+    request: web.Request, status: int, payload: dict[str, object], page: str
+) -> web.Response:
+    if _wants_json(request):
+        return web.json_response(payload, status=status)
+    return web.Response(text=page, status=status, content_type="text/html")
+
+
+async def form_page(request: web.Request) -> web.Response:
+    return web.Response(text=FORM_PAGE, content_type="text/html")
+
+
+async def send(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if request.content_type not in FORM_CONTENT_TYPES:
+        message = "Send the form as application/x-www-form-urlencoded or multipart/form-data."
+        return _reply(request, 400, {"error": message}, render_form(error=message))
+    try:
+        data = await request.post()
+    except web.HTTPRequestEntityTooLarge:
+        message = f"The form is larger than {MAX_BODY_BYTES // 1024} KiB."
+        return _reply(request, 413, {"error": message}, render_form(error=message))
+    except ValueError as exc:  # undecodable bytes, broken multipart
+        message = f"The form could not be read: {exc}"
+        return _reply(request, 400, {"error": message}, render_form(error=message))
+    try:
+        form = validate(data)
+    except FormError as exc:
+        payload = {"error": exc.message, "field": exc.field}
+        return _reply(request, 400, payload, render_form(data, error=exc.message))
+
+    job = Job(
+        id=uuid.uuid4().hex,
+        email=Email(to=form.to, subject=form.subject, text=form.message),
+        enqueued_at=time.time(),
+    )
+    if state.settings.send_delay_ms:
+        await asyncio.sleep(state.settings.send_delay_ms / 1000)
+    assert state.dispatch is not None
+    handed = await state.dispatch(job)
+    if not handed.accepted:
+        payload = {"error": handed.detail, "job_id": job.id}
+        return _reply(request, handed.status, payload, render_form(data, error=handed.detail))
+    state.accepted.append((job.id, job.enqueued_at))
+    title = "Sent" if handed.state == "sent" else "Queued"
+    page = render_done(title, f"Your email to {form.to} is {handed.state} (job {job.id}).")
+    return _reply(request, handed.status, {"status": handed.state, "job_id": job.id}, page)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].snapshot())
+
+
+def create_app(settings: ServerSettings) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[STATE] = ServerState(settings)
+    app.cleanup_ctx.append(_write_metrics)
+    if settings.mode == "direct":
+        app.cleanup_ctx.append(_direct)
+    elif settings.mode == "blocking":
+        app.cleanup_ctx.append(_blocking)
+    else:
+        app.cleanup_ctx.append(_queued)
+    app.router.add_get("/", form_page)
+    app.router.add_post("/send", send)
+    app.router.add_get("/_mailbench/metrics", metrics)
+    return app
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument(
+        "--mailgun-url",
+        default="http://127.0.0.1:8025",
+        help="base URL of the Mailgun API (default: a local fakegun)",
+    )
+    parser.add_argument("--mailgun-key", default="key-mailbench")
+    parser.add_argument("--mailgun-domain", default="mailbench.test")
+    parser.add_argument("--queue-url", help="queue backend URL for the queued modes")
+    parser.add_argument(
+        "--metrics-out", type=Path, help="write histograms and accepted jobs here at shutdown"
+    )
+    parser.add_argument(
+        "--inject-send-delay-ms",
+        type=float,
+        default=0.0,
+        help="add a known delay to every POST /send (for testing the CI gate)",
+    )
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    settings = ServerSettings(
+        mode=args.mode,
+        host=args.host,
+        port=args.port,
+        mailgun=MailgunSettings(
+            base_url=args.mailgun_url, api_key=args.mailgun_key, domain=args.mailgun_domain
+        ),
+        queue_url=args.queue_url,
+        metrics_out=args.metrics_out,
+        send_delay_ms=args.inject_send_delay_ms,
+    )
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=None,
+        backlog=4096,
+        print=lambda _: print(
+            f"mailbench serve ({settings.mode}) listening on http://{settings.host}:{settings.port}",
+            flush=True,
+        ),
+    )
+    return 0

@@ -1,0 +1,186 @@
+"""A Mailgun API client for the reference server and the queue workers.
+
+Both flavours share one request shape and one classification of outcomes:
+
+* ``success`` — the API accepted the message (200);
+* ``retryable`` — try again later: 429 (honour ``Retry-After``), 5xx, connection errors
+  and timeouts. A timeout after the request was sent has an unknown outcome, so the
+  retry must carry the *same* idempotency key;
+* ``permanent`` — any other 4xx: retrying cannot help, the job goes to the dead letter.
+
+Timeouts are always set: Mailgun is observed to hang for tens of seconds under load.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from queues.base import Email
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_VARIABLE = "v:idempotency_key"
+
+
+class Outcome(enum.Enum):
+    SUCCESS = "success"
+    RETRYABLE = "retryable"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    outcome: Outcome
+    status: int | None
+    message_id: str | None = None
+    retry_after: float | None = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.SUCCESS
+
+
+@dataclass(frozen=True, slots=True)
+class MailgunSettings:
+    base_url: str = "https://api.mailgun.net"
+    api_key: str = "key-mailbench"
+    domain: str = "mailbench.test"
+    connect_timeout: float = 2.0
+    timeout: float = 10.0
+    max_connections: int = 1000
+
+    @property
+    def messages_url(self) -> str:
+        return f"{self.base_url.rstrip('/')}/v3/{self.domain}/messages"
+
+    def timeouts(self) -> httpx.Timeout:
+        return httpx.Timeout(self.timeout, connect=self.connect_timeout)
+
+
+def message_form(email: Email, idempotency_key: str) -> dict[str, str]:
+    return {
+        "from": email.sender,
+        "to": email.to,
+        "subject": email.subject,
+        "text": email.text,
+        IDEMPOTENCY_VARIABLE: idempotency_key,
+    }
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` is either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def classify(response: httpx.Response) -> SendResult:
+    status = response.status_code
+    if status == 200:
+        message_id = None
+        try:
+            body: Any = response.json()
+            message_id = body.get("id") if isinstance(body, dict) else None
+        except ValueError:
+            pass
+        return SendResult(Outcome.SUCCESS, status, message_id=message_id)
+    detail = _error_detail(response)
+    if status == 429:
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        return SendResult(Outcome.RETRYABLE, status, retry_after=retry_after, detail=detail)
+    if status >= 500 or status == 408:
+        return SendResult(Outcome.RETRYABLE, status, detail=detail)
+    return SendResult(Outcome.PERMANENT, status, detail=detail)
+
+
+def classify_error(exc: httpx.HTTPError) -> SendResult:
+    if isinstance(exc, httpx.TimeoutException):
+        # The request may have reached the API: only the same idempotency key makes a
+        # retry safe.
+        return SendResult(Outcome.RETRYABLE, None, detail=f"timeout ({type(exc).__name__})")
+    if isinstance(exc, httpx.TransportError):
+        return SendResult(Outcome.RETRYABLE, None, detail=f"connection error: {exc!r}")
+    return SendResult(Outcome.PERMANENT, None, detail=f"client error: {exc!r}")
+
+
+def _error_detail(response: httpx.Response) -> str:
+    try:
+        body: Any = response.json()
+        if isinstance(body, dict) and "message" in body:
+            return f"{response.status_code}: {body['message']}"
+    except ValueError:
+        pass
+    return f"{response.status_code}: {response.text[:200]}"
+
+
+class MailgunClient:
+    """Async client (httpx) with pooled connections; one per process."""
+
+    def __init__(
+        self, settings: MailgunSettings, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.settings = settings
+        self._http = httpx.AsyncClient(
+            auth=("api", settings.api_key),
+            timeout=settings.timeouts(),
+            limits=httpx.Limits(
+                max_connections=settings.max_connections,
+                max_keepalive_connections=settings.max_connections,
+            ),
+            transport=transport,
+        )
+
+    async def send(self, email: Email, idempotency_key: str) -> SendResult:
+        try:
+            response = await self._http.post(
+                self.settings.messages_url,
+                data=message_form(email, idempotency_key),
+                headers={IDEMPOTENCY_HEADER: idempotency_key},
+            )
+        except httpx.HTTPError as exc:
+            return classify_error(exc)
+        return classify(response)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+class BlockingMailgunClient:
+    """Sync client (httpx). The ``blocking`` server mode calls it inside an async handler
+    on purpose: it shows what one blocking call does to every other request."""
+
+    def __init__(
+        self, settings: MailgunSettings, transport: httpx.BaseTransport | None = None
+    ) -> None:
+        self.settings = settings
+        self._http = httpx.Client(
+            auth=("api", settings.api_key), timeout=settings.timeouts(), transport=transport
+        )
+
+    def send(self, email: Email, idempotency_key: str) -> SendResult:
+        try:
+            response = self._http.post(
+                self.settings.messages_url,
+                data=message_form(email, idempotency_key),
+                headers={IDEMPOTENCY_HEADER: idempotency_key},
+            )
+        except httpx.HTTPError as exc:
+            return classify_error(exc)
+        return classify(response)
+
+    def close(self) -> None:
+        self._http.close()
