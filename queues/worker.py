@@ -1,0 +1,374 @@
+"""The queue worker: consume jobs, send them through the Mailgun API, settle each one.
+
+Up to ``concurrency`` API calls are in flight at once, each in its own task. A delivery
+is acknowledged only after the API accepted the email; a retryable failure (429, 5xx,
+timeout, connection error, or an unexpected exception in the client) goes back to the
+queue with exponential backoff and full jitter, or after ``Retry-After`` when the API
+sent one; a permanent failure, or a job that used up its attempts, goes to the dead
+letter with the reason. Every call carries the job's id as idempotency key, so a retry
+after a timeout (whose outcome is unknown) cannot send the email twice.
+
+On SIGTERM/SIGINT the worker stops taking deliveries, lets the calls in flight finish
+for up to ``drain_timeout`` seconds and settles them; whatever is still unsettled goes
+back to the queue when the queue is closed (at-least-once). Then it writes its metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import AsyncGenerator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from harness.errors import ConfigError
+from harness.metrics import Recorder, Summary
+from queues import Queue, open_queue
+from queues.base import Delivery, Email
+from servers.mailgun import MailgunClient, MailgunSettings, Outcome, SendResult
+
+log = logging.getLogger(__name__)
+
+# A 2**attempt this large already exceeds any sensible cap; it keeps the float finite.
+_MAX_BACKOFF_EXPONENT = 62
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    backend: str
+    concurrency: int = 200
+    prefetch: int | None = None  # None: as many as ``concurrency``
+    mailgun: MailgunSettings = field(default_factory=MailgunSettings)
+    max_attempts: int = 5
+    backoff_base: float = 1.0
+    backoff_cap: float = 30.0
+    drain_timeout: float | None = None  # None: the client timeout + 5 s
+    metrics_out: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigError(f"concurrency must be at least 1, not {self.concurrency}.")
+        if self.prefetch is not None and self.prefetch < 1:
+            raise ConfigError(f"prefetch must be at least 1, not {self.prefetch}.")
+        if self.max_attempts < 1:
+            raise ConfigError(f"max attempts must be at least 1, not {self.max_attempts}.")
+        if self.backoff_base < 0 or self.backoff_cap < 0:
+            raise ConfigError("backoff base and cap cannot be negative.")
+
+    @property
+    def prefetch_count(self) -> int:
+        return self.concurrency if self.prefetch is None else self.prefetch
+
+    @property
+    def drain_seconds(self) -> float:
+        if self.drain_timeout is not None:
+            return self.drain_timeout
+        return self.mailgun.timeout + 5.0
+
+
+class EmailSender(Protocol):
+    """What the worker needs from a Mailgun client (:class:`MailgunClient` or a double)."""
+
+    async def send(self, email: Email, idempotency_key: str) -> SendResult: ...
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Full jitter: ``uniform(0, min(cap, base * 2**attempt))``; ``attempt`` counts the
+    calls already made before the one that failed, so the first retry waits up to base."""
+    ceiling = min(cap, base * 2.0 ** min(max(attempt, 0), _MAX_BACKOFF_EXPONENT))
+    return rng.uniform(0.0, ceiling)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, fit for logs and stdout."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}@{hostport}" if user else hostport))
+
+
+def _error_key(result: SendResult) -> str:
+    if result.status is not None:
+        return f"{result.outcome.value} {result.status}"
+    if result.detail.startswith("timeout"):
+        return f"{result.outcome.value} timeout"
+    if result.detail.startswith("connection error"):
+        return f"{result.outcome.value} connection"
+    return f"{result.outcome.value} other"
+
+
+class Worker:
+    """Consumes ``queue`` and sends through ``client`` until stopped or the queue closes.
+
+    The caller owns ``queue`` and ``client`` and closes them after :meth:`run` returns;
+    closing the queue is what hands unsettled deliveries back for redelivery.
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        queue: Queue,
+        client: EmailSender,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.client = client
+        self.recorder = Recorder()
+        self.acked = 0
+        self.retried = 0
+        self.dead_lettered: list[tuple[str, str]] = []
+        self.errors: collections.Counter[str] = collections.Counter()
+        self._rng = rng or random.Random()
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._in_flight: dict[asyncio.Task[None], Delivery] = {}
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def request_stop(self) -> None:
+        """Stop taking deliveries (safe to call from a signal handler)."""
+        if not self._stopping.is_set():
+            log.info("stopping: draining %d API calls in flight", len(self._in_flight))
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        """Request a stop and wait until :meth:`run` has drained and returned."""
+        self.request_stop()
+        await self._stopped.wait()
+
+    async def run(self) -> None:
+        consumer = asyncio.create_task(self._consume(), name="mailbench-consume")
+        stop_requested = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({consumer, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_requested.cancel()
+            consumer.cancel()
+            await asyncio.wait({consumer})
+            try:
+                await self._drain()
+            finally:
+                self.write_metrics()
+                log.info("%s", self.summary())
+                self._stopped.set()
+        if not consumer.cancelled() and (error := consumer.exception()) is not None:
+            raise error
+
+    async def _consume(self) -> None:
+        deliveries = self.queue.consume(self.settings.prefetch_count)
+        try:
+            while True:
+                # Take a slot before the delivery, so no delivery waits here unstarted.
+                await self._slots.acquire()
+                try:
+                    delivery = await anext(deliveries)
+                except StopAsyncIteration:
+                    self._slots.release()
+                    log.info("the queue was closed; no more deliveries")
+                    return
+                except BaseException:
+                    self._slots.release()
+                    raise
+                self._start(delivery)
+        finally:
+            if isinstance(deliveries, AsyncGenerator):
+                await deliveries.aclose()
+
+    def _start(self, delivery: Delivery) -> None:
+        wait = delivery.received_at - delivery.job.enqueued_at
+        self.recorder.record("queue_wait", max(0.0, wait))
+        task = asyncio.create_task(self._handle(delivery), name=f"mailbench-job-{delivery.job.id}")
+        self._in_flight[task] = delivery
+        # A done callback, not a finally: a task cancelled before its first step never
+        # runs its body, yet its slot must come back.
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        self._slots.release()
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("job handler failed", exc_info=error)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        job = delivery.job
+        started = time.perf_counter()
+        try:
+            result = await self.client.send(job.email, job.id)
+        except Exception as exc:
+            # Whatever broke, the job is not lost: it is retried like a 5xx.
+            log.exception("job %s: unexpected error from the email client", job.id)
+            self.errors[f"exception {type(exc).__name__}"] += 1
+            result = SendResult(Outcome.RETRYABLE, None, detail=f"unexpected error: {exc!r}")
+        else:
+            self.recorder.record("api", time.perf_counter() - started)
+            if result.outcome is not Outcome.SUCCESS:
+                self.errors[_error_key(result)] += 1
+        try:
+            await self._settle(delivery, result)
+        except Exception as exc:
+            # Settling again could duplicate the job; left unsettled, the queue delivers
+            # it again (lease expiry, reconnect, or close).
+            log.exception("job %s: could not settle it; it will be delivered again", job.id)
+            self.errors[f"settle {type(exc).__name__}"] += 1
+
+    async def _settle(self, delivery: Delivery, result: SendResult) -> None:
+        job = delivery.job
+        attempts = job.attempt + 1
+        if result.outcome is Outcome.SUCCESS:
+            await self.queue.ack(delivery)
+            self.acked += 1
+        elif result.outcome is Outcome.PERMANENT:
+            await self._dead_letter(delivery, result.detail or f"HTTP {result.status}")
+        elif attempts >= self.settings.max_attempts:
+            reason = f"gave up after {attempts} attempts: {result.detail}"
+            await self._dead_letter(delivery, reason)
+        else:
+            if result.retry_after is not None:
+                delay = max(0.0, result.retry_after)
+            else:
+                delay = backoff_delay(
+                    job.attempt, self.settings.backoff_base, self.settings.backoff_cap, self._rng
+                )
+            log.debug("job %s: %s; retry in %.3f s", job.id, result.detail, delay)
+            await self.queue.retry(delivery, delay)
+            self.retried += 1
+
+    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        log.warning("job %s: dead-lettered: %s", delivery.job.id, reason)
+        await self.queue.dead_letter(delivery, reason)
+        self.dead_lettered.append((delivery.job.id, reason))
+
+    async def _drain(self) -> None:
+        if not self._in_flight:
+            return
+        timeout = self.settings.drain_seconds
+        _, pending = await asyncio.wait(set(self._in_flight), timeout=timeout)
+        if pending:
+            log.warning(
+                "%d API calls still in flight after %.1f s; leaving their jobs to the queue",
+                len(pending),
+                timeout,
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending)
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "histograms": self.recorder.encoded(),
+            "acked": self.acked,
+            "retried": self.retried,
+            "dead_lettered": [list(entry) for entry in self.dead_lettered],
+            "errors": dict(self.errors),
+        }
+
+    def write_metrics(self) -> None:
+        path = self.settings.metrics_out
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename, so the harness never reads half a file.
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(self.snapshot()))
+        os.replace(partial, path)
+
+    def summary(self) -> str:
+        api = self.recorder.histograms.get("api")
+        p50 = f"{Summary.of(api).p50_us / 1000:.1f} ms" if api is not None else "n/a"
+        return (
+            f"worker done: {self.acked} acked, {self.retried} retried, "
+            f"{len(self.dead_lettered)} dead-lettered, {sum(self.errors.values())} errors, "
+            f"api p50 {p50}"
+        )
+
+
+async def run_worker(settings: WorkerSettings) -> None:
+    """Open the queue and the client, run until SIGTERM/SIGINT, close both."""
+    queue = await open_queue(settings.backend)
+    client = MailgunClient(settings.mailgun)
+    worker = Worker(settings, queue, client)
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+        with suppress(NotImplementedError):  # no signal handlers on Windows' loop
+            loop.add_signal_handler(signum, worker.request_stop)
+    print(
+        f"mailbench worker consuming {redact_url(settings.backend)} "
+        f"with concurrency {settings.concurrency}",
+        flush=True,
+    )
+    try:
+        await worker.run()
+    finally:
+        for signum in signals:
+            with suppress(NotImplementedError):
+                loop.remove_signal_handler(signum)
+        try:
+            await queue.close()
+        finally:
+            await client.aclose()
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        required=True,
+        metavar="URL",
+        help="queue URL: amqp://, redis://, sqlite:///path, postgresql://, memory://",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=200, help="API calls in flight at most (default: 200)"
+    )
+    parser.add_argument(
+        "--prefetch", type=int, help="deliveries held unsettled at most (default: the concurrency)"
+    )
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        default=5,
+        help="API calls per job before it goes to the dead letter (default: 5)",
+    )
+    parser.add_argument(
+        "--mailgun-url",
+        default="http://127.0.0.1:8025",
+        help="base URL of the Mailgun API (default: a local fakegun)",
+    )
+    parser.add_argument("--mailgun-key", default="key-mailbench")
+    parser.add_argument("--mailgun-domain", default="mailbench.test")
+    parser.add_argument(
+        "--metrics-out",
+        type=Path,
+        help="write histograms, counts and dead letters here at shutdown",
+    )
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    settings = WorkerSettings(
+        backend=args.backend,
+        concurrency=args.concurrency,
+        prefetch=args.prefetch,
+        max_attempts=args.max_attempts,
+        mailgun=MailgunSettings(
+            base_url=args.mailgun_url, api_key=args.mailgun_key, domain=args.mailgun_domain
+        ),
+        metrics_out=args.metrics_out,
+    )
+    asyncio.run(run_worker(settings))
+    return 0
