@@ -15,12 +15,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # charts are files; never open a window
 
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from harness import machine  # noqa: E402
-from harness.results import Run  # noqa: E402
+from harness import machine
+from harness.results import Run
 
 WIDTH_IN = 7.0
 SCREEN_DPI = 100  # 7 in × 100 = 700 px
@@ -114,10 +114,22 @@ def gap_chart(run: Run) -> Figure:
             y = i + (j - 1) * bar_h
             p50, p99 = float(row["p50_us"]), float(row["p99_us"])
             smallest, largest = min(smallest, p50), max(largest, p99)
-            ax.barh(y, p50, height=bar_h * 0.9, color=METRIC_COLOURS[metric],
-                    label=METRIC_LABELS[metric] if i == 0 else None, zorder=2)  # fmt: skip
-            ax.plot([p99, p99], [y - bar_h * 0.45, y + bar_h * 0.45], color="black", lw=1.6,
-                    zorder=3, label="p99" if (i, j) == (0, 0) else None)  # fmt: skip
+            ax.barh(
+                y,
+                p50,
+                height=bar_h * 0.9,
+                color=METRIC_COLOURS[metric],
+                label=METRIC_LABELS[metric] if i == 0 else None,
+                zorder=2,
+            )
+            ax.plot(
+                [p99, p99],
+                [y - bar_h * 0.45, y + bar_h * 0.45],
+                color="black",
+                lw=1.6,
+                zorder=3,
+                label="p99" if (i, j) == (0, 0) else None,
+            )
     if largest == 0:
         smallest, largest = 1.0, 10.0
     ax.set_xscale("log")
@@ -126,10 +138,24 @@ def gap_chart(run: Run) -> Figure:
         gap = run.gap(mode)
         if gap is not None:
             text = f"{gap:,.0f}×" if gap >= 10 else f"{gap:.1f}×"
-            ax.annotate(text, xy=(1.01, i), xycoords=("axes fraction", "data"), ha="left",
-                        va="center", fontsize=10, fontweight="bold")  # fmt: skip
-    ax.annotate("send ÷ form\n(p50)", xy=(1.01, 1.0), xycoords="axes fraction", ha="left",
-                va="bottom", fontsize=8, color="#444444")  # fmt: skip
+            ax.annotate(
+                text,
+                xy=(1.01, i),
+                xycoords=("axes fraction", "data"),
+                ha="left",
+                va="center",
+                fontsize=10,
+                fontweight="bold",
+            )
+    ax.annotate(
+        "send ÷ form\n(p50)",
+        xy=(1.01, 1.0),
+        xycoords="axes fraction",
+        ha="left",
+        va="bottom",
+        fontsize=8,
+        color="#444444",
+    )
     ax.set_yticks(range(len(modes)), modes)
     ax.set_ylim(len(modes) - 0.5, -0.5)
     ax.xaxis.set_major_locator(LogLocator(base=10))
@@ -140,12 +166,30 @@ def gap_chart(run: Run) -> Figure:
     ax.set_title("Sending email inside the request vs serving the form", loc="left", pad=28)
     handles, labels = ax.get_legend_handles_labels()
     order = sorted(range(len(labels)), key=lambda k: labels[k] == "p99")
-    ax.legend([handles[k] for k in order], [labels[k] for k in order], loc="lower left",
-              bbox_to_anchor=(0.0, 1.0), ncol=4, frameon=False, fontsize=9,
-              handlelength=1.2, columnspacing=1.2, borderaxespad=0.2)  # fmt: skip
-    ax.annotate(caption(run), xy=(0, 0), xycoords="axes fraction", xytext=(0, -42),
-                textcoords="offset points", fontsize=7.5, color="#444444", ha="left",
-                va="top", wrap=True)  # fmt: skip
+    ax.legend(
+        [handles[k] for k in order],
+        [labels[k] for k in order],
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.0),
+        ncol=4,
+        frameon=False,
+        fontsize=9,
+        handlelength=1.2,
+        columnspacing=1.2,
+        borderaxespad=0.2,
+    )
+    ax.annotate(
+        caption(run),
+        xy=(0, 0),
+        xycoords="axes fraction",
+        xytext=(0, -42),
+        textcoords="offset points",
+        fontsize=7.5,
+        color="#444444",
+        ha="left",
+        va="top",
+        wrap=True,
+    )
     fig.tight_layout()
     return fig
 

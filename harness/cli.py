@@ -18,7 +18,10 @@ from harness.errors import MailbenchError
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("harness.run", "run the benchmark matrix and write a results folder"),
     "report": ("harness.report", "rebuild charts and report.md from results folders"),
-    "compare": ("harness.compare", "CI gate: compare a run against a baseline, exit 1 on regression"),
+    "compare": (
+        "harness.compare",
+        "CI gate: compare a run against a baseline, exit 1 on regression",
+    ),
     "fakegun": ("servers.fakegun", "serve a fake Mailgun API with latency, faults and a ledger"),
     "serve": ("servers.app", "serve the reference web application in one mode"),
     "worker": ("queues.worker", "consume a queue and send through the Mailgun API"),

@@ -10,9 +10,17 @@ from pathlib import Path
 from typing import Any
 
 PACKAGES = (
-    "mailbench", "aiohttp", "httpx", "locust", "hdrhistogram", "pandas", "matplotlib",
-    "aio-pika", "redis", "asyncpg",
-)  # fmt: skip
+    "mailbench",
+    "aiohttp",
+    "httpx",
+    "locust",
+    "hdrhistogram",
+    "pandas",
+    "matplotlib",
+    "aio-pika",
+    "redis",
+    "asyncpg",
+)
 
 
 def machine() -> dict[str, Any]:
@@ -46,12 +54,20 @@ def git_commit(cwd: Path | None = None) -> str:
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=cwd, capture_output=True, text=True, check=True, timeout=5,
-        ).stdout.strip()  # fmt: skip
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=5,
+        ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd, capture_output=True, text=True, check=True, timeout=5,
-        ).stdout.strip()  # fmt: skip
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{commit}-dirty" if dirty else commit

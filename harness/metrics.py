@@ -26,7 +26,7 @@ def new_histogram() -> HdrHistogram:
 
 def record_us(histogram: HdrHistogram, micros: float) -> None:
     """Record one latency; values outside the trackable range are clamped, not dropped."""
-    value = int(round(micros))
+    value = round(micros)
     histogram.record_value(min(max(value, LOWEST_US), HIGHEST_US))
 
 

@@ -62,7 +62,7 @@ class Child:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
 
     @property
@@ -95,7 +95,9 @@ class Child:
                 return
             except httpx.HTTPError:
                 time.sleep(0.05)
-        raise ProcessFailed(f"{self.name} did not answer {url} within {timeout:.0f} s; see {self.log_path}")
+        raise ProcessFailed(
+            f"{self.name} did not answer {url} within {timeout:.0f} s; see {self.log_path}"
+        )
 
     def stop(self, timeout: float = 15.0, sig: int = signal.SIGTERM) -> int | None:
         """Ask the whole process group to stop; kill it if it does not within ``timeout``."""

@@ -38,8 +38,12 @@ def headline(run: Run) -> str:
     for mode in run.modes:
         gap, send = run.gap(mode), run.row(mode, "send")
         if gap is not None and send:
-            parts.append(f"{mode}: POST /send p50 {format_us(send['p50_us'])}, {gap:,.0f}× the form page")
-    return ("Sending inside the request: " + "; ".join(parts) + ".") if parts else "No sends measured."
+            parts.append(
+                f"{mode}: POST /send p50 {format_us(send['p50_us'])}, {gap:,.0f}× the form page"
+            )
+    return (
+        ("Sending inside the request: " + "; ".join(parts) + ".") if parts else "No sends measured."
+    )
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str], formats: dict[str, Any]) -> str:
@@ -55,10 +59,23 @@ def render(run: Run, charts: list[str]) -> str:
     us = {c: format_us for c in ("mean_us", "p50_us", "p90_us", "p99_us", "p999_us", "max_us")}
     summary = _table(
         run.summary,
-        ["mode", "metric", "count", "errors", "rate_per_s", "p50_us", "p90_us", "p99_us", "p999_us", "max_us"],
+        [
+            "mode",
+            "metric",
+            "count",
+            "errors",
+            "rate_per_s",
+            "p50_us",
+            "p90_us",
+            "p99_us",
+            "p999_us",
+            "max_us",
+        ],
         us,
     )
-    accounting = _table(run.accounting, list(run.accounting[0].keys()), {}) if run.accounting else "(none)"
+    accounting = (
+        _table(run.accounting, list(run.accounting[0].keys()), {}) if run.accounting else "(none)"
+    )
     gaps = [f"| {m} | {run.gap(m):,.1f}× |" for m in run.modes if run.gap(m) is not None]
     notes = [
         f"- **{mode}**: {note}"
@@ -77,13 +94,19 @@ def render(run: Run, charts: list[str]) -> str:
         f"*{caption(run)}*",
         "## The gap: POST /send p50 ÷ form p50\n\n| mode | gap |\n|---|---|\n" + "\n".join(gaps),
         "## Modes\n\n" + "\n".join(f"- `{m}` — {MODE_EXPLAINED.get(m, '')}" for m in run.modes),
-        "## Latency\n\nTimes in µs recorded into HdrHistograms (1 µs … 60 s, 3 significant digits); "
-        "`form` and `send` measured by the load generator, `api` by the caller of the API, "
+        "## Latency\n\nTimes in µs recorded into HdrHistograms "
+        "(1 µs … 60 s, 3 significant digits); `form` and `send` measured by the load "
+        "generator, `api` by the caller of the API, "
         "`delivery` from the server's acceptance to the API's.\n\n" + summary,
-        "## Accounting\n\nEvery accepted email must be delivered: `lost` and `unexpected` must be 0; "
-        "`duplicates` counts extra deliveries of one idempotency key.\n\n" + accounting,
-        "## What to watch\n\n" + ("\n".join(problems + notes) if problems or notes else
-                                  "- Nothing was lost, nothing unexpected was delivered, no warnings."),
+        "## Accounting\n\nEvery accepted email must be delivered: "
+        "`lost` and `unexpected` must be 0; `duplicates` counts extra deliveries "
+        "of one idempotency key.\n\n" + accounting,
+        "## What to watch\n\n"
+        + (
+            "\n".join(problems + notes)
+            if problems or notes
+            else "- Nothing was lost, nothing unexpected was delivered, no warnings."
+        ),
         "## Configuration\n\n"
         + "\n".join(f"- {k}: `{v}`" for k, v in sorted(cfg.items()))
         + f"\n- commit: `{run.manifest.get('git_commit')}`"
@@ -101,8 +124,13 @@ def build_report(run_dir: Path) -> Path:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="results folder(s) to rebuild the charts and report.md of")  # fmt: skip
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="results folder(s) to rebuild the charts and report.md of",
+    )
 
 
 def cli_main(args: argparse.Namespace) -> int:

@@ -24,13 +24,29 @@ from harness.metrics import Summary, decode, encode
 
 METRICS = ("form", "send", "api", "delivery", "queue_wait")
 SUMMARY_COLUMNS = (
-    "mode", "metric", "count", "errors", "rate_per_s",
-    "mean_us", "p50_us", "p90_us", "p99_us", "p999_us", "max_us",
-)  # fmt: skip
+    "mode",
+    "metric",
+    "count",
+    "errors",
+    "rate_per_s",
+    "mean_us",
+    "p50_us",
+    "p90_us",
+    "p99_us",
+    "p999_us",
+    "max_us",
+)
 ACCOUNTING_COLUMNS = ("mode", *ACCOUNTING_COUNTS)
 TIMESERIES_COLUMNS = (
-    "mode", "second", "metric", "requests", "errors", "p50_us", "p99_us", "queue_depth",
-)  # fmt: skip
+    "mode",
+    "second",
+    "metric",
+    "requests",
+    "errors",
+    "p50_us",
+    "p99_us",
+    "queue_depth",
+)
 
 
 @dataclass(slots=True)
@@ -141,9 +157,7 @@ class Run:
         return seen
 
     def row(self, mode: str, metric: str) -> dict[str, Any] | None:
-        return next(
-            (r for r in self.summary if r["mode"] == mode and r["metric"] == metric), None
-        )
+        return next((r for r in self.summary if r["mode"] == mode and r["metric"] == metric), None)
 
     def gap(self, mode: str) -> float | None:
         """The headline figure: ``send p50 / form p50``."""
@@ -178,7 +192,9 @@ def load_run(path: Path) -> Run:
     required = ("manifest.json", "summary.csv", "accounting.csv")
     missing = [name for name in required if not (path / name).is_file()]
     if missing:
-        raise ResultsError(f"{path} is not a mailbench results folder: missing {', '.join(missing)}")
+        raise ResultsError(
+            f"{path} is not a mailbench results folder: missing {', '.join(missing)}"
+        )
     try:
         manifest = json.loads((path / "manifest.json").read_text())
         summary = _read_csv(path / "summary.csv")

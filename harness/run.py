@@ -10,10 +10,12 @@ with gevent.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import datetime as dt
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -25,10 +27,12 @@ import httpx
 
 from harness import machine
 from harness.accounting import reconcile
-from harness.errors import ConfigError, MailbenchError, ProcessFailed
+from harness.errors import ConfigError, MailbenchError, ProcessFailed, ServiceUnavailable
 from harness.metrics import Recorder
 from harness.procs import Child, Children, free_port, mailbench_command
 from harness.results import ModeResult, point_latest, write_manifest, write_results
+from harness.services import Services, ServiceSettings
+from queues import open_queue
 from servers.app import MODES, QUEUED_MODES
 
 log = logging.getLogger(__name__)
@@ -51,11 +55,13 @@ class Profile:
 
 PROFILES = {
     # ~30 s per mode: a first answer in minutes, with enough sends for stable medians.
-    "quick": Profile("quick", duration_s=20, users=50, spawn_rate=50,
-                     worker_concurrency=200, drain_timeout_s=60),
-    "full": Profile("full", duration_s=60, users=100, spawn_rate=50,
-                    worker_concurrency=200, drain_timeout_s=120),
-}  # fmt: skip
+    "quick": Profile(
+        "quick", duration_s=20, users=50, spawn_rate=50, worker_concurrency=200, drain_timeout_s=60
+    ),
+    "full": Profile(
+        "full", duration_s=60, users=100, spawn_rate=50, worker_concurrency=200, drain_timeout_s=120
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,9 +160,16 @@ class Harness:
 
         port = free_port()
         server_args = [
-            "serve", "--mode", mode, "--port", str(port), "--mailgun-url", self.fake_url,
-            "--metrics-out", str(raw / "server.json"),
-        ]  # fmt: skip
+            "serve",
+            "--mode",
+            mode,
+            "--port",
+            str(port),
+            "--mailgun-url",
+            self.fake_url,
+            "--metrics-out",
+            str(raw / "server.json"),
+        ]
         if queue_url:
             server_args += ["--queue-url", queue_url]
         if cfg.send_delay_ms:
@@ -173,11 +186,16 @@ class Harness:
                 self.children.start(
                     f"worker ({mode})",
                     mailbench_command(
-                        "worker", "--backend", queue_url,
-                        "--concurrency", str(cfg.worker_concurrency),
-                        "--mailgun-url", self.fake_url,
-                        "--metrics-out", str(raw / "worker-0.json"),
-                    ),  # fmt: skip
+                        "worker",
+                        "--backend",
+                        queue_url,
+                        "--concurrency",
+                        str(cfg.worker_concurrency),
+                        "--mailgun-url",
+                        self.fake_url,
+                        "--metrics-out",
+                        str(raw / "worker-0.json"),
+                    ),
                     logs / f"{mode}-worker-0.log",
                 )
             )
@@ -187,7 +205,7 @@ class Harness:
         duration = time.time() - started
         notes: list[str] = []
         if queue_url:
-            drained = self._drain(mode, raw, server_url=base_url)
+            drained = self._drain(mode, queue_url, server_url=base_url)
             if not drained:
                 notes.append(f"queue not drained within {cfg.drain_timeout_s:.0f} s")
         for worker in workers:
@@ -199,16 +217,34 @@ class Harness:
     def _locust_argv(self, base_url: str, raw: Path) -> list[str]:
         cfg = self.config
         argv = [
-            sys.executable, "-m", "locust",
-            "-f", str(SCENARIOS_DIR / f"{cfg.scenario}.py"),
-            "--headless", "--only-summary",
-            "--host", base_url,
-            "--users", str(cfg.users), "--spawn-rate", str(cfg.spawn_rate),
-            "--run-time", f"{int(cfg.duration_s)}s", "--stop-timeout", "5",
-            "--hdr-out", str(raw), "--csv", str(raw / "locust"),
-            "--json-file", str(raw / "locust-final"),
-            "--exit-code-on-error", "0", "--loglevel", "WARNING",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(SCENARIOS_DIR / f"{cfg.scenario}.py"),
+            "--headless",
+            "--only-summary",
+            "--host",
+            base_url,
+            "--users",
+            str(cfg.users),
+            "--spawn-rate",
+            str(cfg.spawn_rate),
+            "--run-time",
+            f"{int(cfg.duration_s)}s",
+            "--stop-timeout",
+            "5",
+            "--hdr-out",
+            str(raw),
+            "--csv",
+            str(raw / "locust"),
+            "--json-file",
+            str(raw / "locust-final"),
+            "--exit-code-on-error",
+            "0",
+            "--loglevel",
+            "WARNING",
+        ]
         if cfg.locust_processes:
             argv += ["--processes", str(cfg.locust_processes)]
         return argv
@@ -216,21 +252,26 @@ class Harness:
     def _run_locust(self, mode: str, base_url: str, raw: Path) -> None:
         cfg = self.config
         locust = self.children.start(
-            f"locust ({mode})", self._locust_argv(base_url, raw), self.run_dir / "logs" / f"{mode}-locust.log"
+            f"locust ({mode})",
+            self._locust_argv(base_url, raw),
+            self.run_dir / "logs" / f"{mode}-locust.log",
         )
         deadline = time.monotonic() + cfg.duration_s + 60
         started = time.monotonic()
         while locust.alive():
             if time.monotonic() > deadline:
                 self.children.stop(locust)
-                raise ProcessFailed(f"Locust did not finish the {mode} run in time; see {locust.log_path}")
+                raise ProcessFailed(
+                    f"Locust did not finish the {mode} run in time; see {locust.log_path}"
+                )
             time.sleep(1.0)
             self._progress(mode, cfg.duration_s - (time.monotonic() - started), raw)
         self._end_progress()
         code = self.children.stop(locust)
         if code not in (0, None) or not (raw / "locust-hdr.json").is_file():
             raise ProcessFailed(
-                f"Locust failed in mode {mode} (exit code {code}); its log ends with:\n{locust.tail()}"
+                f"Locust failed in mode {mode} (exit code {code}); "
+                f"its log ends with:\n{locust.tail()}"
             )
 
     def _progress(self, mode: str, left: float, raw: Path) -> None:
@@ -245,18 +286,33 @@ class Harness:
         if self.show_progress:
             print(flush=True)
 
-    def _drain(self, mode: str, raw: Path, server_url: str) -> bool:
-        """Wait (bounded) until every job the server accepted is delivered or dead."""
-        cfg = self.config
+    def _drain(self, mode: str, queue_url: str, server_url: str) -> bool:
+        """Wait (bounded) until the queue is empty and every accepted job reached the API
+        or the dead letter."""
         accepted = len(httpx.get(f"{server_url}/_mailbench/metrics", timeout=30).json()["accepted"])
-        deadline = time.monotonic() + cfg.drain_timeout_s
-        while time.monotonic() < deadline:
-            stats = httpx.get(f"{self.fake_url}/_mailbench/stats", timeout=30).json()
-            if stats["unique_keys"] >= accepted:
-                return True
-            print(f"[{mode:>8}] draining: {stats['unique_keys']}/{accepted} delivered", flush=True)
-            time.sleep(1.0)
-        return False
+        return asyncio.run(self._drain_async(mode, queue_url, accepted))
+
+    async def _drain_async(self, mode: str, queue_url: str, accepted: int) -> bool:
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        queue = await open_queue(queue_url)
+        try:
+            async with httpx.AsyncClient(timeout=30) as http:
+                while True:
+                    depth = await queue.depth()
+                    stats = (await http.get(f"{self.fake_url}/_mailbench/stats")).json()
+                    delivered = int(stats["unique_keys"])
+                    if depth == 0 or delivered >= accepted:
+                        return True
+                    if time.monotonic() > deadline:
+                        return False
+                    print(
+                        f"[{mode:>8}] draining: {depth} jobs queued, "
+                        f"{delivered}/{accepted} delivered",
+                        flush=True,
+                    )
+                    await asyncio.sleep(1.0)
+        finally:
+            await queue.close()
 
     def _collect(self, mode: str, raw: Path, duration: float, notes: list[str]) -> ModeResult:
         locust = json.loads((raw / "locust-hdr.json").read_text())
@@ -305,7 +361,7 @@ def _locust_rate(stats_csv: Path) -> tuple[float, int]:
 def _timeseries(mode: str, locust: dict[str, Any]) -> list[dict[str, Any]]:
     from harness.metrics import Summary, decode
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     seconds = sorted(set(locust.get("seconds", {})) | set(locust.get("errors_per_second", {})))
     if not seconds:
         return rows
@@ -332,22 +388,36 @@ def _timeseries(mode: str, locust: dict[str, Any]) -> list[dict[str, Any]]:
 
 # -- command line --------------------------------------------------------------------------
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
-                        help=f"comma-separated modes (default: {','.join(DEFAULT_MODES)})")
+    parser.add_argument(
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help=f"comma-separated modes (default: {','.join(DEFAULT_MODES)})",
+    )
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--scenario", choices=SCENARIOS, default="mixed")
     parser.add_argument("--users", type=int, help="concurrent Locust users (closed model)")
     parser.add_argument("--duration", type=float, help="seconds of load per mode")
-    parser.add_argument("--latency", default=DEFAULT_LATENCY,
-                        help="fake Mailgun latency model, e.g. fixed:0.75, uniform:0.5,1.0, "
-                             "lognormal:median=0.7,sigma=0.4,max=5")
+    parser.add_argument(
+        "--latency",
+        default=DEFAULT_LATENCY,
+        help="fake Mailgun latency model, e.g. fixed:0.75, uniform:0.5,1.0, "
+        "lognormal:median=0.7,sigma=0.4,max=5",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results"), help="results root folder")
-    parser.add_argument("--locust-processes", type=int, default=0,
-                        help="run Locust with --processes N (merges histograms)")
+    parser.add_argument(
+        "--locust-processes",
+        type=int,
+        default=0,
+        help="run Locust with --processes N (merges histograms)",
+    )
     parser.add_argument("--concurrency", type=int, help="worker concurrency (queued modes)")
-    parser.add_argument("--inject-send-delay-ms", type=float, default=0.0,
-                        help="add a known delay to POST /send (to test the CI gate)")  # fmt: skip
+    parser.add_argument(
+        "--inject-send-delay-ms",
+        type=float,
+        default=0.0,
+        help="add a known delay to POST /send (to test the CI gate)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -355,7 +425,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
-        raise ConfigError(f"unknown mode(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODES)}")
+        raise ConfigError(
+            f"unknown mode(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODES)}"
+        )
     users = args.users if args.users is not None else profile.users
     return RunConfig(
         modes=modes,
@@ -374,15 +446,42 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     )
 
 
+class QueueUrls:
+    """The queue URL of each queued mode: SQLite needs nothing; the others need a broker,
+    started on first use (or taken from AMQP_URL / REDIS_URL / DATABASE_URL)."""
+
+    def __init__(self, services: Services, run_dir: Path, strict: bool) -> None:
+        self.services = services
+        self.run_dir = run_dir
+        self.strict = strict  # under CI a missing broker fails the run instead of skipping
+
+    def __call__(self, mode: str) -> str | None:
+        if mode == "sqlite":
+            path = (self.run_dir / "queue" / "jobs.db").resolve()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return f"sqlite:///{path}"
+        try:
+            return self.services.start(mode)  # the broker services are named after the modes
+        except ServiceUnavailable as exc:
+            if self.strict:
+                raise
+            print(f"skipping mode {mode}: {exc}", file=sys.stderr, flush=True)
+            return None
+
+
 def cli_main(args: argparse.Namespace) -> int:
     from harness.report import build_report
 
     config = config_from_args(args)
-    print(f"mailbench run {config.run_id}: modes {', '.join(config.modes)}; "
-          f"{config.load_model}, {config.duration_s:.0f} s each; API latency {config.latency}",
-          flush=True)  # fmt: skip
-    with Children() as children:
-        harness = Harness(config, children, queue_url_for=lambda mode: None)
+    print(
+        f"mailbench run {config.run_id}: modes {', '.join(config.modes)}; "
+        f"{config.load_model}, {config.duration_s:.0f} s each; API latency {config.latency}",
+        flush=True,
+    )
+    strict = os.environ.get("CI", "").lower() == "true"
+    with Children() as children, Services(ServiceSettings()) as services:
+        queue_urls = QueueUrls(services, config.run_dir, strict)
+        harness = Harness(config, children, queue_url_for=queue_urls)
         results = harness.run()
     if not results:
         raise MailbenchError("no mode could run; see the messages above")
@@ -391,8 +490,9 @@ def cli_main(args: argparse.Namespace) -> int:
     print(f"results in {config.run_dir}/ (report.md, charts/gap.png)", flush=True)
     for result in results:
         if result.accounting.lost or result.accounting.unexpected:
-            print(f"WARNING: {result.mode}: lost={result.accounting.lost} "
-                  f"unexpected={result.accounting.unexpected}", file=sys.stderr)  # fmt: skip
+            print(
+                f"WARNING: {result.mode}: lost={result.accounting.lost} "
+                f"unexpected={result.accounting.unexpected}",
+                file=sys.stderr,
+            )
     return 0
-
-

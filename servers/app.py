@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,7 +158,7 @@ def _wants_json(request: web.Request) -> bool:
 
 
 def _reply(
-    request: web.Request, status: int, payload: dict[str, object], page: str
+    request: web.Request, status: int, payload: Mapping[str, object], page: str
 ) -> web.Response:
     if _wants_json(request):
         return web.json_response(payload, status=status)

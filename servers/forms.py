@@ -85,7 +85,8 @@ _FORM = """<h1>Send an email</h1>
 <label for="subject">Subject</label>
 <input id="subject" name="subject" required maxlength="{max_subject}" value="{subject}">
 <label for="message">Message</label>
-<textarea id="message" name="message" rows="6" required maxlength="{max_message}">{message}</textarea>
+<textarea id="message" name="message" rows="6" required
+ maxlength="{max_message}">{message}</textarea>
 <p><button type="submit">Send</button></p>
 </form>"""
 
@@ -111,7 +112,10 @@ def render_form(values: Mapping[str, object] | None = None, error: str | None = 
 
 
 def render_done(title: str, text: str) -> str:
-    body = f'<h1>{html.escape(title)}</h1>\n<p>{html.escape(text)}</p>\n<p><a href="/">Send another</a></p>'
+    body = (
+        f"<h1>{html.escape(title)}</h1>\n<p>{html.escape(text)}</p>\n"
+        '<p><a href="/">Send another</a></p>'
+    )
     return _PAGE.format(title=html.escape(title), body=body)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -78,9 +79,11 @@ def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -90,7 +93,7 @@ def parse_retry_after(value: str | None) -> float | None:
 
 def classify(response: httpx.Response) -> SendResult:
     status = response.status_code
-    if status == 200:
+    if 200 <= status < 300:
         message_id = None
         try:
             body: Any = response.json()
@@ -99,11 +102,9 @@ def classify(response: httpx.Response) -> SendResult:
             pass
         return SendResult(Outcome.SUCCESS, status, message_id=message_id)
     detail = _error_detail(response)
-    if status == 429:
+    if status == 429 or status >= 500 or status == 408:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         return SendResult(Outcome.RETRYABLE, status, retry_after=retry_after, detail=detail)
-    if status >= 500 or status == 408:
-        return SendResult(Outcome.RETRYABLE, status, detail=detail)
     return SendResult(Outcome.PERMANENT, status, detail=detail)
 
 
@@ -114,6 +115,9 @@ def classify_error(exc: httpx.HTTPError) -> SendResult:
         return SendResult(Outcome.RETRYABLE, None, detail=f"timeout ({type(exc).__name__})")
     if isinstance(exc, httpx.TransportError):
         return SendResult(Outcome.RETRYABLE, None, detail=f"connection error: {exc!r}")
+    if isinstance(exc, httpx.DecodingError):
+        # The body broke after the request was sent: the outcome is unknown.
+        return SendResult(Outcome.RETRYABLE, None, detail=f"undecodable response: {exc!r}")
     return SendResult(Outcome.PERMANENT, None, detail=f"client error: {exc!r}")
 
 

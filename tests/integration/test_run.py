@@ -27,9 +27,18 @@ def mailbench_run(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("results")
     done = mailbench_run(
-        out, "--modes", "direct,blocking", "--duration", "6", "--users", "12",
-        "--latency", "fixed:0.05", "--locust-processes", "2",
-    )  # fmt: skip
+        out,
+        "--modes",
+        "direct,blocking",
+        "--duration",
+        "6",
+        "--users",
+        "12",
+        "--latency",
+        "fixed:0.05",
+        "--locust-processes",
+        "2",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return out / "latest"
 
@@ -90,8 +99,10 @@ def test_report_rebuilds_from_the_folder_alone(quick_run: Path) -> None:
     (quick_run / "charts" / "gap.png").unlink()
     done = subprocess.run(
         [sys.executable, "-m", "harness.cli", "report", str(quick_run)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert (quick_run / "charts" / "gap.png").is_file()
     assert (quick_run / "summary.csv").read_text() == summary

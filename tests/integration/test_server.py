@@ -65,7 +65,8 @@ async def test_form_page(client: TestClient) -> None:  # type: ignore[type-arg]
 
 
 async def test_send_delivers_with_job_id_as_idempotency_key(
-    client: TestClient, fake: FakeMailgun  # type: ignore[type-arg]
+    client: TestClient,
+    fake: FakeMailgun,  # type: ignore[type-arg]
 ) -> None:
     response = await client.post("/send", data=FORM, headers=JSON)
     assert response.status == 200
@@ -92,7 +93,10 @@ async def test_send_as_html_confirms(client: TestClient) -> None:  # type: ignor
     ],
 )
 async def test_invalid_form_rerenders_with_400(
-    client: TestClient, fake: FakeMailgun, change: dict[str, str], message: str  # type: ignore[type-arg]
+    client: TestClient,
+    fake: FakeMailgun,
+    change: dict[str, str],
+    message: str,  # type: ignore[type-arg]
 ) -> None:
     response = await client.post("/send", data={**FORM, **change})
     assert response.status == 400

@@ -1,6 +1,15 @@
 import random
 
-from harness.metrics import HIGHEST_US, Recorder, Summary, decode, encode, merge, new_histogram, record_us
+from harness.metrics import (
+    HIGHEST_US,
+    Recorder,
+    Summary,
+    decode,
+    encode,
+    merge,
+    new_histogram,
+    record_us,
+)
 
 
 def test_microsecond_values_survive_encoding() -> None:
