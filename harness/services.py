@@ -1,0 +1,424 @@
+"""Real RabbitMQ, Redis and PostgreSQL for benchmarks and tests, with no container engine.
+
+Each broker runs from the machine's own binaries as a child process on loopback and a
+private port, with its data, config and logs under ``base_dir/<name>/``::
+
+    with Services(ServiceSettings()) as services:
+        url = services.start("redis")     # redis://127.0.0.1:28379/0
+        ...                               # everything is stopped on exit, Ctrl-C, SIGTERM
+
+A broker the user already runs is used instead when its variable is set (``AMQP_URL``,
+``REDIS_URL``, ``DATABASE_URL``), and so is one left running by ``mailbench services up``
+(it records what it started in ``base_dir/state.json``); neither is ever stopped here.
+On Debian/Ubuntu as root a missing broker is installed with apt-get; otherwise, or when a
+broker will not start, :class:`~harness.errors.ServiceUnavailable` says in one sentence
+what to do. Recipes per broker live in :mod:`harness.services_brokers`, process plumbing
+in :mod:`harness.services_proc`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+from harness.errors import ConfigError, ServiceUnavailable
+from harness.services_brokers import BROKERS, Broker, Launch, as_user, ensure_installed
+from harness.services_proc import (
+    TAG_VAR,
+    Pid,
+    die_with_us,
+    exit_on_signal,
+    family,
+    in_main_thread,
+    port_taken,
+    signals_deferred,
+    terminate,
+    with_environment,
+)
+from harness.services_state import (
+    entry_alive,
+    read_state,
+    stop_entry,
+    urls_from_state,
+    write_state,
+)
+
+__all__ = [
+    "ENV_VARS",
+    "SERVICE_NAMES",
+    "ServiceSettings",
+    "ServiceStatus",
+    "Services",
+    "add_cli_arguments",
+    "cli_main",
+    "urls_from_state",
+]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES: Final = ("rabbitmq", "redis", "postgres")
+ENV_VARS: Final[Mapping[str, str]] = {name: BROKERS[name].env_var for name in SERVICE_NAMES}
+
+
+def _apt_allowed() -> bool:
+    debian = Path("/etc/debian_version").exists()
+    return os.geteuid() == 0 and debian and shutil.which("apt-get") is not None
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Where the brokers live and listen. Ports are private so a system broker is untouched."""
+
+    base_dir: Path = field(default_factory=lambda: Path.cwd() / ".mailbench" / "services")
+    # Below Linux's ephemeral range (32768-60999), where any outgoing connection may
+    # hold a port for a minute, and clear of the brokers' own defaults.
+    rabbitmq_port: int = 28672
+    rabbitmq_dist_port: int = 28673  # Erlang distribution, for rabbitmqctl
+    epmd_port: int = 28369  # a private epmd, not the machine's 4369
+    redis_port: int = 28379
+    postgres_port: int = 28432
+    install: bool = field(default_factory=_apt_allowed)  # may apt-get install a missing broker
+    start_timeout: float = 60.0  # RabbitMQ needs ~5 s alone, far more on a busy 2-core box
+    stop_timeout: float = 10.0
+    # The caller's environment, taken once when the settings are made (at the entry
+    # point); nothing here reads os.environ later.
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), hash=False)
+
+    def url_from_env(self, name: str) -> str | None:
+        return self.env.get(ENV_VARS[name]) or None
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    state: str  # "running", "exited" (died on its own), "external" (not ours) or "stopped"
+    url: str | None = None
+    pids: tuple[int, ...] = ()  # every process of the broker we know of, leader first
+    log: Path | None = None
+
+
+@dataclass
+class _Child:
+    broker: Broker
+    url: str
+    leader: Pid
+    tag: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+
+class Services:
+    """Brokers started on demand and stopped together; a context manager."""
+
+    def __init__(
+        self, settings: ServiceSettings | None = None, *, fresh: bool = True, detached: bool = False
+    ) -> None:
+        """``fresh``: wipe a broker's data before starting it, so runs are independent.
+        ``detached``: brokers may outlive this process (``services up``; see detach())."""
+        self.settings = settings or ServiceSettings()
+        self.fresh = fresh
+        self.detached = detached
+        self._children: dict[str, _Child] = {}
+        self._external: dict[str, str] = {}
+        self._saved_term: Any = None
+
+    def __enter__(self) -> Services:
+        # SIGTERM becomes SystemExit so that __exit__ runs, as it does for Ctrl-C.
+        # An application that handles SIGTERM itself keeps its handler.
+        if in_main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._saved_term = signal.signal(signal.SIGTERM, exit_on_signal)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            with signals_deferred():
+                self.stop_all()
+        finally:
+            if self._saved_term is not None:
+                signal.signal(signal.SIGTERM, self._saved_term)
+                self._saved_term = None
+
+    def start(self, name: str) -> str:
+        """Have ``name`` running and return its URL; a no-op if it already runs."""
+        broker = _broker(name)
+        settings = self.settings
+        if name in self._external:
+            return self._external[name]
+        if (child := self._children.get(name)) is not None:
+            if child.leader.alive():
+                return child.url
+            log.warning("%s had exited: starting it again (log: %s)", broker.title, child.log_path)
+            self.stop(name)
+        if (url := settings.url_from_env(name)) is not None:
+            log.info("%s: using %s=%s", broker.title, ENV_VARS[name], _redact(url))
+            self._external[name] = url
+            return url
+        if (url := urls_from_state(settings.base_dir).get(name)) is not None:
+            log.info("%s: using the one `mailbench services up` started, %s", broker.title, url)
+            self._external[name] = url
+            return url
+        ensure_installed(broker, settings)
+        for port in broker.ports(settings):
+            if port_taken(port):
+                raise ServiceUnavailable(
+                    f"{broker.title} cannot start: port {port} on 127.0.0.1 is in use (if by "
+                    f"`mailbench services up`, run `mailbench services down`), so pick other "
+                    f"ports or set {broker.env_var} to use a server that is already running."
+                )
+        workdir = settings.base_dir / name
+        if self.fresh:
+            shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True, exist_ok=True)
+        began = time.monotonic()
+        launch = broker.prepare(settings, workdir)
+        # Readiness probes get the tag too: were one to spawn a process, it would be found.
+        tag = f"{broker.name}-{uuid.uuid4().hex}"
+        launch = dataclasses.replace(launch, env={**launch.env, TAG_VAR: tag})
+        child = self._spawn(broker, launch, workdir, tag)
+        try:
+            self._wait_ready(child, launch)
+            broker.after_ready(settings, workdir)
+        except BaseException:
+            # Also on Ctrl-C while waiting: a half-started broker must not outlive us.
+            self.stop(name)
+            raise
+        log.info(
+            "%s ready at %s in %.2f s (pid %d, log %s)",
+            broker.title,
+            child.url,
+            time.monotonic() - began,
+            child.leader.pid,
+            child.log_path,
+        )
+        return child.url
+
+    def stop(self, name: str) -> None:
+        """Stop ``name`` if we started it; a broker we did not start is only forgotten."""
+        _broker(name)
+        self._external.pop(name, None)
+        child = self._children.pop(name, None)
+        if child is None:
+            return
+        survivors = terminate(
+            child.leader,
+            sig=child.broker.stop_signal,
+            helpers=with_environment({TAG_VAR: child.tag}),
+            popen=child.popen,
+            timeout=self.settings.stop_timeout,
+        )
+        if survivors:
+            log.error("%s: processes %s survived SIGKILL", child.broker.title, survivors)
+        else:
+            log.info("%s stopped", child.broker.title)
+
+    def stop_all(self) -> None:
+        """Stop every broker we started, newest first; one failure does not stop the rest."""
+        for name in reversed(list(self._children) + list(self._external)):
+            try:
+                self.stop(name)
+            except Exception:
+                log.exception("could not stop %s", name)
+
+    def status(self) -> dict[str, ServiceStatus]:
+        """The state of every service, keyed by name, in SERVICE_NAMES order."""
+        result = {}
+        for name in SERVICE_NAMES:
+            child = self._children.get(name)
+            if child is not None:
+                alive = child.leader.alive()
+                pids = [*family(child.leader), *with_environment({TAG_VAR: child.tag})]
+                result[name] = ServiceStatus(
+                    name,
+                    "running" if alive else "exited",
+                    child.url,
+                    tuple(dict.fromkeys(p.pid for p in pids if p.alive())),
+                    child.log_path,
+                )
+            elif name in self._external:
+                result[name] = ServiceStatus(name, "external", self._external[name])
+            else:
+                result[name] = ServiceStatus(name, "stopped")
+        return result
+
+    def detach(self) -> dict[str, dict[str, Any]]:
+        """Hand the running brokers over to the caller: they outlive this object.
+
+        Returns the state-file entries that `services down` needs to stop them later.
+        """
+        entries = {}
+        for name, child in self._children.items():
+            entries[name] = {
+                "url": child.url,
+                "pid": child.leader.pid,
+                "pgid": child.leader.pid,  # started in a session of its own
+                "leader": child.leader.as_json(),
+                "tag": child.tag,
+                "signal": int(child.broker.stop_signal),
+                "log": str(child.log_path),
+            }
+            # Popen warns when collected while its child runs; the broker is meant to
+            # outlive us, and `services down` reaps it if we are still its parent.
+            child.popen.returncode = 0
+        self._children.clear()
+        return entries
+
+    def _spawn(self, broker: Broker, launch: Launch, workdir: Path, tag: str) -> _Child:
+        attached = not self.detached and in_main_thread()
+        log.debug("starting %s: %s", broker.title, " ".join(launch.argv))
+        with launch.log_path.open("ab") as out:
+            popen = subprocess.Popen(
+                launch.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+                env=launch.env,
+                # Its own session: the terminal's Ctrl-C reaches us, not the broker, so
+                # we stop brokers in order; and one killpg reaches its whole group.
+                start_new_session=True,
+                preexec_fn=die_with_us if attached else None,
+                **as_user(launch.user),
+            )
+        leader = Pid.of(popen.pid) or Pid(popen.pid, 0)
+        child = _Child(broker, broker.url(self.settings), leader, tag, popen, launch.log_path)
+        self._children[broker.name] = child  # registered at once, so stop_all can find it
+        return child
+
+    def _wait_ready(self, child: _Child, launch: Launch) -> None:
+        broker, popen = child.broker, child.popen
+        logs = " and ".join(str(p) for p in (launch.log_path, *launch.logs))
+        deadline = time.monotonic() + self.settings.start_timeout
+        while not broker.ready(self.settings, launch):
+            if popen.poll() is not None:
+                raise ServiceUnavailable(
+                    f"{broker.title} exited with code {popen.returncode} while starting: "
+                    f"see {logs}."
+                )
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(
+                    f"{broker.title} did not become ready within "
+                    f"{self.settings.start_timeout:.0f} s: see {logs}."
+                )
+            time.sleep(0.1)
+
+
+def _broker(name: str) -> Broker:
+    try:
+        return BROKERS[name]
+    except KeyError:
+        raise ConfigError(
+            f"Unknown service {name!r}: choose from {', '.join(SERVICE_NAMES)}."
+        ) from None
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{creds.split(':')[0]}:***@{host}" if at and ":" in creds else url
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("up", "down", "status"))
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"any of {', '.join(SERVICE_NAMES)} (all)"
+    )
+    parser.add_argument(
+        "--dir", dest="base_dir", type=Path, help="data, logs and state (.mailbench/services)"
+    )
+    parser.add_argument(
+        "--port", action="append", default=[], metavar="NAME=PORT",
+        help="override a port: rabbitmq, rabbitmq_dist, epmd, redis or postgres",
+    )  # fmt: skip
+    parser.add_argument("--no-install", action="store_true", help="never run apt-get")
+
+
+def _settings_from_args(args: argparse.Namespace) -> ServiceSettings:
+    changes: dict[str, Any] = {}
+    if args.base_dir is not None:
+        changes["base_dir"] = args.base_dir.resolve()
+    if args.no_install:
+        changes["install"] = False
+    for spec in args.port:
+        key, _, value = spec.partition("=")
+        field_name = f"{key.replace('-', '_')}_port"
+        if field_name not in ServiceSettings.__dataclass_fields__ or not value.isdigit():
+            raise ConfigError(f"--port expects NAME=PORT, e.g. redis=28379, not {spec!r}.")
+        changes[field_name] = int(value)
+    return ServiceSettings(**changes)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    settings = _settings_from_args(args)
+    names = tuple(args.names) or SERVICE_NAMES
+    for name in names:
+        _broker(name)
+    if args.action == "up":
+        return _up(settings, names)
+    if args.action == "down":
+        return _down(settings, names)
+    return _status(settings, names)
+
+
+def _up(settings: ServiceSettings, names: tuple[str, ...]) -> int:
+    failed = 0
+    urls = {}
+    with Services(settings, detached=True) as services:
+        for name in names:
+            try:
+                urls[name] = services.start(name)
+            except ServiceUnavailable as exc:
+                print(f"mailbench services: {exc}", file=sys.stderr)
+                failed += 1
+        started = services.detach()
+    state = {n: e for n, e in read_state(settings.base_dir).items() if entry_alive(e)}
+    write_state(settings.base_dir, state | started)
+    for name, url in urls.items():
+        print(f"export {ENV_VARS[name]}={url}")
+    return 1 if failed else 0
+
+
+def _down(settings: ServiceSettings, names: tuple[str, ...]) -> int:
+    state = read_state(settings.base_dir)
+    failed = 0
+    for name in names:
+        entry = state.pop(name, None)
+        if entry is None:
+            continue
+        if survivors := stop_entry(entry, settings.stop_timeout):
+            print(f"mailbench services: {name}: {survivors} survived SIGKILL", file=sys.stderr)
+            failed += 1
+        else:
+            print(f"stopped {name} (pid {entry.get('pid')})")
+    write_state(settings.base_dir, state)
+    return 1 if failed else 0
+
+
+def _status(settings: ServiceSettings, names: tuple[str, ...]) -> int:
+    state = read_state(settings.base_dir)
+    for name in names:
+        entry = state.get(name)
+        if (url := settings.url_from_env(name)) is not None:
+            print(f"{name:<9} external  {_redact(url)} (from {ENV_VARS[name]})")
+        elif entry is not None and entry_alive(entry):
+            print(f"{name:<9} running   {entry['url']} (pid {entry['pid']}, log {entry['log']})")
+        else:
+            print(f"{name:<9} stopped")
+    return 0

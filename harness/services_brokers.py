@@ -1,0 +1,368 @@
+"""How to run each broker from the machine's own binaries, for :mod:`harness.services`.
+
+One class per broker, each knowing where its binaries live, how to lay out its private
+directory, which command line starts it in the foreground on loopback and private ports,
+and how to tell that it answers. Starting, stopping and bookkeeping are not here.
+"""
+
+from __future__ import annotations
+
+import glob
+import grp
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypedDict
+
+from harness.errors import ServiceUnavailable
+from harness.services_proc import port_open
+
+if TYPE_CHECKING:
+    from harness.services import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+_SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything needed to spawn one broker process."""
+
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    user: str | None = None  # run as this user: PostgreSQL refuses to run as root
+    logs: tuple[Path, ...] = ()  # where to look when it fails, besides log_path
+
+
+class Broker(Protocol):
+    """What :class:`harness.services.Services` needs to know about one broker."""
+
+    name: str
+    title: str  # as users know it: "RabbitMQ"
+    package: str  # Debian package
+    env_var: str  # names the URL of a server the user runs; we then start nothing
+    stop_signal: int
+
+    def installed(self, settings: ServiceSettings) -> bool: ...
+    def ports(self, settings: ServiceSettings) -> tuple[int, ...]: ...
+    def url(self, settings: ServiceSettings) -> str: ...
+    # Lay out workdir (config, initdb) and say how to start the server in the foreground.
+    def prepare(self, settings: ServiceSettings, workdir: Path) -> Launch: ...
+    # One probe, polled until it says yes: does the server answer a real request?
+    def ready(self, settings: ServiceSettings, launch: Launch) -> bool: ...
+    # Once it answers: create what clients expect to find (PostgreSQL's database).
+    def after_ready(self, settings: ServiceSettings, workdir: Path) -> None: ...
+
+
+def _path(settings: ServiceSettings) -> str:
+    return settings.env.get("PATH") or _SYSTEM_PATH
+
+
+def _base_env(settings: ServiceSettings) -> dict[str, str]:
+    # A small, fixed environment: a user's RABBITMQ_* or PG* variables must not leak in
+    # and make the private broker differ from one machine to the next.
+    return {"PATH": _path(settings), "LANG": "C.UTF-8"}
+
+
+class Redis:
+    name = "redis"
+    title = "Redis"
+    package = "redis-server"
+    env_var = "REDIS_URL"
+    stop_signal: int = signal.SIGTERM  # Redis flushes the AOF and exits
+
+    def installed(self, settings: ServiceSettings) -> bool:
+        return shutil.which("redis-server", path=_path(settings)) is not None
+
+    def ports(self, settings: ServiceSettings) -> tuple[int, ...]:
+        return (settings.redis_port,)
+
+    def url(self, settings: ServiceSettings) -> str:
+        return f"redis://127.0.0.1:{settings.redis_port}/0"
+
+    def prepare(self, settings: ServiceSettings, workdir: Path) -> Launch:
+        data = workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        binary = shutil.which("redis-server", path=_path(settings)) or "redis-server"
+        # AOF with fsync every second: what a production Redis queue runs with.
+        # No RDB snapshots: they would fork and compete for the two cores under load.
+        argv = [binary, "--port", str(settings.redis_port), "--bind", "127.0.0.1"]
+        argv += ["--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec"]
+        argv += ["--daemonize", "no", "--save", "", "--logfile", ""]
+        return Launch(argv, workdir / "redis.log", _base_env(settings))
+
+    def ready(self, settings: ServiceSettings, launch: Launch) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", settings.redis_port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def after_ready(self, settings: ServiceSettings, workdir: Path) -> None:
+        pass
+
+
+class RabbitMQ:
+    name = "rabbitmq"
+    title = "RabbitMQ"
+    package = "rabbitmq-server"
+    env_var = "AMQP_URL"
+    # The start script traps SIGTERM and stops the Erlang VM cleanly.
+    stop_signal: int = signal.SIGTERM
+    node = "mailbench@localhost"
+
+    def _server(self, settings: ServiceSettings) -> Path | None:
+        # Debian's /usr/sbin/rabbitmq-server is a wrapper that switches to the rabbitmq
+        # user and the system directories; the script behind it honours our variables.
+        debian = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+        if debian.exists():
+            return debian
+        found = shutil.which("rabbitmq-server", path=_path(settings))
+        return Path(found) if found and found != "/usr/sbin/rabbitmq-server" else None
+
+    def installed(self, settings: ServiceSettings) -> bool:
+        return self._server(settings) is not None
+
+    def ports(self, settings: ServiceSettings) -> tuple[int, ...]:
+        return (settings.rabbitmq_port, settings.rabbitmq_dist_port, settings.epmd_port)
+
+    def url(self, settings: ServiceSettings) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{settings.rabbitmq_port}/"
+
+    def prepare(self, settings: ServiceSettings, workdir: Path) -> Launch:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "enabled_plugins").write_text("[].\n")  # no management UI: starts faster
+        (workdir / "rabbitmq-env.conf").write_text("")  # shadows /etc/rabbitmq/rabbitmq-env.conf
+        (workdir / "rabbitmq.conf").write_text(
+            "# guest may log in from loopback only (the default, stated on purpose)\n"
+            "loopback_users.guest = true\n"
+            "# a small test disk must not block publishers with a disk alarm\n"
+            "disk_free_limit.absolute = 50MB\n"
+        )
+        env = _base_env(settings) | {
+            "HOME": str(workdir),  # the Erlang cookie lives here; rabbitmqctl needs it too
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(settings.rabbitmq_port),
+            "RABBITMQ_DIST_PORT": str(settings.rabbitmq_dist_port),
+            # A private epmd on loopback, so no other Erlang node on the machine is touched.
+            "ERL_EPMD_PORT": str(settings.epmd_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(workdir / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(workdir / "rabbitmq.conf"),
+            "RABBITMQ_CONF_ENV_FILE": str(workdir / "rabbitmq-env.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(workdir / "advanced.config"),  # absent
+        }
+        server = self._server(settings)
+        node_log = workdir / "log" / f"{self.node}.log"
+        return Launch([str(server)], workdir / "rabbitmq.log", env, logs=(node_log,))
+
+    def ready(self, settings: ServiceSettings, launch: Launch) -> bool:
+        # The AMQP listener opens near the end of boot; only then is `await_startup`
+        # (a second Erlang VM, ~1 s of CPU) worth running. Before the node registers
+        # with epmd it fails fast, so it is simply retried.
+        if not port_open(settings.rabbitmq_port):
+            return False
+        ctl = Path(launch.argv[0]).with_name("rabbitmqctl")
+        argv = [str(ctl), "-n", self.node, "await_startup", "--timeout", "30"]
+        try:
+            done = subprocess.run(argv, env=launch.env, capture_output=True, timeout=40)
+        except subprocess.TimeoutExpired:
+            return False
+        return done.returncode == 0
+
+    def after_ready(self, settings: ServiceSettings, workdir: Path) -> None:
+        pass
+
+
+class Postgres:
+    name = "postgres"
+    title = "PostgreSQL"
+    package = "postgresql"
+    env_var = "DATABASE_URL"
+    # SIGINT is the "fast" shutdown; SIGTERM ("smart") waits for every client to leave.
+    stop_signal: int = signal.SIGINT
+    user = "postgres"
+
+    def bin_dir(self, settings: ServiceSettings) -> Path | None:
+        on_path = shutil.which("postgres", path=_path(settings))
+        if on_path and shutil.which("initdb", path=_path(settings)):
+            return Path(on_path).resolve().parent  # Debian's symlinks lead to pg_isready
+        # Debian keeps the server binaries off PATH; take the newest major version.
+        candidates = glob.glob("/usr/lib/postgresql/*/bin/postgres")
+        newest = max(candidates, key=lambda p: int(Path(p).parts[-3]), default=None)
+        return Path(newest).parent if newest else None
+
+    def installed(self, settings: ServiceSettings) -> bool:
+        return self.bin_dir(settings) is not None
+
+    def ports(self, settings: ServiceSettings) -> tuple[int, ...]:
+        return (settings.postgres_port,)
+
+    def url(self, settings: ServiceSettings) -> str:
+        return f"postgresql://postgres@127.0.0.1:{settings.postgres_port}/mailbench"
+
+    def _run_as(self) -> str | None:
+        return self.user if os.geteuid() == 0 else None
+
+    def prepare(self, settings: ServiceSettings, workdir: Path) -> Launch:
+        bin_dir = self.bin_dir(settings)
+        assert bin_dir is not None, "checked by installed()"
+        run_as = self._run_as()
+        data = workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        data.chmod(0o700)
+        if run_as is not None:
+            account = _account(run_as)
+            workdir.chmod(0o755)
+            _check_reachable(workdir, account)
+            os.chown(data, account.pw_uid, account.pw_gid)
+        env = _base_env(settings)
+        if not (data / "PG_VERSION").exists():
+            init_log = workdir / "initdb.log"
+            argv = [str(bin_dir / "initdb"), "-D", str(data), "--auth=trust", "--no-sync"]
+            argv += ["-U", "postgres", "--encoding=UTF8", "--locale=C"]
+            with init_log.open("wb") as out:
+                done = subprocess.run(
+                    argv, stdout=out, stderr=subprocess.STDOUT, env=env, **as_user(run_as)
+                )
+            if done.returncode != 0:
+                raise ServiceUnavailable(
+                    f"PostgreSQL's initdb failed with exit code {done.returncode}: see {init_log}."
+                )
+        # The socket path must fit in sun_path (108 bytes); without it, TCP alone is fine.
+        socket_dir = str(data) if len(str(data)) < 90 else ""
+        argv = [str(bin_dir / "postgres"), "-D", str(data), "-k", socket_dir]
+        argv += ["-c", "listen_addresses=127.0.0.1", "-p", str(settings.postgres_port)]
+        argv += ["-c", "fsync=on"]
+        return Launch(argv, workdir / "postgres.log", env, user=run_as)
+
+    def ready(self, settings: ServiceSettings, launch: Launch) -> bool:
+        isready = Path(launch.argv[0]).with_name("pg_isready")
+        argv = [str(isready), "-q", "-h", "127.0.0.1", "-p", str(settings.postgres_port)]
+        argv += ["-U", "postgres", "-d", "postgres"]
+        try:
+            return subprocess.run(argv, env=launch.env, timeout=10).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    def after_ready(self, settings: ServiceSettings, workdir: Path) -> None:
+        bin_dir = self.bin_dir(settings)
+        assert bin_dir is not None
+        argv = [str(bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1"]
+        argv += ["-h", "127.0.0.1", "-p", str(settings.postgres_port), "-U", "postgres"]
+        argv += ["-d", "postgres"]
+        # CREATE DATABASE has no IF NOT EXISTS; \gexec runs it only when it is missing.
+        script = (
+            "SELECT 'CREATE DATABASE mailbench' "
+            "WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'mailbench')\\gexec\n"
+        )
+        done = subprocess.run(
+            argv, input=script.encode(), capture_output=True, env=_base_env(settings), timeout=30
+        )
+        if done.returncode != 0:
+            detail = done.stderr.decode(errors="replace").strip()
+            raise ServiceUnavailable(f"PostgreSQL could not create database mailbench: {detail}")
+
+
+def _account(user: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(user)
+    except KeyError:
+        raise ServiceUnavailable(
+            f"PostgreSQL refuses to run as root and there is no `{user}` user to run it as: "
+            "reinstall the postgresql package, or set DATABASE_URL to an existing server."
+        ) from None
+
+
+def _check_reachable(directory: Path, account: pwd.struct_passwd) -> None:
+    """Fail with one sentence if ``account`` cannot walk down to ``directory``."""
+    groups = {account.pw_gid} | {g.gr_gid for g in grp.getgrall() if account.pw_name in g.gr_mem}
+    for step in [*reversed(directory.parents), directory]:
+        st = step.stat()
+        mode = stat.S_IMODE(st.st_mode)
+        if (
+            (st.st_uid == account.pw_uid and mode & 0o100)
+            or (st.st_gid in groups and mode & 0o010)
+            or mode & 0o001
+        ):
+            continue
+        raise ServiceUnavailable(
+            f"PostgreSQL runs as the user {account.pw_name}, which cannot enter {step}: "
+            f"use a services directory it can reach (under /tmp, say) or `chmod o+x {step}`."
+        )
+
+
+class UserArgs(TypedDict, total=False):
+    user: int
+    group: int
+    extra_groups: list[int]
+
+
+def as_user(user: str | None) -> UserArgs:
+    """Popen arguments that run the child as ``user`` directly, with no runuser in between.
+
+    The server then stays our direct child, so waiting on it reaps it.
+    """
+    if user is None:
+        return {}
+    account = pwd.getpwnam(user)
+    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+
+
+def ensure_installed(broker: Broker, settings: ServiceSettings) -> None:
+    """Install a missing broker with apt-get if allowed, else say how to get one."""
+    if broker.installed(settings):
+        return
+    hint = (
+        f"run `apt-get install {broker.package}`, or set {broker.env_var} to an existing "
+        f"server, or `docker compose up -d {broker.name}`"
+    )
+    if not settings.install:
+        raise ServiceUnavailable(f"{broker.title} is not installed: {hint}.")
+    install_log = settings.base_dir / f"apt-{broker.package}.log"
+    install_log.parent.mkdir(parents=True, exist_ok=True)
+    log.info("%s is not installed: installing %s with apt-get", broker.title, broker.package)
+    try:
+        _apt_update(install_log)
+        # Without systemd, and with Docker's policy-rc.d, the package's own service is
+        # not started; with systemd it is, on the default ports, which ours avoid.
+        _apt(["install", "-y", "-q", "--no-install-recommends", broker.package], install_log)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ServiceUnavailable(
+            f"Installing {broker.package} with apt-get failed ({exc}; see {install_log}): {hint}."
+        ) from exc
+    if not broker.installed(settings):
+        raise ServiceUnavailable(f"{broker.title} is still missing after apt-get: {hint}.")
+
+
+@cache
+def _apt_update(install_log: Path) -> None:
+    # Once per process: the package lists do not change between two brokers.
+    _apt(["update", "-q"], install_log)
+
+
+def _apt(args: list[str], install_log: Path) -> None:
+    env = {"PATH": _SYSTEM_PATH, "DEBIAN_FRONTEND": "noninteractive"}
+    with install_log.open("ab") as out:
+        subprocess.run(
+            ["apt-get", *args], stdout=out, stderr=subprocess.STDOUT, env=env, check=True
+        )
+
+
+_ALL: tuple[Broker, ...] = (RabbitMQ(), Redis(), Postgres())
+BROKERS: dict[str, Broker] = {b.name: b for b in _ALL}
