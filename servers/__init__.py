@@ -1,0 +1,1 @@
+"""The reference web app, the fake Mailgun and its latency models."""
