@@ -8,7 +8,16 @@ from urllib.parse import urlsplit
 from harness.errors import UnknownBackend
 from queues.base import Delivery, Email, Job, Queue, decode_job, encode_job
 
-__all__ = ["BACKENDS", "Delivery", "Email", "Job", "Queue", "decode_job", "encode_job", "open_queue"]
+__all__ = [
+    "BACKENDS",
+    "Delivery",
+    "Email",
+    "Job",
+    "Queue",
+    "decode_job",
+    "encode_job",
+    "open_queue",
+]
 
 # scheme -> "module:factory"; imported only when used, so a missing driver for one broker
 # never stops the others from working.
@@ -18,9 +27,9 @@ BACKENDS: dict[str, str] = {
     "amqps": "queues.rabbitmq:open_rabbitmq",
     "redis": "queues.redis:open_redis",
     "rediss": "queues.redis:open_redis",
-    "sqlite": "queues.sql:open_sqlite",
-    "postgresql": "queues.sql:open_postgres",
-    "postgres": "queues.sql:open_postgres",
+    "sqlite": "queues.sqlite:open_sqlite",
+    "postgresql": "queues.postgres:open_postgres",
+    "postgres": "queues.postgres:open_postgres",
 }
 
 

@@ -1,0 +1,214 @@
+"""PostgreSQL backend (asyncpg): ``postgresql://user@host:port/db``.
+
+Claims use ``FOR UPDATE SKIP LOCKED`` and commit at once, so no transaction stays open
+across the email API call. Each enqueue notifies ``mailbench_jobs`` in its own
+transaction; consumers ``LISTEN`` on a dedicated connection and also poll, because
+notifications sent while they are disconnected are lost. Table layout and the ``lease``
+and ``poll`` parameters: :mod:`queues.sql`; ``pool`` sets the pool size (default 10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from harness.errors import QueueError, ServiceUnavailable
+from queues.base import Delivery, Job, encode_job
+from queues.sql import TABLE, LeasedQueue, Settings, _Handle, parse_url
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "mailbench_jobs"
+_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {TABLE} (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue text NOT NULL,
+    state text NOT NULL DEFAULT 'available',
+    payload bytea NOT NULL,
+    run_at timestamptz NOT NULL DEFAULT now(),
+    locked_until timestamptz,
+    locked_by text,
+    reason text
+);
+CREATE INDEX IF NOT EXISTS {TABLE}_available ON {TABLE} (queue, run_at)
+    WHERE state = 'available';
+CREATE INDEX IF NOT EXISTS {TABLE}_running ON {TABLE} (queue, locked_until)
+    WHERE state = 'running';
+"""
+# One statement, so one round trip; the notification goes out when the insert commits.
+ENQUEUE = f"""
+WITH job AS (INSERT INTO {TABLE} (queue, payload) VALUES ($1, $2) RETURNING 1)
+SELECT pg_notify('{CHANNEL}', $1) FROM job
+"""
+CLAIM = f"""
+WITH next AS (
+    SELECT id FROM {TABLE}
+    WHERE queue = $1 AND state = 'available' AND run_at <= now()
+    ORDER BY run_at LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {TABLE} AS j
+SET state = 'running', locked_by = $3, locked_until = now() + make_interval(secs => $4)
+FROM next WHERE j.id = next.id
+RETURNING j.id, j.payload
+"""
+NEXT_DUE = f"""
+SELECT extract(epoch FROM min(run_at) - now())::float8 FROM {TABLE}
+WHERE queue = $1 AND state = 'available'
+"""
+EXTEND = f"""
+UPDATE {TABLE} SET locked_until = now() + make_interval(secs => $2)
+WHERE locked_by = $1 AND state = 'running'
+"""
+RESCUE = f"""
+UPDATE {TABLE} SET state = 'available', locked_by = NULL, locked_until = NULL
+WHERE queue = $1 AND state = 'running' AND locked_until <= now()
+"""
+FENCE = "id = $1 AND locked_by = $2 AND state = 'running'"
+UNCLAIM = f"""
+UPDATE {TABLE} SET state = 'available', locked_by = NULL, locked_until = NULL
+WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND state = 'running'
+"""
+ACK = f"DELETE FROM {TABLE} WHERE {FENCE}"
+RETRY = f"""
+UPDATE {TABLE} SET state = 'available', payload = $3,
+    run_at = now() + make_interval(secs => $4), locked_by = NULL, locked_until = NULL
+WHERE {FENCE}
+"""
+BURY = f"UPDATE {TABLE} SET state = 'dead', reason = $3, locked_by = NULL WHERE {FENCE}"
+COUNT = f"SELECT count(*) FROM {TABLE} WHERE queue = $1 AND state = ANY($2::text[])"
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresSettings(Settings):
+    pool: int = 10
+
+
+def _safe(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=netloc, query=""))
+
+
+class PostgresQueue(LeasedQueue):
+    def __init__(self, dsn: str, name: str, settings: PostgresSettings, pool: Any) -> None:
+        super().__init__(settings)
+        self._dsn = dsn
+        self._url = _safe(dsn)
+        self._name = name
+        self._pool = pool
+        self._listener: Any = None
+
+    async def _call(self, action: str, method: str, sql: str, *args: Any) -> Any:
+        try:
+            return await getattr(self._pool, method)(sql, *args)
+        except _ERRORS as exc:
+            raise QueueError(f"PostgreSQL at {self._url} failed to {action}: {exc}") from exc
+
+    async def _start(self) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            # Several processes may start at once; CREATE ... IF NOT EXISTS is not atomic.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", TABLE)
+            await conn.execute(SCHEMA)
+
+    async def enqueue(self, job: Job) -> None:
+        await self._call(f"insert job {job.id}", "execute", ENQUEUE, self._name, encode_job(job))
+
+    async def _prepare_consumer(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        try:
+            self._listener = await asyncpg.connect(self._dsn)
+            await self._listener.add_listener(CHANNEL, self._on_notify)
+        except _ERRORS as exc:
+            self._listener = None
+            log.warning("LISTEN on PostgreSQL at %s failed, polling only: %s", self._url, exc)
+
+    def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        if payload == self._name:
+            self._wakeup.set()
+
+    async def _claim(self, limit: int) -> list[tuple[int, bytes]]:
+        rows = await self._call(
+            "claim jobs",
+            "fetch",
+            CLAIM,
+            self._name,
+            limit,
+            self.consumer_id,
+            self.settings.lease,
+        )
+        return [(row[0], row[1]) for row in rows]
+
+    async def _seconds_to_next_due(self) -> float | None:
+        due = await self._call("look for due jobs", "fetchval", NEXT_DUE, self._name)
+        return None if due is None else max(0.0, float(due))
+
+    async def _extend_and_rescue(self) -> None:
+        await self._call("extend leases", "execute", EXTEND, self.consumer_id, self.settings.lease)
+        await self._call("rescue expired leases", "execute", RESCUE, self._name)
+        await self._prepare_consumer()  # reconnect a lost listener
+
+    async def _unclaim(self, row_ids: list[int]) -> None:
+        await self._call("hand back jobs", "execute", UNCLAIM, row_ids, self.consumer_id)
+
+    async def _settle(self, handle: _Handle, action: str, sql: str, *args: Any) -> None:
+        row_id = self._release(handle)
+        status = await self._call(action, "execute", sql, row_id, self.consumer_id, *args)
+        if status.endswith(" 0"):
+            self._lease_lost(row_id, action)
+
+    async def ack(self, delivery: Delivery) -> None:
+        await self._settle(delivery.handle, "ack", ACK)
+
+    async def retry(self, delivery: Delivery, delay: float) -> None:
+        payload = encode_job(delivery.job.next_attempt())
+        await self._settle(delivery.handle, "retry", RETRY, payload, max(0.0, delay))
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        await self._settle(delivery.handle, "dead-letter", BURY, reason)
+
+    async def _bury(self, row_id: int, reason: str) -> None:
+        await self._call("dead-letter", "execute", BURY, row_id, self.consumer_id, reason)
+
+    async def depth(self) -> int:
+        states = ["available", "running"]
+        return int(await self._call("count jobs", "fetchval", COUNT, self._name, states))
+
+    async def dead_letters(self) -> int:
+        return int(await self._call("count dead letters", "fetchval", COUNT, self._name, ["dead"]))
+
+    async def close(self) -> None:
+        if self._closed.is_set():
+            return
+        await self._stop_consuming()
+        if self._listener is not None:
+            with contextlib.suppress(*_ERRORS):
+                await self._listener.close()
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout=10)
+        except (TimeoutError, *_ERRORS):
+            self._pool.terminate()
+
+
+async def open_postgres(url: str, name: str) -> PostgresQueue:
+    dsn, settings = parse_url(url, PostgresSettings())
+    try:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=settings.pool, timeout=10)
+    except (*_ERRORS, TimeoutError) as exc:
+        raise ServiceUnavailable(f"cannot connect to PostgreSQL at {_safe(dsn)}: {exc}") from exc
+    queue = PostgresQueue(dsn, name, settings, pool)
+    try:
+        await queue._start()
+    except _ERRORS as exc:
+        pool.terminate()
+        raise ServiceUnavailable(f"cannot create the jobs table on {_safe(dsn)}: {exc}") from exc
+    return queue

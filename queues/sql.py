@@ -1,0 +1,202 @@
+"""What the SQL backends (:mod:`queues.sqlite`, :mod:`queues.postgres`) share.
+
+Both keep every queue in one ``mailbench_jobs`` table. A row is ``available`` (claimable
+once ``run_at`` has passed), ``running`` (leased to ``locked_by`` until
+``locked_until``) or ``dead`` (with ``reason``); an ack deletes it. A consumer claims a
+batch by setting a lease and commits at once; every write that settles a row is fenced
+by ``locked_by``, so a consumer whose lease was rescued cannot settle someone else's
+claim. While it runs, a consumer extends its own leases every third of the lease and
+makes expired leases of other (dead) consumers available again.
+
+URL query parameters: ``lease`` (seconds, default 30) and ``poll`` (seconds between
+looks at an idle table).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from harness.errors import ConfigError, InvalidJob, QueueError
+from queues.base import Delivery, decode_job
+
+log = logging.getLogger(__name__)
+
+TABLE = "mailbench_jobs"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    lease: float = 30.0
+    poll: float = 1.0
+
+
+S = TypeVar("S", bound=Settings)
+
+
+def parse_url(url: str, defaults: S) -> tuple[str, S]:
+    """Split the fields of ``defaults`` off the query of ``url``; other parameters stay
+    for the driver."""
+    parts = urlsplit(url)
+    kinds = {f.name: type(getattr(defaults, f.name)) for f in fields(defaults)}
+    ours: dict[str, Any] = {}
+    theirs = []
+    for key, value in parse_qsl(parts.query):
+        if key not in kinds:
+            theirs.append((key, value))
+            continue
+        try:
+            ours[key] = kinds[key](value)
+        except ValueError:
+            raise ConfigError(
+                f"{key}={value!r} in the {parts.scheme} URL is not a number"
+            ) from None
+        if ours[key] <= 0:
+            raise ConfigError(f"{key} in the {parts.scheme} URL must be positive, not {value}")
+    return urlunsplit(parts._replace(query=urlencode(theirs))), replace(defaults, **ours)
+
+
+@dataclass(slots=True)
+class _Slots:
+    free: int
+    released: asyncio.Event
+
+    def release(self) -> None:
+        self.free += 1
+        self.released.set()
+
+
+@dataclass(frozen=True, slots=True)
+class _Handle:
+    row_id: int
+    slots: _Slots
+
+
+class LeasedQueue(ABC):
+    """The consumer side of a lease-based table queue; subclasses run the statements."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.consumer_id = uuid.uuid4().hex
+        self._in_flight: dict[int, _Slots] = {}
+        self._unyielded: set[int] = set()
+        self._wakeup = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._upkeep: asyncio.Task[None] | None = None
+
+    async def _prepare_consumer(self) -> None:
+        """Called before the first claim of every consumer."""
+        return None
+
+    @abstractmethod
+    async def _claim(self, limit: int) -> list[tuple[int, bytes]]:
+        """Lease up to ``limit`` due rows to this consumer; return ``(id, payload)``."""
+
+    @abstractmethod
+    async def _seconds_to_next_due(self) -> float | None:
+        """Seconds until the earliest ``available`` row is due, ``None`` when none waits."""
+
+    @abstractmethod
+    async def _extend_and_rescue(self) -> None:
+        """Extend this consumer's leases; make expired leases of others available."""
+
+    @abstractmethod
+    async def _unclaim(self, row_ids: list[int]) -> None:
+        """Make rows claimed but never handed out available again (fenced)."""
+
+    @abstractmethod
+    async def _bury(self, row_id: int, reason: str) -> None:
+        """Dead-letter a row that this consumer holds (fenced)."""
+
+    async def consume(self, prefetch: int) -> AsyncIterator[Delivery]:
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        await self._prepare_consumer()
+        if self._upkeep is None:
+            self._upkeep = asyncio.create_task(self._keep_leases())
+        slots = _Slots(prefetch, asyncio.Event())
+        batch: deque[tuple[int, bytes]] = deque()
+        try:
+            while not self._closed.is_set():
+                if slots.free == 0:
+                    slots.released.clear()
+                    await self._wait(slots.released, None)
+                    continue
+                self._wakeup.clear()
+                try:
+                    batch.extend(await self._claim(slots.free))
+                    due = None if batch else await self._seconds_to_next_due()
+                except QueueError:
+                    if self._closed.is_set():
+                        return
+                    raise
+                if not batch:
+                    poll = self.settings.poll
+                    await self._wait(self._wakeup, poll if due is None else min(poll, due))
+                    continue
+                self._unyielded.update(row_id for row_id, _ in batch)
+                while batch:
+                    row_id, payload = batch.popleft()
+                    self._unyielded.discard(row_id)
+                    try:
+                        job = decode_job(payload)
+                    except InvalidJob as exc:
+                        await self._bury(row_id, str(exc))
+                        continue
+                    self._in_flight[row_id] = slots
+                    slots.free -= 1
+                    yield Delivery(job, _Handle(row_id, slots))
+        finally:
+            if batch and not self._closed.is_set():
+                left = [row_id for row_id, _ in batch]
+                self._unyielded.difference_update(left)
+                await self._unclaim(left)
+
+    async def _wait(self, event: asyncio.Event, timeout: float | None) -> None:
+        waits = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._closed.wait())}
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+
+    async def _keep_leases(self) -> None:
+        while not self._closed.is_set():
+            try:
+                await self._extend_and_rescue()
+            except Exception as exc:  # the next round may work; the lease is long enough
+                log.warning("keeping leases failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), self.settings.lease / 3)
+
+    def _release(self, handle: _Handle) -> int:
+        if self._in_flight.pop(handle.row_id, None) is not None:
+            handle.slots.release()
+        return handle.row_id
+
+    def _lease_lost(self, row_id: int, action: str) -> None:
+        log.warning(
+            "could not %s row %d: its lease expired and another consumer took it over",
+            action,
+            row_id,
+        )
+
+    async def _stop_consuming(self) -> None:
+        """Stop the generators and the lease keeper; hand back rows never yielded."""
+        self._closed.set()
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._upkeep
+        if self._unyielded:
+            with contextlib.suppress(Exception):
+                await self._unclaim(list(self._unyielded))
+            self._unyielded.clear()

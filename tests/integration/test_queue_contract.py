@@ -1,0 +1,376 @@
+"""The queue contract of :mod:`queues.base`: one set of test bodies, every backend.
+
+Leases and visibility timeouts are shortened through the URL (``lease=1``,
+``visibility=1``), so redelivery after a consumer dies takes about a second. Raw
+payloads are injected with each backend's own driver to check poison handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.errors import ConfigError, ServiceUnavailable
+from queues import Delivery, Email, Job, Queue, open_queue
+
+pytestmark = pytest.mark.timeout(60)
+
+TIMEOUT = 10.0  # generous: a delivery that takes this long has failed
+
+
+def make_job(n: int = 0) -> Job:
+    email = Email(to=f"user{n}@example.com", subject=f"hello {n}", text="body ✓")
+    return Job(id=uuid.uuid4().hex, email=email)
+
+
+async def next_delivery(deliveries: AsyncIterator[Delivery]) -> Delivery:
+    return await asyncio.wait_for(anext(deliveries), TIMEOUT)
+
+
+def with_query(url: str, query: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
+@dataclass
+class Backend:
+    """A fresh queue name on one backend, plus raw access through its driver."""
+
+    kind: str
+    url: str
+    name: str = field(default_factory=lambda: f"contract-{uuid.uuid4().hex[:12]}")
+    opened: list[Queue] = field(default_factory=list)
+
+    async def open(self) -> Queue:
+        queue = await open_queue(self.url, self.name)
+        self.opened.append(queue)
+        return queue
+
+    async def inject(self, raw: bytes) -> None:
+        await INJECT[self.kind](self, raw)
+
+    async def dead_reasons(self) -> list[str]:
+        return await REASONS[self.kind](self)
+
+
+async def _memory_inject(backend: Backend, raw: bytes) -> None:
+    (await backend.open()).put_raw(raw)  # type: ignore[attr-defined]
+
+
+async def _memory_reasons(backend: Backend) -> list[str]:
+    queue: Any = await backend.open()
+    return [dead.reason for dead in queue.dead_lettered()]
+
+
+def _sqlite_file(backend: Backend) -> str:
+    return backend.url.removeprefix("sqlite:///").partition("?")[0]
+
+
+async def _sqlite_inject(backend: Backend, raw: bytes) -> None:
+    with sqlite3.connect(_sqlite_file(backend)) as conn:
+        conn.execute(
+            "INSERT INTO mailbench_jobs (queue, payload, run_at) VALUES (?, ?, 0)",
+            (backend.name, raw),
+        )
+
+
+async def _sqlite_reasons(backend: Backend) -> list[str]:
+    with sqlite3.connect(_sqlite_file(backend)) as conn:
+        sql = "SELECT reason FROM mailbench_jobs WHERE queue = ? AND state = 'dead' ORDER BY id"
+        return [reason for (reason,) in conn.execute(sql, (backend.name,))]
+
+
+async def _redis_inject(backend: Backend, raw: bytes) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(backend.url.partition("?")[0])
+    await client.xadd(f"mailbench:{{{backend.name}}}:jobs", {"job": raw})
+    await client.aclose()
+
+
+async def _redis_reasons(backend: Backend) -> list[str]:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(backend.url.partition("?")[0])
+    entries = await client.xrange(f"mailbench:{{{backend.name}}}:dead")
+    await client.aclose()
+    return [fields[b"reason"].decode() for _, fields in entries]
+
+
+async def _rabbitmq_inject(backend: Backend, raw: bytes) -> None:
+    import aio_pika
+
+    async with await aio_pika.connect(backend.url) as connection:
+        channel = await connection.channel()
+        await channel.default_exchange.publish(aio_pika.Message(raw), routing_key=backend.name)
+
+
+async def _rabbitmq_reasons(backend: Backend) -> list[str]:
+    import aio_pika
+
+    reasons = []
+    async with await aio_pika.connect(backend.url) as connection:
+        channel = await connection.channel()
+        dead = await channel.declare_queue(f"{backend.name}.dead", passive=True)
+        # Unacked gets: closing the connection puts the dead letters back.
+        while (message := await dead.get(no_ack=False, fail=False)) is not None:
+            reasons.append(str(message.headers["x-mailbench-reason"]))
+    return reasons
+
+
+async def _postgres_inject(backend: Backend, raw: bytes) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(backend.url.partition("?")[0])
+    sql = "INSERT INTO mailbench_jobs (queue, payload) VALUES ($1, $2)"
+    await conn.execute(sql, backend.name, raw)
+    await conn.close()
+
+
+async def _postgres_reasons(backend: Backend) -> list[str]:
+    import asyncpg
+
+    conn = await asyncpg.connect(backend.url.partition("?")[0])
+    sql = "SELECT reason FROM mailbench_jobs WHERE queue = $1 AND state = 'dead' ORDER BY id"
+    rows = await conn.fetch(sql, backend.name)
+    await conn.close()
+    return [row[0] for row in rows]
+
+
+INJECT: dict[str, Callable[[Backend, bytes], Awaitable[None]]] = {
+    "memory": _memory_inject,
+    "sqlite": _sqlite_inject,
+    "redis": _redis_inject,
+    "rabbitmq": _rabbitmq_inject,
+    "postgres": _postgres_inject,
+}
+REASONS: dict[str, Callable[[Backend], Awaitable[list[str]]]] = {
+    "memory": _memory_reasons,
+    "sqlite": _sqlite_reasons,
+    "redis": _redis_reasons,
+    "rabbitmq": _rabbitmq_reasons,
+    "postgres": _postgres_reasons,
+}
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.integration),
+        pytest.param("rabbitmq", marks=pytest.mark.integration),
+        pytest.param("postgres", marks=pytest.mark.integration),
+    ]
+)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    kind: str = request.param
+    if kind == "memory":
+        url = f"memory://{uuid.uuid4().hex}"
+    elif kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'jobs.db'}?lease=1&poll=0.01"
+    elif kind == "redis":
+        url = with_query(request.getfixturevalue("redis_url"), "visibility=1&poll=0.1")
+    elif kind == "rabbitmq":
+        url = request.getfixturevalue("rabbitmq_url")
+    else:
+        url = with_query(request.getfixturevalue("postgres_url"), "lease=1&poll=0.1")
+    backend = Backend(kind, url)
+    yield backend
+    for queue in backend.opened:
+        await queue.close()
+
+
+async def test_enqueue_consume_ack_drains(backend: Backend) -> None:
+    queue = await backend.open()
+    job = make_job()
+    await queue.enqueue(job)
+    deliveries = queue.consume(prefetch=1)
+    delivery = await next_delivery(deliveries)
+    assert delivery.job == job
+    assert delivery.received_at >= job.enqueued_at
+    await queue.ack(delivery)
+    assert await queue.depth() == 0
+    assert await queue.dead_letters() == 0
+
+
+async def test_depth_counts_waiting_and_in_flight(backend: Backend) -> None:
+    queue = await backend.open()
+    for n in range(3):
+        await queue.enqueue(make_job(n))
+    assert await queue.depth() == 3
+    deliveries = queue.consume(prefetch=1)
+    first = await next_delivery(deliveries)
+    assert await queue.depth() == 3  # one in flight, two waiting
+    await queue.ack(first)
+    assert await queue.depth() == 2
+
+
+async def test_unsettled_delivery_is_redelivered_after_its_consumer_dies(
+    backend: Backend,
+) -> None:
+    crashed = await backend.open()
+    job = make_job()
+    await crashed.enqueue(job)
+    lost = await next_delivery(crashed.consume(prefetch=1))
+    await crashed.close()  # without settling: the consumer "dies"
+
+    survivor = await backend.open()
+    again = await next_delivery(survivor.consume(prefetch=1))
+    assert again.job == lost.job == job  # same id and attempt: it was never retried
+    await survivor.ack(again)
+    assert await survivor.depth() == 0
+
+
+async def test_retry_is_invisible_until_its_delay_then_has_the_next_attempt(
+    backend: Backend,
+) -> None:
+    queue = await backend.open()
+    job = make_job()
+    await queue.enqueue(job)
+    deliveries = queue.consume(prefetch=1)
+    delay = 0.5
+    retried_at = time.monotonic()
+    await queue.retry(await next_delivery(deliveries), delay)
+    assert await queue.depth() == 1  # a waiting retry still counts
+    again = await next_delivery(deliveries)
+    assert time.monotonic() - retried_at >= delay - 0.02
+    assert again.job.id == job.id
+    assert again.job.attempt == job.attempt + 1
+    assert again.job.enqueued_at == job.enqueued_at
+    await queue.ack(again)
+    assert await queue.depth() == 0
+
+
+async def test_dead_letter_keeps_the_reason_and_is_never_delivered_again(
+    backend: Backend,
+) -> None:
+    queue = await backend.open()
+    doomed, marker = make_job(1), make_job(2)
+    await queue.enqueue(doomed)
+    deliveries = queue.consume(prefetch=1)
+    await queue.dead_letter(await next_delivery(deliveries), "'to' is not a valid address")
+    assert await queue.dead_letters() == 1
+    assert await queue.depth() == 0
+    await asyncio.sleep(1.3)  # past every lease and visibility timeout used here
+    await queue.enqueue(marker)
+    delivery = await next_delivery(deliveries)
+    assert delivery.job.id == marker.id
+    await queue.ack(delivery)
+    assert await backend.dead_reasons() == ["'to' is not a valid address"]
+    assert await queue.depth() == 0
+
+
+async def test_poison_payload_is_dead_lettered_and_does_not_block(backend: Backend) -> None:
+    queue = await backend.open()
+    await backend.inject(b"\xff not a job")
+    await backend.inject(b'{"v": 1, "id": "x"}')
+    job = make_job()
+    await queue.enqueue(job)
+    delivery = await next_delivery(queue.consume(prefetch=1))
+    assert delivery.job == job
+    await queue.ack(delivery)
+    assert await queue.dead_letters() == 2
+    assert await queue.depth() == 0
+    reasons = await backend.dead_reasons()
+    assert len(reasons) == 2 and all("not a mailbench job" in r for r in reasons)
+
+
+async def test_prefetch_bounds_unsettled_deliveries(backend: Backend) -> None:
+    queue = await backend.open()
+    for n in range(3):
+        await queue.enqueue(make_job(n))
+    deliveries = queue.consume(prefetch=2)
+    held = [await next_delivery(deliveries), await next_delivery(deliveries)]
+    third = asyncio.ensure_future(next_delivery(deliveries))
+    await asyncio.sleep(0.3)
+    assert not third.done()
+    await queue.ack(held[0])
+    await queue.ack(await third)
+    await queue.ack(held[1])
+    assert await queue.depth() == 0
+
+
+async def test_close_ends_consume(backend: Backend) -> None:
+    queue = await backend.open()
+
+    async def drain() -> None:
+        async for _ in queue.consume(prefetch=1):
+            pass
+
+    consumer = asyncio.ensure_future(drain())
+    await asyncio.sleep(0.1)
+    await queue.close()
+    await asyncio.wait_for(consumer, TIMEOUT)
+
+
+async def test_concurrent_enqueues_are_each_consumed_exactly_once(backend: Backend) -> None:
+    producer = await backend.open()
+    jobs = [make_job(n) for n in range(300)]
+    await asyncio.gather(*(producer.enqueue(job) for job in jobs))
+    assert await producer.depth() == len(jobs)
+
+    seen: list[str] = []
+    acked = 0
+
+    async def consume(queue: Queue) -> None:
+        nonlocal acked
+        async for delivery in queue.consume(prefetch=20):
+            seen.append(delivery.job.id)
+            await queue.ack(delivery)
+            acked += 1
+
+    consumers = [await backend.open(), await backend.open()]
+    tasks = [asyncio.ensure_future(consume(queue)) for queue in consumers]
+    deadline = time.monotonic() + TIMEOUT
+    while acked < len(jobs) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # room for a duplicate to show up
+    for queue in consumers:
+        await queue.close()
+    await asyncio.gather(*tasks)
+    assert sorted(seen) == sorted(job.id for job in jobs)
+    assert await producer.depth() == 0
+
+
+@pytest.mark.parametrize(
+    ("scheme", "broker"),
+    [("amqp", "RabbitMQ"), ("redis", "Redis"), ("postgresql", "PostgreSQL")],
+)
+async def test_unreachable_broker_is_one_clear_sentence(scheme: str, broker: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # free once closed: nothing listens there
+    url = f"{scheme}://someone:s3cret@127.0.0.1:{port}/x"
+    with pytest.raises(ServiceUnavailable) as caught:
+        await asyncio.wait_for(open_queue(url, "jobs"), TIMEOUT)
+    message = str(caught.value)
+    assert message.startswith(f"cannot connect to {broker} at ")
+    assert f"127.0.0.1:{port}" in message and "s3cret" not in message
+    assert caught.value.__cause__ is not None
+
+
+async def test_sqlite_urls_name_relative_and_absolute_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    relative = await open_queue("sqlite:///data/relative.db?lease=5", "jobs")
+    absolute = await open_queue(f"sqlite:///{tmp_path / 'absolute.db'}", "jobs")
+    await relative.enqueue(make_job())
+    assert await relative.depth() == 1 and await absolute.depth() == 0
+    for queue in (relative, absolute):
+        await queue.close()
+    assert (tmp_path / "data" / "relative.db").is_file()
+    assert (tmp_path / "absolute.db").is_file()
+    with pytest.raises(ConfigError, match="does not exist"):
+        await open_queue(f"sqlite:///{tmp_path / 'missing' / 'jobs.db'}", "jobs")
+    with pytest.raises(ConfigError, match="lease"):
+        await open_queue(f"sqlite:///{tmp_path / 'jobs.db'}?lease=soon", "jobs")
