@@ -100,7 +100,7 @@ async def _redis_reasons(backend: Backend) -> list[str]:
     import redis.asyncio as aioredis
 
     client = aioredis.Redis.from_url(backend.url.partition("?")[0])
-    entries = await client.xrange(f"mailbench:{{{backend.name}}}:dead")
+    entries: Any = await client.xrange(f"mailbench:{{{backend.name}}}:dead")
     await client.aclose()
     return [fields[b"reason"].decode() for _, fields in entries]
 
@@ -145,6 +145,47 @@ async def _postgres_reasons(backend: Backend) -> list[str]:
     return [row[0] for row in rows]
 
 
+async def _nothing_to_clean(backend: Backend) -> None:
+    return None
+
+
+async def _redis_clean(backend: Backend) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(backend.url.partition("?")[0])
+    await client.delete(*(f"mailbench:{{{backend.name}}}:{key}" for key in KEYS))
+    await client.aclose()
+
+
+async def _rabbitmq_clean(backend: Backend) -> None:
+    import aio_pika
+
+    from queues.rabbitmq import RETRY_LADDER_MS
+
+    names = [backend.name, f"{backend.name}.dead"]
+    names += [f"{backend.name}.retry.{ms}ms" for ms in RETRY_LADDER_MS]
+    async with await aio_pika.connect(backend.url) as connection:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(name)
+
+
+async def _postgres_clean(backend: Backend) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(backend.url.partition("?")[0])
+    await conn.execute("DELETE FROM mailbench_jobs WHERE queue = $1", backend.name)
+    await conn.close()
+
+
+KEYS = ("jobs", "delayed", "dead")
+CLEAN: dict[str, Callable[[Backend], Awaitable[None]]] = {
+    "memory": _nothing_to_clean,
+    "sqlite": _nothing_to_clean,  # the file is in tmp_path
+    "redis": _redis_clean,
+    "rabbitmq": _rabbitmq_clean,
+    "postgres": _postgres_clean,
+}
 INJECT: dict[str, Callable[[Backend, bytes], Awaitable[None]]] = {
     "memory": _memory_inject,
     "sqlite": _sqlite_inject,
@@ -186,6 +227,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     yield backend
     for queue in backend.opened:
         await queue.close()
+    await CLEAN[kind](backend)  # the brokers may be the user's own (AMQP_URL, ...)
 
 
 async def test_enqueue_consume_ack_drains(backend: Backend) -> None:
