@@ -145,9 +145,42 @@ RAW: dict[str, Callable[[str, int, int], Awaitable[float]]] = {
 # --- through the backend ------------------------------------------------------------
 
 
-async def through_queue(url: str, jobs: int, concurrency: int) -> tuple[float, float]:
+async def forget(kind: str, url: str, name: str) -> None:
+    """Remove what the backend created for queue ``name`` (the broker may be the user's)."""
+    if kind == "rabbitmq":
+        import aio_pika
+
+        from queues.rabbitmq import RETRY_LADDER_MS
+
+        async with await aio_pika.connect(url) as connection:
+            channel = await connection.channel()
+            for suffix in ["", ".dead", *(f".retry.{ms}ms" for ms in RETRY_LADDER_MS)]:
+                await channel.queue_delete(name + suffix)
+    elif kind == "redis":
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(url.partition("?")[0])
+        await client.delete(*(f"mailbench:{{{name}}}:{key}" for key in ("jobs", "delayed", "dead")))
+        await client.aclose()
+    elif kind == "postgres":
+        import asyncpg
+
+        conn = await asyncpg.connect(url.partition("?")[0])
+        await conn.execute("DELETE FROM mailbench_jobs WHERE queue = $1", name)
+        await conn.close()
+
+
+async def through_queue(kind: str, url: str, jobs: int, concurrency: int) -> tuple[float, float]:
     """Enqueue rate and consume+ack rate of ``jobs`` through ``open_queue(url)``."""
-    queue: Any = await open_queue(url, f"bench-{uuid.uuid4().hex[:8]}")
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    try:
+        return await _through_queue(url, name, jobs, concurrency)
+    finally:
+        await forget(kind, url, name)
+
+
+async def _through_queue(url: str, name: str, jobs: int, concurrency: int) -> tuple[float, float]:
+    queue: Any = await open_queue(url, name)
     try:
         enqueue_rate = await rate(jobs, concurrency, lambda n: queue.enqueue(make_job(n)))
         acked = 0
@@ -183,7 +216,7 @@ async def bench(kind: str, url: str, args: argparse.Namespace) -> None:
     raws, queued, consumed = [], [], []
     for _ in range(args.rounds):
         raws.append(await RAW[kind](url, args.jobs, args.concurrency))
-        enqueue_rate, consume_rate = await through_queue(url, args.jobs, args.concurrency)
+        enqueue_rate, consume_rate = await through_queue(kind, url, args.jobs, args.concurrency)
         queued.append(enqueue_rate)
         consumed.append(consume_rate)
     raw, queue = statistics.median(raws), statistics.median(queued)

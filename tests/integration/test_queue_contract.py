@@ -416,3 +416,24 @@ async def test_sqlite_urls_name_relative_and_absolute_files(
         await open_queue(f"sqlite:///{tmp_path / 'missing' / 'jobs.db'}", "jobs")
     with pytest.raises(ConfigError, match="lease"):
         await open_queue(f"sqlite:///{tmp_path / 'jobs.db'}?lease=soon", "jobs")
+
+
+@pytest.mark.integration
+async def test_postgres_consumer_is_woken_by_notify_not_by_polling(postgres_url: str) -> None:
+    backend = Backend("postgres", with_query(postgres_url, "poll=30"))
+    producer, consumer = await backend.open(), await backend.open()
+    try:
+        deliveries = consumer.consume(prefetch=1)
+        waiting = asyncio.ensure_future(next_delivery(deliveries))
+        await asyncio.sleep(0.3)  # the consumer found nothing and sleeps for `poll`
+        job = make_job()
+        await producer.enqueue(job)
+        started = time.monotonic()
+        delivery = await waiting
+        assert delivery.job == job
+        assert time.monotonic() - started < 2
+        await consumer.ack(delivery)
+    finally:
+        for queue in backend.opened:
+            await queue.close()
+        await _postgres_clean(backend)
