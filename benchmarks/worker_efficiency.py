@@ -121,6 +121,7 @@ def main() -> int:
         Children() as children,
         Services(ServiceSettings(base_dir=Path(tmp) / "services")) as services,
     ):
+        Path(tmp).chmod(0o711)  # PostgreSQL runs as its own user and must reach its data
         logs = Path(tmp) / "logs"
         for backend in args.backends.split(","):
             url = f"sqlite:///{tmp}/jobs.db" if backend == "sqlite" else services.start(backend)

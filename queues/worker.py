@@ -47,7 +47,7 @@ _MAX_BACKOFF_EXPONENT = 62
 class WorkerSettings:
     backend: str
     concurrency: int = 200
-    prefetch: int | None = None  # None: as many as ``concurrency``
+    prefetch: int | None = None  # None: the concurrency plus a quarter, see prefetch_count
     mailgun: MailgunSettings = field(default_factory=MailgunSettings)
     max_attempts: int = 5
     backoff_base: float = 1.0
@@ -67,7 +67,9 @@ class WorkerSettings:
 
     @property
     def prefetch_count(self) -> int:
-        return self.concurrency if self.prefetch is None else self.prefetch
+        if self.prefetch is not None:
+            return self.prefetch
+        return self.concurrency + max(1, self.concurrency // 4)
 
     @property
     def drain_seconds(self) -> float:
@@ -133,7 +135,11 @@ class Worker:
         self.dead_lettered: list[tuple[str, str]] = []
         self.errors: collections.Counter[str] = collections.Counter()
         self._rng = rng or random.Random()
+        # Two limits: API calls in flight (the concurrency), and deliveries held unsettled
+        # (the prefetch, larger): a job waits ready while another is being acknowledged,
+        # so no API slot idles during a broker round trip.
         self._slots = asyncio.Semaphore(settings.concurrency)
+        self._held = asyncio.Semaphore(settings.prefetch_count)
         self._in_flight: dict[asyncio.Task[None], Delivery] = {}
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -175,16 +181,15 @@ class Worker:
         deliveries = self.queue.consume(self.settings.prefetch_count)
         try:
             while True:
-                # Take a slot before the delivery, so no delivery waits here unstarted.
-                await self._slots.acquire()
+                await self._held.acquire()
                 try:
                     delivery = await anext(deliveries)
                 except StopAsyncIteration:
-                    self._slots.release()
+                    self._held.release()
                     log.info("the queue was closed; no more deliveries")
                     return
                 except BaseException:
-                    self._slots.release()
+                    self._held.release()
                     raise
                 self._start(delivery)
         finally:
@@ -202,24 +207,27 @@ class Worker:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(task, None)
-        self._slots.release()
+        self._held.release()
         if not task.cancelled() and (error := task.exception()) is not None:
             log.error("job handler failed", exc_info=error)
 
     async def _handle(self, delivery: Delivery) -> None:
         job = delivery.job
-        started = time.perf_counter()
-        try:
-            result = await self.client.send(job.email, job.id)
-        except Exception as exc:
-            # Whatever broke, the job is not lost: it is retried like a 5xx.
-            log.exception("job %s: unexpected error from the email client", job.id)
-            self.errors[f"exception {type(exc).__name__}"] += 1
-            result = SendResult(Outcome.RETRYABLE, None, detail=f"unexpected error: {exc!r}")
-        else:
-            self.recorder.record("api", time.perf_counter() - started)
-            if result.outcome is not Outcome.SUCCESS:
-                self.errors[_error_key(result)] += 1
+        async with self._slots:
+            if self._stopping.is_set():
+                return  # never started: closing the queue hands it back
+            started = time.perf_counter()
+            try:
+                result = await self.client.send(job.email, job.id)
+            except Exception as exc:
+                # Whatever broke, the job is not lost: it is retried like a 5xx.
+                log.exception("job %s: unexpected error from the email client", job.id)
+                self.errors[f"exception {type(exc).__name__}"] += 1
+                result = SendResult(Outcome.RETRYABLE, None, detail=f"unexpected error: {exc!r}")
+            else:
+                self.recorder.record("api", time.perf_counter() - started)
+                if result.outcome is not Outcome.SUCCESS:
+                    self.errors[_error_key(result)] += 1
         try:
             await self._settle(delivery, result)
         except Exception as exc:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 from queues.base import Email
 
@@ -132,20 +133,27 @@ def _error_detail(response: httpx.Response) -> str:
 
 
 class MailgunClient:
-    """Async client (httpx) with pooled connections; one per process."""
+    """Async client with pooled connections; one per process.
+
+    The httpx API over an aiohttp transport: httpx's own async pool collapses under a few
+    hundred concurrent requests (encode/httpx#3215; measured here: 23 requests/s with 200
+    in flight at 0.75 s latency, against 198/s through aiohttp), which would make a worker
+    measure its HTTP client instead of its queue.
+    """
 
     def __init__(
         self, settings: MailgunSettings, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
         self.settings = settings
+        limits = httpx.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=settings.max_connections,
+        )
         self._http = httpx.AsyncClient(
             auth=("api", settings.api_key),
             timeout=settings.timeouts(),
-            limits=httpx.Limits(
-                max_connections=settings.max_connections,
-                max_keepalive_connections=settings.max_connections,
-            ),
-            transport=transport,
+            limits=limits,
+            transport=transport or AiohttpTransport(limits=limits),
         )
 
     async def send(self, email: Email, idempotency_key: str) -> SendResult:

@@ -34,7 +34,7 @@ Send = Callable[[Email, str], Awaitable[SendResult]]
 
 @pytest.fixture
 def api() -> Iterator[respx.MockRouter]:
-    with respx.mock(assert_all_mocked=True) as router:
+    with respx.mock(using="httpx", assert_all_mocked=True) as router:
         yield router
 
 

@@ -404,11 +404,11 @@ def test_backoff_is_full_jitter_capped_exponential() -> None:
 
 def test_settings_defaults_and_validation() -> None:
     settings = WorkerSettings(backend="memory://")
-    assert settings.concurrency == 200 and settings.prefetch_count == 200
+    assert settings.concurrency == 200 and settings.prefetch_count == 250
     assert settings.max_attempts == 5
     assert (settings.backoff_base, settings.backoff_cap) == (1.0, 30.0)
     assert settings.drain_seconds == settings.mailgun.timeout + 5.0
-    assert WorkerSettings(backend="memory://", concurrency=3).prefetch_count == 3
+    assert WorkerSettings(backend="memory://", concurrency=3).prefetch_count == 4
     with pytest.raises(ConfigError, match="concurrency"):
         WorkerSettings(backend="memory://", concurrency=0)
 
@@ -463,7 +463,7 @@ def test_cli_runs_until_sigterm(
             time.sleep(0.005)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    with respx.mock(assert_all_called=True) as api:
+    with respx.mock(using="httpx", assert_all_called=True) as api:
         route = api.post("http://fakegun.test/v3/mailbench.test/messages").respond(
             200, json={"id": "<1@mailbench.test>", "message": "Queued. Thank you."}
         )
