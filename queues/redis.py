@@ -18,7 +18,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -108,6 +109,7 @@ class RedisQueue:
         self._promote = client.register_script(_PROMOTE)
         self._forget = client.register_script(_FORGET)
         self._in_flight: dict[bytes, _Slots] = {}
+        self._unyielded: dict[bytes, bytes] = {}  # read, not yet handed out: id -> payload
         self._closed = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -130,21 +132,50 @@ class RedisQueue:
         if self._heartbeat is None:
             self._heartbeat = asyncio.create_task(self._keep_claims())
         slots = _Slots(prefetch, asyncio.Event())
+        reader = self._reader(slots)
+        batch: deque[bytes] = deque()
+        try:
+            while not self._closed.is_set():
+                if slots.free == 0:
+                    slots.released.clear()
+                    await self._until_closed(slots.released.wait())
+                    continue
+                for entry_id, fields in await anext(reader):
+                    self._unyielded[entry_id] = (fields or {}).get(b"job", b"")
+                    batch.append(entry_id)
+                while batch and not self._closed.is_set():  # close() hands them back
+                    entry_id = batch.popleft()
+                    payload = self._unyielded.pop(entry_id)
+                    try:
+                        job = decode_job(payload)
+                    except InvalidJob as exc:
+                        await self._settle(
+                            entry_id, self._dead, {"job": payload, "reason": str(exc)}
+                        )
+                        continue
+                    self._in_flight[entry_id] = slots
+                    slots.free -= 1
+                    yield Delivery(job, _Handle(entry_id, slots))
+        except StopAsyncIteration:
+            return  # the reader stops when the queue closes
+        finally:
+            await reader.aclose()
+            if batch and not self._closed.is_set():
+                await self._hand_back(list(batch))
+
+    async def _reader(self, slots: _Slots) -> AsyncGenerator[list[tuple[bytes, Any]], None]:
+        """Batches of at most ``slots.free`` entries: overdue entries of dead consumers,
+        else new ones; moves due retries into the stream on the way."""
         cursor: bytes | str = "0-0"
         next_upkeep = 0.0
         while not self._closed.is_set():
-            if slots.free == 0:
-                slots.released.clear()
-                await self._until_closed(slots.released.wait())
-                continue
             try:
-                entries: list[tuple[bytes, dict[bytes, bytes]]] = []
+                entries: list[tuple[bytes, Any]] = []
                 now = time.time()
                 if now >= next_upkeep:
                     next_due = await self._promote(
                         keys=[self._delayed, self._jobs], args=[now, 100]
                     )
-                    # Entries that a dead consumer left unsettled for too long.
                     cursor, entries, *_ = await self._client.xautoclaim(
                         self._jobs,
                         GROUP,
@@ -168,16 +199,21 @@ class RedisQueue:
                 if self._closed.is_set():
                     return
                 raise self._fail(f"read from {self._jobs}", exc) from exc
-            for entry_id, fields in entries:
-                payload = (fields or {}).get(b"job", b"")
-                try:
-                    job = decode_job(payload)
-                except InvalidJob as exc:
-                    await self._settle(entry_id, self._dead, {"job": payload, "reason": str(exc)})
-                    continue
-                self._in_flight[entry_id] = slots
-                slots.free -= 1
-                yield Delivery(job, _Handle(entry_id, slots))
+            yield entries
+
+    async def _hand_back(self, entry_ids: list[bytes]) -> None:
+        """Put entries read but never yielded back as new entries, at once."""
+        pipe = self._client.pipeline(transaction=True)
+        for entry_id in entry_ids:
+            pipe.xadd(self._jobs, {"job": self._unyielded.pop(entry_id, b"")})
+            pipe.xack(self._jobs, GROUP, entry_id)
+            pipe.xdel(self._jobs, entry_id)
+        try:
+            await pipe.execute()
+        except RedisError as exc:  # they come back after the visibility timeout instead
+            log.warning(
+                "Redis at %s: handing back %d entries failed: %s", self._url, len(entry_ids), exc
+            )
 
     async def _until_closed(self, aw: Any) -> Any:
         """Await ``aw`` unless the queue closes first (then return ``None``)."""
@@ -273,6 +309,8 @@ class RedisQueue:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
+        if self._unyielded:
+            await self._hand_back(list(self._unyielded))
         try:
             if self._heartbeat is not None:
                 await self._forget(keys=[self._jobs], args=[GROUP, self._consumer])

@@ -143,7 +143,7 @@ class LeasedQueue(ABC):
                     await self._wait(self._wakeup, poll if due is None else min(poll, due))
                     continue
                 self._unyielded.update(row_id for row_id, _ in batch)
-                while batch:
+                while batch and not self._closed.is_set():  # close() hands them back
                     row_id, payload = batch.popleft()
                     self._unyielded.discard(row_id)
                     try:
@@ -158,7 +158,10 @@ class LeasedQueue(ABC):
             if batch and not self._closed.is_set():
                 left = [row_id for row_id, _ in batch]
                 self._unyielded.difference_update(left)
-                await self._unclaim(left)
+                try:
+                    await self._unclaim(left)
+                except QueueError as exc:  # their leases expire instead
+                    log.warning("handing back %d unstarted jobs failed: %s", len(left), exc)
 
     async def _wait(self, event: asyncio.Event, timeout: float | None) -> None:
         waits = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(self._closed.wait())}

@@ -40,6 +40,15 @@ def with_query(url: str, query: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}{query}"
 
 
+LONG_LEASE = {
+    "memory": "",
+    "sqlite": "lease=60",
+    "redis": "visibility=60",
+    "rabbitmq": "",
+    "postgres": "lease=60",
+}
+
+
 @dataclass
 class Backend:
     """A fresh queue name on one backend, plus raw access through its driver."""
@@ -49,8 +58,10 @@ class Backend:
     name: str = field(default_factory=lambda: f"contract-{uuid.uuid4().hex[:12]}")
     opened: list[Queue] = field(default_factory=list)
 
-    async def open(self) -> Queue:
-        queue = await open_queue(self.url, self.name)
+    async def open(self, *, long_lease: bool = False) -> Queue:
+        """``long_lease``: redelivery after a lease expiry cannot happen during a test."""
+        url = with_query(self.url, LONG_LEASE[self.kind]) if long_lease else self.url
+        queue = await open_queue(url, self.name)
         self.opened.append(queue)
         return queue
 
@@ -269,6 +280,28 @@ async def test_unsettled_delivery_is_redelivered_after_its_consumer_dies(
     assert again.job == lost.job == job  # same id and attempt: it was never retried
     await survivor.ack(again)
     assert await survivor.depth() == 0
+
+
+@pytest.mark.parametrize("stop", ["stop-iterating", "close-queue"])
+async def test_jobs_read_ahead_but_never_handed_out_return_at_once(
+    backend: Backend, stop: str
+) -> None:
+    queue = await backend.open(long_lease=True)
+    jobs = [make_job(n) for n in range(3)]
+    for job in jobs:
+        await queue.enqueue(job)
+    deliveries = queue.consume(prefetch=3)  # may fetch all three in one go
+    first = await next_delivery(deliveries)
+    await queue.ack(first)
+    if stop == "close-queue":
+        await queue.close()
+    else:
+        await deliveries.aclose()  # type: ignore[attr-defined]
+
+    survivor = await backend.open(long_lease=True)
+    again = survivor.consume(prefetch=3)
+    rest = {(await next_delivery(again)).job for _ in range(2)}
+    assert rest == set(jobs) - {first.job}
 
 
 async def test_retry_is_invisible_until_its_delay_then_has_the_next_attempt(
