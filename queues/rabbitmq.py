@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -105,6 +105,8 @@ class RabbitMQQueue:
     async def consume(self, prefetch: int) -> AsyncIterator[Delivery]:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
+        if self._closed:
+            return
         inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
 
         async def on_message(message: AbstractIncomingMessage) -> None:
@@ -130,13 +132,17 @@ class RabbitMQQueue:
         finally:
             self._inboxes.discard(inbox)
             if not self._closed and not channel.is_closed:
-                # Deliveries already yielded stay ours to settle; the rest go back now.
-                await queue.cancel(consumer_tag)
-                while not inbox.empty():
-                    if (left := inbox.get_nowait()) is not None:
-                        await self._settle(left, left.nack(requeue=True))
+                # Deliveries already yielded stay ours to settle; the rest go back now
+                # (or when the channel closes, should this fail).
+                try:
+                    await queue.cancel(consumer_tag)
+                    while not inbox.empty():
+                        if (left := inbox.get_nowait()) is not None:
+                            await self._settle(left, left.nack(requeue=True))
+                except (*_ERRORS, QueueError) as exc:
+                    log.warning("RabbitMQ at %s: stopping a consumer failed: %r", self._url, exc)
 
-    async def _settle(self, message: AbstractIncomingMessage, action: Any) -> None:
+    async def _settle(self, message: AbstractIncomingMessage, action: Awaitable[None]) -> None:
         self._unacked -= 1
         try:
             await action

@@ -70,6 +70,8 @@ def parse_url(url: str) -> tuple[str, Settings]:
                 ours[key] = float(value)
             except ValueError:
                 raise ConfigError(f"{key}={value!r} in the Redis URL is not a number") from None
+            if ours[key] <= 0:
+                raise ConfigError(f"{key} in the Redis URL must be positive, not {value}")
         else:
             theirs.append((key, value))
     return urlunsplit(parts._replace(query=urlencode(theirs))), Settings(**ours)
@@ -121,6 +123,8 @@ class RedisQueue:
         return QueueError(f"Redis at {self._url} failed to {action}: {exc}")
 
     async def enqueue(self, job: Job) -> None:
+        if self._closed.is_set():
+            raise QueueError(f"the Redis queue on {self._url} is closed")
         try:
             await self._client.xadd(self._jobs, {"job": encode_job(job)})
         except RedisError as exc:
@@ -129,6 +133,8 @@ class RedisQueue:
     async def consume(self, prefetch: int) -> AsyncIterator[Delivery]:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
+        if self._closed.is_set():
+            return
         if self._heartbeat is None:
             self._heartbeat = asyncio.create_task(self._keep_claims())
         slots = _Slots(prefetch, asyncio.Event())

@@ -119,6 +119,8 @@ class LeasedQueue(ABC):
     async def consume(self, prefetch: int) -> AsyncIterator[Delivery]:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
+        if self._closed.is_set():
+            return
         await self._prepare_consumer()
         if self._upkeep is None:
             self._upkeep = asyncio.create_task(self._keep_leases())

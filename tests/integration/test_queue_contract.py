@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from harness.errors import ConfigError, ServiceUnavailable
+from harness.errors import ConfigError, QueueError, ServiceUnavailable
 from queues import Delivery, Email, Job, Queue, open_queue
 
 pytestmark = pytest.mark.timeout(60)
@@ -384,6 +384,16 @@ async def test_close_ends_consume(backend: Backend) -> None:
     await asyncio.sleep(0.1)
     await queue.close()
     await asyncio.wait_for(consumer, TIMEOUT)
+
+
+async def test_a_closed_queue_refuses_jobs_and_yields_nothing(backend: Backend) -> None:
+    queue = await backend.open()
+    await queue.enqueue(make_job())
+    await queue.close()
+    with pytest.raises(QueueError):
+        await queue.enqueue(make_job())
+    assert [delivery async for delivery in queue.consume(prefetch=1)] == []
+    await queue.close()  # twice is harmless
 
 
 async def test_concurrent_enqueues_are_each_consumed_exactly_once(backend: Backend) -> None:
