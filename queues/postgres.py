@@ -27,7 +27,16 @@ from queues.sql import TABLE, LeasedQueue, Settings, _Handle, parse_url
 log = logging.getLogger(__name__)
 
 CHANNEL = "mailbench_jobs"
-_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+# InternalClientError: seen when the server ends a connection in the middle of a query.
+_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
+# A restart or a lost connection: the pool reconnects on the next query.
+_TRANSIENT = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+)
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
@@ -64,8 +73,8 @@ SELECT extract(epoch FROM min(run_at) - now())::float8 FROM {TABLE}
 WHERE queue = $1 AND state = 'available'
 """
 EXTEND = f"""
-UPDATE {TABLE} SET locked_until = now() + make_interval(secs => $2)
-WHERE locked_by = $1 AND state = 'running'
+UPDATE {TABLE} SET locked_until = now() + make_interval(secs => $3)
+WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND state = 'running'
 """
 RESCUE = f"""
 UPDATE {TABLE} SET state = 'available', locked_by = NULL, locked_until = NULL
@@ -150,6 +159,9 @@ class PostgresQueue(LeasedQueue):
             self._listener = None
             log.warning("LISTEN on PostgreSQL at %s failed, polling only: %s", self._url, exc)
 
+    def _is_transient(self, error: BaseException | None) -> bool:
+        return isinstance(error, _TRANSIENT)
+
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         if payload == self._name:
             self._wakeup.set()
@@ -170,8 +182,10 @@ class PostgresQueue(LeasedQueue):
         due = await self._call("look for due jobs", "fetchval", NEXT_DUE, self._name)
         return None if due is None else max(0.0, float(due))
 
-    async def _extend_and_rescue(self) -> None:
-        await self._call("extend leases", "execute", EXTEND, self.consumer_id, self.settings.lease)
+    async def _extend_and_rescue(self, held: list[int]) -> None:
+        if held:
+            lease = self.settings.lease
+            await self._call("extend leases", "execute", EXTEND, held, self.consumer_id, lease)
         await self._call("rescue expired leases", "execute", RESCUE, self._name)
         await self._prepare_consumer()  # reconnect a lost listener
 

@@ -25,7 +25,9 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from harness.errors import ConfigError, InvalidJob, QueueError, ServiceUnavailable
 from queues.base import Delivery, Job, decode_job, encode_job
@@ -174,6 +176,7 @@ class RedisQueue:
         else new ones; moves due retries into the stream on the way."""
         cursor: bytes | str = "0-0"
         next_upkeep = 0.0
+        backoff = 0.0
         while not self._closed.is_set():
             try:
                 entries: list[tuple[bytes, Any]] = []
@@ -201,10 +204,28 @@ class RedisQueue:
                         )
                     )
                     entries = reply[0][1] if reply else []
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if self._closed.is_set():
+                    return
+                # Redis restarting: redis-py reconnects on the next command.
+                backoff = min(5.0, backoff * 2 or 0.1)
+                log.warning("Redis at %s: %s; trying again in %.1f s", self._url, exc, backoff)
+                await self._until_closed(asyncio.sleep(backoff))
+                continue
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise self._fail(f"read from {self._jobs}", exc) from exc
+                # Restarted without its data: the stream and group must be made again.
+                try:
+                    await self._start()
+                except RedisError as again:
+                    raise self._fail(f"recreate group {GROUP}", again) from again
+                continue
             except RedisError as exc:
                 if self._closed.is_set():
                     return
                 raise self._fail(f"read from {self._jobs}", exc) from exc
+            backoff = 0.0
             yield entries
 
     async def _hand_back(self, entry_ids: list[bytes]) -> None:

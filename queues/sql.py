@@ -6,7 +6,7 @@ once ``run_at`` has passed), ``running`` (leased to ``locked_by`` until
 batch by setting a lease and commits at once; every write that settles a row is fenced
 by ``locked_by``, so a consumer whose lease was rescued cannot settle someone else's
 claim. While it runs, a consumer extends its own leases every third of the lease and
-makes expired leases of other (dead) consumers available again.
+makes expired leases available again (a dead consumer's, or a claim whose reply was lost).
 
 URL query parameters: ``lease`` (seconds, default 30) and ``poll`` (seconds between
 looks at an idle table).
@@ -96,6 +96,10 @@ class LeasedQueue(ABC):
         """Called before the first claim of every consumer."""
         return None
 
+    def _is_transient(self, error: BaseException | None) -> bool:
+        """Whether a failed claim is worth trying again (the database restarting, say)."""
+        return False
+
     @abstractmethod
     async def _claim(self, limit: int) -> list[tuple[int, bytes]]:
         """Lease up to ``limit`` due rows to this consumer; return ``(id, payload)``."""
@@ -105,8 +109,10 @@ class LeasedQueue(ABC):
         """Seconds until the earliest ``available`` row is due, ``None`` when none waits."""
 
     @abstractmethod
-    async def _extend_and_rescue(self) -> None:
-        """Extend this consumer's leases; make expired leases of others available."""
+    async def _extend_and_rescue(self, held: list[int]) -> None:
+        """Extend the leases of the rows in ``held`` (fenced); make expired leases
+        available. Only rows we know we hold: a claim whose reply was lost with the
+        connection must expire like a dead consumer's."""
 
     @abstractmethod
     async def _unclaim(self, row_ids: list[int]) -> None:
@@ -126,6 +132,7 @@ class LeasedQueue(ABC):
             self._upkeep = asyncio.create_task(self._keep_leases())
         slots = _Slots(prefetch, asyncio.Event())
         batch: deque[tuple[int, bytes]] = deque()
+        backoff = 0.0
         try:
             while not self._closed.is_set():
                 if slots.free == 0:
@@ -136,10 +143,16 @@ class LeasedQueue(ABC):
                 try:
                     batch.extend(await self._claim(slots.free))
                     due = None if batch else await self._seconds_to_next_due()
-                except QueueError:
+                except QueueError as exc:
                     if self._closed.is_set():
                         return
-                    raise
+                    if not self._is_transient(exc.__cause__):
+                        raise
+                    backoff = min(5.0, backoff * 2 or 0.1)
+                    log.warning("%s; trying again in %.1f s", exc, backoff)
+                    await self._wait(self._closed, backoff)
+                    continue
+                backoff = 0.0
                 if not batch:
                     poll = self.settings.poll
                     await self._wait(self._wakeup, poll if due is None else min(poll, due))
@@ -176,7 +189,7 @@ class LeasedQueue(ABC):
     async def _keep_leases(self) -> None:
         while not self._closed.is_set():
             try:
-                await self._extend_and_rescue()
+                await self._extend_and_rescue([*self._in_flight, *self._unyielded])
             except Exception as exc:  # the next round may work; the lease is long enough
                 log.warning("keeping leases failed: %s", exc)
             with contextlib.suppress(TimeoutError):

@@ -85,6 +85,10 @@ class SQLiteQueue(LeasedQueue):
         except sqlite3.Error as exc:
             raise QueueError(f"SQLite database {self._path} failed: {exc}") from exc
 
+    def _is_transient(self, error: BaseException | None) -> bool:
+        # "database is locked": another process held the write lock past busy_timeout.
+        return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
+
     async def _start(self) -> None:
         self._conn = await self._run(_connect, self._path)
 
@@ -154,12 +158,12 @@ class SQLiteQueue(LeasedQueue):
 
         return await self._read(next_due)
 
-    async def _extend_and_rescue(self) -> None:
+    async def _extend_and_rescue(self, held: list[int]) -> None:
         def upkeep(c: sqlite3.Connection) -> None:
             now = time.time()
-            c.execute(
-                f"UPDATE {TABLE} SET locked_until = ? WHERE locked_by = ? AND state = 'running'",
-                (now + self.settings.lease, self.consumer_id),
+            c.executemany(
+                f"UPDATE {TABLE} SET locked_until = ? WHERE {FENCE}",
+                [(now + self.settings.lease, row_id, self.consumer_id) for row_id in held],
             )
             c.execute(
                 f"UPDATE {TABLE} SET state = 'available', locked_by = NULL, locked_until = NULL"
