@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from harness.errors import ConfigError, QueueError, ServiceUnavailable
-from queues import Delivery, Email, Job, Queue, open_queue
+from queues import Delivery, Email, Job, Queue, encode_job, open_queue
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -480,3 +480,39 @@ async def test_postgres_consumer_is_woken_by_notify_not_by_polling(postgres_url:
         for queue in backend.opened:
             await queue.close()
         await _postgres_clean(backend)
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.integration)], indirect=True
+)
+async def test_sql_claim_whose_reply_was_lost_expires_although_its_consumer_lives(
+    backend: Backend,
+) -> None:
+    queue: Any = await backend.open()
+    deliveries = queue.consume(prefetch=1)
+    waiting = asyncio.ensure_future(next_delivery(deliveries))
+    await asyncio.sleep(0.2)  # the lease keeper runs
+    job = make_job()
+    # A row this very consumer claimed, but the reply never reached it.
+    if backend.kind == "sqlite":
+        with sqlite3.connect(_sqlite_file(backend)) as conn:
+            conn.execute(
+                "INSERT INTO mailbench_jobs (queue, state, payload, run_at, locked_until,"
+                " locked_by) VALUES (?, 'running', ?, 0, ?, ?)",
+                (backend.name, encode_job(job), time.time() + 1, queue.consumer_id),
+            )
+    else:
+        import asyncpg
+
+        conn = await asyncpg.connect(backend.url.partition("?")[0])
+        await conn.execute(
+            "INSERT INTO mailbench_jobs (queue, state, payload, locked_until, locked_by)"
+            " VALUES ($1, 'running', $2, now() + interval '1 second', $3)",
+            backend.name,
+            encode_job(job),
+            queue.consumer_id,
+        )
+        await conn.close()
+    delivery = await waiting
+    assert delivery.job == job
+    await queue.ack(delivery)
