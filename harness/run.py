@@ -170,8 +170,11 @@ class Harness:
             "--metrics-out",
             str(raw / "server.json"),
         ]
+        # A queue of its own per run and mode: jobs left on a shared broker by an earlier,
+        # interrupted run can never be counted in this one.
+        queue_name = f"mailbench-{cfg.run_id}-{mode}"
         if queue_url:
-            server_args += ["--queue-url", queue_url]
+            server_args += ["--queue-url", queue_url, "--queue-name", queue_name]
         if cfg.send_delay_ms:
             server_args += ["--inject-send-delay-ms", str(cfg.send_delay_ms)]
         server = self.children.start(
@@ -189,6 +192,8 @@ class Harness:
                         "worker",
                         "--backend",
                         queue_url,
+                        "--queue-name",
+                        queue_name,
                         "--concurrency",
                         str(cfg.worker_concurrency),
                         "--mailgun-url",
@@ -205,7 +210,7 @@ class Harness:
         duration = time.time() - started
         notes: list[str] = []
         if queue_url:
-            drained = self._drain(mode, queue_url, server_url=base_url)
+            drained = self._drain(mode, queue_url, queue_name, server_url=base_url)
             if not drained:
                 notes.append(f"queue not drained within {cfg.drain_timeout_s:.0f} s")
         for worker in workers:
@@ -286,15 +291,15 @@ class Harness:
         if self.show_progress:
             print(flush=True)
 
-    def _drain(self, mode: str, queue_url: str, server_url: str) -> bool:
+    def _drain(self, mode: str, queue_url: str, queue_name: str, server_url: str) -> bool:
         """Wait (bounded) until the queue is empty and every accepted job reached the API
         or the dead letter."""
         accepted = len(httpx.get(f"{server_url}/_mailbench/metrics", timeout=30).json()["accepted"])
-        return asyncio.run(self._drain_async(mode, queue_url, accepted))
+        return asyncio.run(self._drain_async(mode, queue_url, queue_name, accepted))
 
-    async def _drain_async(self, mode: str, queue_url: str, accepted: int) -> bool:
+    async def _drain_async(self, mode: str, url: str, name: str, accepted: int) -> bool:
         deadline = time.monotonic() + self.config.drain_timeout_s
-        queue = await open_queue(queue_url)
+        queue = await open_queue(url, name)
         try:
             async with httpx.AsyncClient(timeout=30) as http:
                 while True:

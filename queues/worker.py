@@ -46,6 +46,7 @@ _MAX_BACKOFF_EXPONENT = 62
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
     backend: str
+    queue_name: str = "mailbench"
     concurrency: int = 200
     prefetch: int | None = None  # None: the concurrency plus a quarter, see prefetch_count
     mailgun: MailgunSettings = field(default_factory=MailgunSettings)
@@ -309,7 +310,7 @@ class Worker:
 
 async def run_worker(settings: WorkerSettings) -> None:
     """Open the queue and the client, run until SIGTERM/SIGINT, close both."""
-    queue = await open_queue(settings.backend)
+    queue = await open_queue(settings.backend, settings.queue_name)
     client = MailgunClient(settings.mailgun)
     worker = Worker(settings, queue, client)
     loop = asyncio.get_running_loop()
@@ -342,6 +343,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="queue URL: amqp://, redis://, sqlite:///path, postgresql://, memory://",
     )
     parser.add_argument(
+        "--queue-name", default="mailbench", help="the queue to consume (default: mailbench)"
+    )
+    parser.add_argument(
         "--concurrency", type=int, default=200, help="API calls in flight at most (default: 200)"
     )
     parser.add_argument(
@@ -370,6 +374,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def cli_main(args: argparse.Namespace) -> int:
     settings = WorkerSettings(
         backend=args.backend,
+        queue_name=args.queue_name,
         concurrency=args.concurrency,
         prefetch=args.prefetch,
         max_attempts=args.max_attempts,

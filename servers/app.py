@@ -41,6 +41,7 @@ class ServerSettings:
     port: int = 8080
     mailgun: MailgunSettings = field(default_factory=MailgunSettings)
     queue_url: str | None = None  # required by the queued modes
+    queue_name: str = "mailbench"
     metrics_out: Path | None = None  # histograms and accepted jobs, written at shutdown
     send_delay_ms: float = 0.0  # fault knob: a known extra delay on the send path
 
@@ -126,7 +127,7 @@ async def _blocking(app: web.Application) -> AsyncIterator[None]:
 async def _queued(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     assert state.settings.queue_url is not None
-    queue: Queue = await open_queue(state.settings.queue_url)
+    queue: Queue = await open_queue(state.settings.queue_url, state.settings.queue_name)
 
     async def dispatch(job: Job) -> Handed:
         started = time.perf_counter()
@@ -238,6 +239,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mailgun-key", default="key-mailbench")
     parser.add_argument("--mailgun-domain", default="mailbench.test")
     parser.add_argument("--queue-url", help="queue backend URL for the queued modes")
+    parser.add_argument("--queue-name", default="mailbench", help="queue to send jobs to")
     parser.add_argument(
         "--metrics-out", type=Path, help="write histograms and accepted jobs here at shutdown"
     )
@@ -258,6 +260,7 @@ def cli_main(args: argparse.Namespace) -> int:
             base_url=args.mailgun_url, api_key=args.mailgun_key, domain=args.mailgun_domain
         ),
         queue_url=args.queue_url,
+        queue_name=args.queue_name,
         metrics_out=args.metrics_out,
         send_delay_ms=args.inject_send_delay_ms,
     )
