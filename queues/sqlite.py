@@ -11,11 +11,15 @@ still returns only after its own commit. Table layout and parameters: :mod:`queu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -69,60 +73,95 @@ def _transaction(conn: sqlite3.Connection, ops: list[Op]) -> list[Any]:
     return results
 
 
+@dataclass(frozen=True, slots=True)
+class _Op:
+    run: Callable[[sqlite3.Connection], Any]
+    done: asyncio.Future[Any]
+    write: bool
+
+
+def _serve(path: str, inbox: SimpleQueue[_Op | None], loop: asyncio.AbstractEventLoop) -> None:
+    """The database thread: owns the connection; runs every write queued meanwhile in
+    one transaction, then hands the results back to the event loop."""
+    conn: sqlite3.Connection | None = None
+    stop = False
+    while not stop:
+        batch = [inbox.get()]
+        with contextlib.suppress(Empty):
+            while True:
+                batch.append(inbox.get_nowait())
+        stop = None in batch
+        writes = [op for op in batch if op is not None and op.write]
+        reads = [op for op in batch if op is not None and not op.write]
+        outcomes: list[Any] = []
+        try:
+            conn = conn or _connect(path)
+            outcomes = _transaction(conn, [op.run for op in writes]) if writes else []
+            for op in reads:
+                try:
+                    outcomes.append(op.run(conn))
+                except Exception as exc:
+                    outcomes.append(exc)
+        except Exception as exc:  # each caller gets it, wrapped on the loop's side
+            outcomes += [exc] * (len(writes) + len(reads) - len(outcomes))
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+            loop.call_soon_threadsafe(_hand_over, writes + reads, outcomes, path)
+    if conn is not None:
+        conn.close()
+
+
+def _hand_over(ops: list[_Op], outcomes: list[Any], path: str) -> None:
+    for op, outcome in zip(ops, outcomes, strict=True):
+        if op.done.done():
+            continue
+        if isinstance(outcome, sqlite3.Error):
+            error = QueueError(f"SQLite database {path} failed: {outcome}")
+            error.__cause__ = outcome
+            op.done.set_exception(error)
+        elif isinstance(outcome, Exception):
+            op.done.set_exception(outcome)
+        else:
+            op.done.set_result(outcome)
+
+
 class SQLiteQueue(LeasedQueue):
     def __init__(self, path: str, name: str, settings: Settings) -> None:
         super().__init__(settings)
         self._path = path
         self._name = name
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailbench-sqlite")
-        self._conn: sqlite3.Connection | None = None
-        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-        except sqlite3.Error as exc:
-            raise QueueError(f"SQLite database {self._path} failed: {exc}") from exc
+        self._inbox: SimpleQueue[_Op | None] = SimpleQueue()
+        self._open = True
+        # A plain thread and queue rather than an executor: two thread hops per batch
+        # and no task in between, which matters for one enqueue at a time.
+        self._thread = threading.Thread(
+            target=_serve,
+            args=(path, self._inbox, asyncio.get_running_loop()),
+            name=f"mailbench-sqlite-{name}",
+            daemon=True,
+        )
+        self._thread.start()
+        weakref.finalize(self, self._inbox.put, None)  # forgotten without close()
 
     def _is_transient(self, error: BaseException | None) -> bool:
         # "database is locked": another process held the write lock past busy_timeout.
         return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
 
+    def _submit(self, run: Callable[[sqlite3.Connection], T], write: bool) -> Awaitable[T]:
+        if not self._open:
+            raise QueueError(f"the SQLite queue on {self._path} is closed")
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._inbox.put(_Op(run, done, write))
+        return done
+
+    async def _read(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._submit(run, write=False)
+
+    async def _write(self, run: Op) -> Any:
+        """Run ``run`` in the next write transaction; return once it has committed."""
+        return await self._submit(run, write=True)
+
     async def _start(self) -> None:
-        self._conn = await self._run(_connect, self._path)
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._conn is None:
-            raise QueueError(f"the SQLite queue on {self._path} is closed")
-        return await self._run(fn, self._conn)
-
-    async def _write(self, op: Op) -> Any:
-        """Run ``op`` in the next write transaction; return once it has committed."""
-        if self._conn is None:
-            raise QueueError(f"the SQLite queue on {self._path} is closed")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    results = await self._run(_transaction, self._conn, [op for op, _ in batch])
-                except Exception as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                else:
-                    for (_, future), result in zip(batch, results, strict=True):
-                        if not future.done():
-                            future.set_result(result)
-        finally:
-            self._flusher = None
+        await self._read(lambda c: None)  # the thread has connected and made the table
 
     async def enqueue(self, job: Job) -> None:
         payload = encode_job(job)
@@ -222,14 +261,12 @@ class SQLiteQueue(LeasedQueue):
         return await self._count("'dead'")
 
     async def close(self) -> None:
-        if self._conn is None:
+        if not self._open:
             return
         await self._stop_consuming()
-        if self._flusher is not None:
-            await asyncio.shield(self._flusher)
-        conn, self._conn = self._conn, None
-        await self._run(conn.close)
-        self._thread.shutdown(wait=False)
+        self._open = False
+        self._inbox.put(None)  # after the writes already queued
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
 
 def sqlite_path(url: str) -> str:
@@ -248,6 +285,6 @@ async def open_sqlite(url: str, name: str) -> SQLiteQueue:
     try:
         await queue._start()
     except QueueError as exc:
-        queue._thread.shutdown(wait=False)
+        await queue.close()
         raise ServiceUnavailable(f"cannot open the SQLite database {path}: {exc}") from exc
     return queue
