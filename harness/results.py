@@ -21,8 +21,9 @@ from harness.accounting import COLUMNS as ACCOUNTING_COUNTS
 from harness.accounting import Accounting
 from harness.errors import ResultsError
 from harness.metrics import Summary, decode, encode
+from harness.sweep import COLUMNS as SWEEP_COLUMNS
 
-METRICS = ("form", "send", "api", "delivery", "queue_wait")
+METRICS = ("form", "send", "api", "delivery", "queue_wait", "form_intended", "send_intended")
 SUMMARY_COLUMNS = (
     "mode",
     "metric",
@@ -60,6 +61,8 @@ class ModeResult:
     accounting: Accounting
     timeseries: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    generator: dict[str, Any] = field(default_factory=dict)  # the load generator's health
+    sweep: list[dict[str, Any]] = field(default_factory=list)  # per load step, to the knee
 
     def summary_rows(self) -> list[dict[str, Any]]:
         rows = []
@@ -115,6 +118,8 @@ def write_results(run_dir: Path, results: Sequence[ModeResult]) -> None:
     write_csv(
         run_dir / "timeseries.csv", TIMESERIES_COLUMNS, (r for m in results for r in m.timeseries)
     )
+    if any(m.sweep for m in results):
+        write_csv(run_dir / "sweep.csv", SWEEP_COLUMNS, (r for m in results for r in m.sweep))
     for m in results:
         folder = run_dir / "hdr" / m.mode
         folder.mkdir(parents=True, exist_ok=True)
@@ -147,6 +152,7 @@ class Run:
     accounting: list[dict[str, Any]]
     timeseries: list[dict[str, Any]]
     histograms: dict[tuple[str, str], HdrHistogram]
+    sweep: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def modes(self) -> list[str]:
@@ -201,10 +207,12 @@ def load_run(path: Path) -> Run:
         accounting = _read_csv(path / "accounting.csv")
         ts_path = path / "timeseries.csv"
         timeseries = _read_csv(ts_path) if ts_path.is_file() else []
+        sweep_path = path / "sweep.csv"
+        sweep = _read_csv(sweep_path) if sweep_path.is_file() else []
         histograms = {
             (f.parent.name, f.stem): decode(f.read_text().strip())
             for f in sorted((path / "hdr").glob("*/*.hdr"))
         }
     except (ValueError, OSError) as exc:
         raise ResultsError(f"{path} has a file that does not parse: {exc}") from exc
-    return Run(path, manifest, summary, accounting, timeseries, histograms)
+    return Run(path, manifest, summary, accounting, timeseries, histograms, sweep)

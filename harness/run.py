@@ -26,12 +26,12 @@ from typing import Any
 import httpx
 
 from harness import machine
-from harness.accounting import reconcile
+from harness.collect import collect_mode
 from harness.errors import ConfigError, MailbenchError, ProcessFailed, ServiceUnavailable
-from harness.metrics import Recorder
 from harness.procs import Child, Children, free_port, mailbench_command
 from harness.results import ModeResult, point_latest, write_manifest, write_results
 from harness.services import Services, ServiceSettings
+from harness.sweep import SweepSettings, sweep_mode
 from queues import open_queue
 from servers.app import MODES, QUEUED_MODES
 
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 SCENARIOS_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 SCENARIOS = ("mixed", "reader", "sender")
+# The closed-model user classes of each scenario; every scenario also has ``Arrivals``.
+CLOSED_USERS = {"mixed": ("Reader", "Sender"), "reader": ("Reader",), "sender": ("Sender",)}
 DEFAULT_LATENCY = "uniform:0.5,1.0"
 DEFAULT_MODES = MODES
 
@@ -58,8 +60,9 @@ PROFILES = {
     "quick": Profile(
         "quick", duration_s=20, users=50, spawn_rate=50, worker_concurrency=200, drain_timeout_s=60
     ),
+    # The quick run, then a load sweep per mode up to its knee (≤ 15 min for six modes).
     "full": Profile(
-        "full", duration_s=60, users=100, spawn_rate=50, worker_concurrency=200, drain_timeout_s=120
+        "full", duration_s=20, users=50, spawn_rate=50, worker_concurrency=200, drain_timeout_s=120
     ),
 }
 
@@ -70,6 +73,10 @@ class RunConfig:
     profile: str = "quick"
     scenario: str = "mixed"
     users: int = 50
+    rate: float | None = None  # open model: visits started per second, instead of users
+    arrivals: str = "poisson"
+    max_in_flight: int = 1000
+    sweep: bool = False  # after the main phase, raise an open-model load to the knee
     spawn_rate: float = 50
     duration_s: float = 20
     latency: str = DEFAULT_LATENCY
@@ -87,6 +94,8 @@ class RunConfig:
 
     @property
     def load_model(self) -> str:
+        if self.rate:
+            return f"open, {self.rate:g}/s {self.arrivals} arrivals ({self.scenario})"
         return f"closed, {self.users} users ({self.scenario})"
 
     def describe(self) -> dict[str, Any]:
@@ -131,7 +140,11 @@ class Harness:
                 continue
             result = self.run_mode(mode, queue_url)
             results.append(result)
-            manifest["modes"][mode] = {"duration_s": result.duration_s, "notes": result.notes}
+            manifest["modes"][mode] = {
+                "duration_s": result.duration_s,
+                "notes": result.notes,
+                "generator": result.generator,
+            }
             write_results(self.run_dir, results)
         manifest["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         write_manifest(self.run_dir, manifest)
@@ -206,9 +219,16 @@ class Harness:
             )
 
         started = time.time()
-        self._run_locust(mode, base_url, raw)
+        self._run_locust(mode, base_url, raw, sample_depth=bool(queue_url))
         duration = time.time() - started
         notes: list[str] = []
+        sweep: list[dict[str, Any]] = []
+        if cfg.sweep:
+
+            def step(rate: float, seconds: float, folder: Path) -> None:
+                self._run_locust(mode, base_url, folder, False, rate=rate, duration=seconds)
+
+            sweep = sweep_mode(mode, SweepSettings(), raw / "sweep", step)
         if queue_url:
             drained = self._drain(mode, queue_url, queue_name, server_url=base_url)
             if not drained:
@@ -217,9 +237,13 @@ class Harness:
             if self.children.stop(worker, timeout=30) not in (0, None):
                 notes.append(f"{worker.name} exited with code {worker.process.returncode}")
         self.children.stop(server, timeout=30)
-        return self._collect(mode, raw, duration, notes)
+        result = self._collect(mode, raw, duration, notes)
+        result.sweep = sweep
+        return result
 
-    def _locust_argv(self, base_url: str, raw: Path) -> list[str]:
+    def _locust_argv(
+        self, base_url: str, raw: Path, rate: float | None, duration: float
+    ) -> list[str]:
         cfg = self.config
         argv = [
             sys.executable,
@@ -231,14 +255,12 @@ class Harness:
             "--only-summary",
             "--host",
             base_url,
-            "--users",
-            str(cfg.users),
-            "--spawn-rate",
-            str(cfg.spawn_rate),
             "--run-time",
-            f"{int(cfg.duration_s)}s",
+            f"{int(duration)}s",
             "--stop-timeout",
-            "5",
+            # Closed users finish their visit, so every accepted send is counted; an open
+            # schedule never finishes and counts what it leaves unfinished instead.
+            "2" if rate else "5",
             "--hdr-out",
             str(raw),
             "--csv",
@@ -250,19 +272,38 @@ class Harness:
             "--loglevel",
             "WARNING",
         ]
-        if cfg.locust_processes:
-            argv += ["--processes", str(cfg.locust_processes)]
+        if rate:
+            argv += ["Arrivals", "--users", "1", "--spawn-rate", "1"]
+            argv += ["--arrival-rate", f"{rate:g}", "--arrival-process", cfg.arrivals]
+            argv += ["--arrival-seed", str(cfg.seed), "--max-in-flight", str(cfg.max_in_flight)]
+        else:
+            argv += [*CLOSED_USERS[cfg.scenario], "--users", str(cfg.users)]
+            argv += ["--spawn-rate", f"{cfg.spawn_rate:g}"]
+            if cfg.locust_processes:
+                argv += ["--processes", str(cfg.locust_processes)]
         return argv
 
-    def _run_locust(self, mode: str, base_url: str, raw: Path) -> None:
+    def _run_locust(
+        self,
+        mode: str,
+        base_url: str,
+        raw: Path,
+        sample_depth: bool,
+        rate: float | None = None,
+        duration: float | None = None,
+    ) -> None:
         cfg = self.config
+        rate = cfg.rate if rate is None else rate
+        duration = cfg.duration_s if duration is None else duration
+        raw.mkdir(parents=True, exist_ok=True)
         locust = self.children.start(
             f"locust ({mode})",
-            self._locust_argv(base_url, raw),
+            self._locust_argv(base_url, raw, rate, duration),
             self.run_dir / "logs" / f"{mode}-locust.log",
         )
-        deadline = time.monotonic() + cfg.duration_s + 60
+        deadline = time.monotonic() + duration + 60
         started = time.monotonic()
+        depths: dict[str, int | None] = {}
         while locust.alive():
             if time.monotonic() > deadline:
                 self.children.stop(locust)
@@ -270,8 +311,12 @@ class Harness:
                     f"Locust did not finish the {mode} run in time; see {locust.log_path}"
                 )
             time.sleep(1.0)
-            self._progress(mode, cfg.duration_s - (time.monotonic() - started), raw)
+            self._progress(mode, duration - (time.monotonic() - started), raw)
+            if sample_depth:
+                depths[str(int(time.time()))] = _depth(base_url)
         self._end_progress()
+        if depths:
+            (raw / "depth.json").write_text(json.dumps(depths))
         code = self.children.stop(locust)
         if code not in (0, None) or not (raw / "locust-hdr.json").is_file():
             raise ProcessFailed(
@@ -323,36 +368,16 @@ class Harness:
             await queue.close()
 
     def _collect(self, mode: str, raw: Path, duration: float, notes: list[str]) -> ModeResult:
-        locust = json.loads((raw / "locust-hdr.json").read_text())
-        recorder = Recorder()
-        recorder.add_encoded(locust["histograms"])
-        server = json.loads((raw / "server.json").read_text())
-        recorder.add_encoded({k: v for k, v in server["histograms"].items() if k == "api"})
-        dead: list[str] = []
-        for path in sorted(raw.glob("worker-*.json")):
-            worker = json.loads(path.read_text())
-            recorder.add_encoded(
-                {k: v for k, v in worker["histograms"].items() if k in ("api", "queue_wait")}
-            )
-            dead += [job_id for job_id, _reason in worker.get("dead_lettered", [])]
         ledger = httpx.get(f"{self.fake_url}/_mailbench/ledger", timeout=60).json()["entries"]
         (raw / "ledger.json").write_text(json.dumps(ledger))
-        accepted = [(job_id, float(at)) for job_id, at in server["accepted"]]
-        accounting, delivery = reconcile(accepted, ledger, dead)
-        histograms = dict(recorder.histograms)
-        if delivery.get_total_count():
-            histograms["delivery"] = delivery
-        if locust.get("cpu_warnings"):
-            notes.append("load generator CPU above 90%: figures may be generator-bound")
-        return ModeResult(
-            mode=mode,
-            duration_s=round(duration, 3),
-            histograms=histograms,
-            errors=dict(locust.get("errors", {})),
-            accounting=accounting,
-            timeseries=_timeseries(mode, locust),
-            notes=notes,
-        )
+        return collect_mode(mode, raw, duration, ledger, notes)
+
+
+def _depth(base_url: str) -> int | None:
+    try:
+        return int(httpx.get(f"{base_url}/_mailbench/depth", timeout=2).json()["depth"])
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
 
 
 def _locust_rate(stats_csv: Path) -> tuple[float, int]:
@@ -366,34 +391,6 @@ def _locust_rate(stats_csv: Path) -> tuple[float, int]:
     return 0.0, 0
 
 
-def _timeseries(mode: str, locust: dict[str, Any]) -> list[dict[str, Any]]:
-    from harness.metrics import Summary, decode
-
-    rows: list[dict[str, Any]] = []
-    seconds = sorted(set(locust.get("seconds", {})) | set(locust.get("errors_per_second", {})))
-    if not seconds:
-        return rows
-    first = int(seconds[0])
-    for second in seconds:
-        histograms = locust.get("seconds", {}).get(second, {})
-        errors = locust.get("errors_per_second", {}).get(second, {})
-        for metric in sorted(set(histograms) | set(errors)):
-            summary = Summary.of(decode(histograms[metric])) if metric in histograms else None
-            rows.append(
-                {
-                    "mode": mode,
-                    "second": int(second) - first,
-                    "metric": metric,
-                    "requests": summary.count if summary else 0,
-                    "errors": errors.get(metric, 0),
-                    "p50_us": summary.p50_us if summary else "",
-                    "p99_us": summary.p99_us if summary else "",
-                    "queue_depth": "",
-                }
-            )
-    return rows
-
-
 # -- command line --------------------------------------------------------------------------
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -403,7 +400,23 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--scenario", choices=SCENARIOS, default="mixed")
-    parser.add_argument("--users", type=int, help="concurrent Locust users (closed model)")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--users", type=int, help="concurrent Locust users (closed model)")
+    load.add_argument(
+        "--rate", type=float, help="visits started per second whatever the server does (open model)"
+    )
+    parser.add_argument(
+        "--arrivals",
+        choices=("poisson", "constant"),
+        default="poisson",
+        help="open model: Poisson or evenly spaced starts (default: poisson)",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=1000,
+        help="open model: visits running at once at most (default: 1000)",
+    )
     parser.add_argument("--duration", type=float, help="seconds of load per mode")
     parser.add_argument(
         "--latency",
@@ -442,6 +455,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         profile=profile.name,
         scenario=args.scenario,
         users=users,
+        rate=args.rate,
+        arrivals=args.arrivals,
+        max_in_flight=args.max_in_flight,
+        sweep=profile.name == "full",
         spawn_rate=min(profile.spawn_rate, users),
         duration_s=args.duration if args.duration is not None else profile.duration_s,
         latency=args.latency,

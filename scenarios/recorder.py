@@ -18,9 +18,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import gevent
+import psutil
 from locust import events
 from locust.env import Environment
-from locust.runners import WorkerRunner
+from locust.runners import MasterRunner, WorkerRunner
 
 from harness.metrics import Recorder
 
@@ -38,6 +40,9 @@ class HdrRecorder:
             lambda: defaultdict(int)
         )
         self.cpu_warnings = 0
+        self.cpu_samples: list[float] = []  # this process's CPU %, once a second
+        self.counters: defaultdict[str, int] = defaultdict(int)  # open-model start counts
+        environment.mailbench_counters = self.counters  # type: ignore[attr-defined]
         self.started_at = time.time()
         ev = environment.events
         ev.request.add_listener(self.on_request)
@@ -45,14 +50,30 @@ class HdrRecorder:
         ev.worker_report.add_listener(self.on_worker_report)
         ev.cpu_warning.add_listener(self.on_cpu_warning)
         ev.quitting.add_listener(self.on_quitting)
+        ev.test_start.add_listener(self.on_test_start)
+        self._sampler: gevent.Greenlet | None = None
+
+    def on_test_start(self, environment: Environment, **_: Any) -> None:
+        if self._sampler is None and not isinstance(environment.runner, MasterRunner):
+            self._sampler = gevent.spawn(self._sample_cpu)
+
+    def _sample_cpu(self) -> None:
+        # The generator's own CPU: a saturated generator reports its own queueing.
+        process = psutil.Process()
+        process.cpu_percent(None)
+        while True:
+            gevent.sleep(1.0)
+            self.cpu_samples.append(process.cpu_percent(None))
 
     def on_request(
         self,
         name: str,
         response_time: float,
         exception: BaseException | None = None,
+        context: dict[str, Any] | None = None,
         **_: Any,
     ) -> None:
+        now = time.perf_counter()
         second = int(time.time())
         if exception is not None:
             self.errors[name] += 1
@@ -61,6 +82,12 @@ class HdrRecorder:
         micros = response_time * 1000.0  # Locust reports perf_counter milliseconds as float
         self.total.record_us(name, micros)
         self.per_second[second].record_us(name, micros)
+        intended = (context or {}).get("intended")
+        if intended is not None:
+            # Open model: also from the visit's scheduled start (coordinated omission).
+            from_intended = (now - intended) * 1_000_000
+            self.total.record_us(f"{name}_intended", from_intended)
+            self.per_second[second].record_us(f"{name}_intended", from_intended)
 
     def on_cpu_warning(self, **_: Any) -> None:
         self.cpu_warnings += 1
@@ -70,6 +97,8 @@ class HdrRecorder:
             "histograms": self.total.encoded(),
             "errors": dict(self.errors),
             "cpu_warnings": self.cpu_warnings,
+            "cpu_samples": list(self.cpu_samples),
+            "counters": dict(self.counters),
             "seconds": {str(s): r.encoded() for s, r in sorted(self.per_second.items())},
             "errors_per_second": {
                 str(s): dict(e) for s, e in sorted(self.errors_per_second.items())
@@ -81,6 +110,9 @@ class HdrRecorder:
         for name, n in data.get("errors", {}).items():
             self.errors[name] += n
         self.cpu_warnings += data.get("cpu_warnings", 0)
+        self.cpu_samples += data.get("cpu_samples", [])
+        for name, n in data.get("counters", {}).items():
+            self.counters[name] += n
         for second, encoded in data.get("seconds", {}).items():
             self.per_second[int(second)].add_encoded(encoded)
         for second, errors in data.get("errors_per_second", {}).items():
@@ -93,6 +125,8 @@ class HdrRecorder:
         self.errors.clear()
         self.errors_per_second.clear()
         self.cpu_warnings = 0
+        self.cpu_samples.clear()
+        self.counters.clear()
 
     def on_report_to_master(self, client_id: str, data: dict[str, Any]) -> None:
         # Each report carries what was recorded since the last one; the master adds it up.

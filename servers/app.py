@@ -72,6 +72,7 @@ class ServerState:
     accepted: list[tuple[str, float]] = field(default_factory=list)
     refused: int = 0  # valid forms the API or broker did not take
     dispatch: Dispatch | None = None
+    queue: Queue | None = None
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -141,6 +142,7 @@ async def _queued(app: web.Application) -> AsyncIterator[None]:
         return Handed(True, 202, "queued")
 
     state.dispatch = dispatch
+    state.queue = queue
     yield
     await queue.close()
 
@@ -211,6 +213,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATE].snapshot())
 
 
+async def depth(request: web.Request) -> web.Response:
+    """Jobs waiting in the queue, as the broker counts them (queued modes only)."""
+    queue = request.app[STATE].queue
+    if queue is None:
+        return web.json_response({"error": "this mode has no queue"}, status=404)
+    try:
+        return web.json_response({"depth": await queue.depth()})
+    except MailbenchError as exc:
+        return web.json_response({"error": str(exc)}, status=503)
+
+
 def create_app(settings: ServerSettings) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[STATE] = ServerState(settings)
@@ -224,6 +237,7 @@ def create_app(settings: ServerSettings) -> web.Application:
     app.router.add_get("/", form_page)
     app.router.add_post("/send", send)
     app.router.add_get("/_mailbench/metrics", metrics)
+    app.router.add_get("/_mailbench/depth", depth)
     return app
 
 

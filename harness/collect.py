@@ -1,0 +1,171 @@
+"""Turn what one mode's processes wrote into a :class:`~harness.results.ModeResult`.
+
+Inputs, all under ``raw/<mode>/``: ``locust-hdr.json`` (the load generator's µs
+histograms, per second too, open-model counters, its CPU), ``server.json`` (the server's
+``api`` histogram and the jobs it accepted), ``worker-*.json`` (``api``, ``queue_wait``,
+dead letters), ``depth.json`` (queue depth sampled once a second) and the fake Mailgun's
+ledger. Percentiles are only ever taken from merged histograms.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from harness.accounting import reconcile
+from harness.metrics import Recorder, Summary, decode
+from harness.results import ModeResult
+
+GENERATOR_BOUND_CPU = 90.0  # percent of one core, as Locust's own cpu_warning
+
+
+def collect_mode(
+    mode: str, raw: Path, duration: float, ledger: list[dict[str, Any]], notes: list[str]
+) -> ModeResult:
+    locust = json.loads((raw / "locust-hdr.json").read_text())
+    recorder = Recorder()
+    recorder.add_encoded(locust["histograms"])
+    server = json.loads((raw / "server.json").read_text())
+    recorder.add_encoded({k: v for k, v in server["histograms"].items() if k == "api"})
+    dead: list[str] = []
+    for path in sorted(raw.glob("worker-*.json")):
+        worker = json.loads(path.read_text())
+        wanted = ("api", "queue_wait")
+        recorder.add_encoded({k: v for k, v in worker["histograms"].items() if k in wanted})
+        dead += [job_id for job_id, _reason in worker.get("dead_lettered", [])]
+    accepted = [(job_id, float(at)) for job_id, at in server["accepted"]]
+    accounting, delivery = reconcile(accepted, ledger, dead)
+    histograms = dict(recorder.histograms)
+    if delivery.get_total_count():
+        histograms["delivery"] = delivery
+    depth_path = raw / "depth.json"
+    depths = json.loads(depth_path.read_text()) if depth_path.is_file() else {}
+    timeseries = timeseries_rows(mode, locust, depths)
+    notes = [*notes, *generator_notes(locust), *open_model_notes(locust, histograms, timeseries)]
+    return ModeResult(
+        mode=mode,
+        duration_s=round(duration, 3),
+        histograms=histograms,
+        errors=dict(locust.get("errors", {})),
+        accounting=accounting,
+        timeseries=timeseries,
+        notes=notes,
+        generator=generator_health(locust),
+    )
+
+
+def generator_health(locust: dict[str, Any]) -> dict[str, Any]:
+    samples = [float(s) for s in locust.get("cpu_samples", [])]
+    busy = sum(1 for s in samples if s >= GENERATOR_BOUND_CPU)
+    return {
+        "cpu_mean_pct": round(sum(samples) / len(samples), 1) if samples else None,
+        "cpu_max_pct": round(max(samples), 1) if samples else None,
+        "seconds_above_90pct": busy,
+        "cpu_warnings": int(locust.get("cpu_warnings", 0)),
+        "bound": bool(locust.get("cpu_warnings")) or busy > len(samples) / 4 if samples else False,
+        **{k: int(v) for k, v in locust.get("counters", {}).items()},
+    }
+
+
+def generator_notes(locust: dict[str, Any]) -> list[str]:
+    health = generator_health(locust)
+    if not health["bound"]:
+        return []
+    return [
+        f"generator-bound: the load generator's CPU reached {health['cpu_max_pct']}% "
+        f"({health['seconds_above_90pct']} s above 90%), so these latencies include its own "
+        "queueing; rerun with more Locust processes (--locust-processes N) or on another host"
+    ]
+
+
+def open_model_notes(
+    locust: dict[str, Any], histograms: dict[str, Any], timeseries: list[dict[str, Any]]
+) -> list[str]:
+    counters = locust.get("counters", {})
+    scheduled = int(counters.get("scheduled_starts", 0))
+    if not scheduled:
+        return []
+    late = int(counters.get("late_starts", 0))
+    dropped = int(counters.get("dropped_starts", 0))
+    unfinished = max(0, scheduled - dropped - int(counters.get("completed_starts", 0)))
+    notes = [
+        f"open model: {scheduled:,} visits scheduled; {late:,} started late (> 10 ms after "
+        f"schedule), {dropped:,} dropped, {unfinished:,} unfinished at the end"
+    ]
+    for name in ("send", "form"):
+        service, intended = histograms.get(name), histograms.get(f"{name}_intended")
+        if service is None or intended is None:
+            continue
+        s, i = Summary.of(service), Summary.of(intended)
+        trend = _trend(timeseries, f"{name}_intended")
+        service_trend = _trend(timeseries, name)
+        text = (
+            f"{name}: p99 from intended start {i.p99_us / 1e6:.3g} s vs service time "
+            f"{s.p99_us / 1e6:.3g} s"
+        )
+        if trend is not None and service_trend is not None:
+            text += (
+                f"; over the run the median from intended start went from {trend[0] / 1e3:,.1f} "
+                f"to {trend[1] / 1e3:,.1f} ms while service time went from "
+                f"{service_trend[0] / 1e3:,.1f} to {service_trend[1] / 1e3:,.1f} ms"
+            )
+            if trend[1] > 2 * trend[0] and trend[1] - trend[0] > 100_000:
+                text += " — the mode cannot keep up with this rate: the backlog keeps growing"
+        notes.append(text)
+    return notes
+
+
+def _trend(rows: list[dict[str, Any]], metric: str) -> tuple[float, float] | None:
+    """Median of the per-second p50 in the first and the last third of the run."""
+    values = [(r["second"], r["p50_us"]) for r in rows if r["metric"] == metric and r["p50_us"]]
+    if len(values) < 6:
+        return None
+    values.sort()
+    third = len(values) // 3
+    first = sorted(v for _, v in values[:third])
+    last = sorted(v for _, v in values[-third:])
+    return float(first[len(first) // 2]), float(last[len(last) // 2])
+
+
+def timeseries_rows(
+    mode: str, locust: dict[str, Any], depths: dict[str, int | None]
+) -> list[dict[str, Any]]:
+    seconds_data = locust.get("seconds", {})
+    errors_data = locust.get("errors_per_second", {})
+    seconds = sorted({*seconds_data, *errors_data, *depths}, key=int)
+    rows: list[dict[str, Any]] = []
+    if not seconds:
+        return rows
+    first = int(seconds[0])
+    for second in seconds:
+        histograms = seconds_data.get(second, {})
+        errors = errors_data.get(second, {})
+        for metric in sorted({*histograms, *errors}):
+            summary = Summary.of(decode(histograms[metric])) if metric in histograms else None
+            rows.append(
+                {
+                    "mode": mode,
+                    "second": int(second) - first,
+                    "metric": metric,
+                    "requests": summary.count if summary else 0,
+                    "errors": errors.get(metric, 0),
+                    "p50_us": summary.p50_us if summary else "",
+                    "p99_us": summary.p99_us if summary else "",
+                    "queue_depth": "",
+                }
+            )
+        if depths.get(second) is not None:
+            rows.append(
+                {
+                    "mode": mode,
+                    "second": int(second) - first,
+                    "metric": "queue",
+                    "requests": "",
+                    "errors": "",
+                    "p50_us": "",
+                    "p99_us": "",
+                    "queue_depth": depths[second],
+                }
+            )
+    return rows

@@ -1,0 +1,56 @@
+from harness.collect import generator_health, open_model_notes, timeseries_rows
+from harness.metrics import Recorder
+
+
+def locust_data(seconds: dict[int, dict[str, float]]) -> dict[str, object]:
+    per_second = {}
+    total = Recorder()
+    for second, values in seconds.items():
+        r = Recorder()
+        for name, value in values.items():
+            r.record(name, value)
+            total.record(name, value)
+        per_second[str(second)] = r.encoded()
+    return {"histograms": total.encoded(), "seconds": per_second}
+
+
+def test_timeseries_has_a_row_per_second_and_metric_and_queue_depth() -> None:
+    data = locust_data({100: {"form": 0.001}, 101: {"form": 0.002, "send": 0.003}})
+    rows = timeseries_rows("redis", data, {"100": 4, "101": None})
+    assert [(r["second"], r["metric"]) for r in rows] == [
+        (0, "form"),
+        (0, "queue"),
+        (1, "form"),
+        (1, "send"),
+    ]
+    assert rows[1]["queue_depth"] == 4
+    assert rows[2]["p50_us"] == 2000 or abs(rows[2]["p50_us"] - 2000) <= 2
+
+
+def test_open_model_notes_say_when_the_backlog_grows() -> None:
+    # Service time flat at 0.75 s, latency from intended start growing by a second a second.
+    seconds = {s: {"send": 0.75, "send_intended": 0.75 + s} for s in range(12)}
+    data = locust_data(seconds)
+    data["counters"] = {"scheduled_starts": 120, "completed_starts": 60, "late_starts": 50}
+    recorder = Recorder()
+    recorder.add_encoded(data["histograms"])  # type: ignore[arg-type]
+    rows = timeseries_rows("blocking", data, {})
+    notes = open_model_notes(data, recorder.histograms, rows)
+    assert "120 visits scheduled; 50 started late" in notes[0]
+    assert "60 unfinished" in notes[0]
+    assert "cannot keep up" in notes[1]
+
+
+def test_open_model_notes_stay_quiet_when_it_keeps_up() -> None:
+    data = locust_data({s: {"send": 0.75, "send_intended": 0.76} for s in range(12)})
+    data["counters"] = {"scheduled_starts": 120, "completed_starts": 120}
+    recorder = Recorder()
+    recorder.add_encoded(data["histograms"])  # type: ignore[arg-type]
+    notes = open_model_notes(data, recorder.histograms, timeseries_rows("direct", data, {}))
+    assert not any("cannot keep up" in n for n in notes)
+
+
+def test_generator_bound_when_cpu_saturates() -> None:
+    assert generator_health({"cpu_samples": [95, 97, 99, 50]})["bound"] is True
+    assert generator_health({"cpu_samples": [20, 30, 25, 95]})["bound"] is False
+    assert generator_health({"cpu_warnings": 1, "cpu_samples": [10]})["bound"] is True
