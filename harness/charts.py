@@ -2,12 +2,19 @@
 
 Legible at 700 px wide (a blog column): 7-inch figures saved as SVG and as PNG at 2× DPI,
 log axes wherever values span decades, times labelled in µs / ms / s as they fit, an
-Okabe–Ito (colour-blind safe) palette with one stable colour per metric and per mode,
-legends outside the data, and a caption saying what load produced the figures.
+Okabe–Ito (colour-blind safe) palette with one stable colour (and line style) per mode
+and one colour per metric, legends above the plot where they cannot cover data, and a
+caption saying what load produced the figures. Same data, same bytes: SVG ids are salted
+with a constant and no file carries a date or a software version.
 """
 
 from __future__ import annotations
 
+import io
+import math
+import re
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +23,21 @@ import matplotlib
 matplotlib.use("Agg")  # charts are files; never open a window
 
 import matplotlib.pyplot as plt
+from hdrh.histogram import HdrHistogram
+from matplotlib.axes import Axes
+from matplotlib.axis import Axis
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import (
+    FixedLocator,
+    FuncFormatter,
+    LogLocator,
+    MaxNLocator,
+    NullFormatter,
+    NullLocator,
+)
+from PIL import Image
 
 from harness import machine
 from harness.results import Run
@@ -25,44 +45,37 @@ from harness.results import Run
 WIDTH_IN = 7.0
 SCREEN_DPI = 100  # 7 in × 100 = 700 px
 PNG_DPI = 200  # 2× for sharp images on high-density screens
+CAPTION_CHARS = 118  # one caption line at 7.5 pt across 7 in
 
+# fmt: off
 # Okabe & Ito, "Color Universal Design".
-METRIC_COLOURS = {
-    "form": "#0072B2",
-    "send": "#D55E00",
-    "api": "#999999",
-    "delivery": "#009E73",
-    "queue_wait": "#CC79A7",
-}
-MODE_COLOURS = {
-    "direct": "#E69F00",
-    "blocking": "#D55E00",
-    "rabbitmq": "#CC79A7",
-    "redis": "#0072B2",
-    "sqlite": "#009E73",
-    "postgres": "#56B4E9",
-}
-METRIC_LABELS = {
-    "form": "GET / (form page)",
-    "send": "POST /send",
-    "api": "Mailgun API call",
-    "delivery": "delivery lag",
-    "queue_wait": "queue wait",
-}
+METRIC_COLOURS = {"form": "#0072B2", "send": "#D55E00", "api": "#999999",
+                  "delivery": "#009E73", "queue_wait": "#CC79A7"}
+MODE_COLOURS = {"direct": "#E69F00", "blocking": "#D55E00", "rabbitmq": "#CC79A7",
+                "redis": "#0072B2", "sqlite": "#009E73", "postgres": "#56B4E9"}
+# The two modes that send inside the request are dashed / dotted, queued modes solid, so
+# lines stay apart even where two colours look alike.
+MODE_LINESTYLES = {"direct": "--", "blocking": ":"}
+METRIC_LABELS = {"form": "GET / (form page)", "send": "POST /send", "api": "Mailgun API call",
+                 "delivery": "delivery lag", "queue_wait": "queue wait",
+                 "send_intended": "POST /send from intended start",
+                 "form_intended": "GET / from intended start"}
+# Spectrum charts in reading order; metrics not named here follow.
+SPECTRUM_ORDER = ("send", "send_intended", "form", "form_intended", "api", "delivery",
+                  "queue_wait")
+# 1/(1−p) positions of the percentile axis and their labels.
+PERCENTILE_TICKS = {1.0: "0%", 2.0: "50%", 10.0: "90%", 100.0: "99%", 1e3: "99.9%",
+                    1e4: "99.99%", 1e5: "99.999%", 1e6: "99.9999%"}
+GREY = "#444444"
 
-plt.rcParams.update(
-    {
-        "font.size": 10,
-        "axes.titlesize": 12,
-        "axes.titleweight": "bold",
-        "axes.spines.top": False,
-        "axes.spines.right": False,
-        "axes.grid": True,
-        "grid.alpha": 0.3,
-        "svg.fonttype": "none",
-        "svg.hashsalt": "mailbench",  # stable SVG ids: same data, same file
-    }
-)
+plt.rcParams.update({
+    "font.size": 10, "legend.fontsize": 9, "legend.frameon": False, "lines.linewidth": 1.8,
+    "axes.titlesize": 10, "axes.titleweight": "bold", "axes.titlelocation": "left",
+    "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
+    "svg.fonttype": "none",  # text stays text: smaller files, searchable, selectable
+    "svg.hashsalt": "mailbench",  # stable SVG ids: same data, same file
+})
+# fmt: on
 
 
 def format_us(value: float, _pos: Any = None) -> str:
@@ -88,24 +101,100 @@ def caption(run: Run) -> str:
     return " · ".join(parts)
 
 
+def mode_colour(mode: str) -> str:
+    return MODE_COLOURS.get(mode, "#000000")
+
+
+def mode_linestyle(mode: str) -> str:
+    return MODE_LINESTYLES.get(mode, "-")
+
+
 def save(figure: Figure, charts_dir: Path, name: str) -> list[Path]:
     charts_dir.mkdir(parents=True, exist_ok=True)
     paths = [charts_dir / f"{name}.png", charts_dir / f"{name}.svg"]
-    figure.savefig(paths[0], dpi=PNG_DPI, bbox_inches="tight", metadata={"Software": None})
-    figure.savefig(paths[1], bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=PNG_DPI, bbox_inches="tight")
+    # 256 colours lose nothing visible on flat-coloured charts and make files 3× smaller.
+    with Image.open(buffer) as image:
+        flat = image.convert("RGB").quantize(
+            256, Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE
+        )
+        flat.save(paths[0], format="PNG", optimize=True, dpi=(PNG_DPI, PNG_DPI))
+    figure.savefig(
+        paths[1], bbox_inches="tight", metadata={"Date": None, "Creator": None, "Format": None}
+    )
     plt.close(figure)
+    svg = paths[1].read_text()
+    # Belt and braces: whatever the matplotlib version, no date survives into the SVG.
+    paths[1].write_text(re.sub(r"\s*<dc:date>[^<]*</dc:date>", "", svg))
     return paths
 
 
+# -- shared layout -----------------------------------------------------------------------
+def new_figure(height_in: float, rows: int = 1, sharex: bool = False) -> tuple[Figure, Any]:
+    """A 700 px wide figure whose layout leaves room for a title, a legend above the plot
+    and a caption below it (matplotlib's constrained layout)."""
+    return plt.subplots(
+        rows, 1, figsize=(WIDTH_IN, height_in), dpi=SCREEN_DPI, sharex=sharex, layout="constrained"
+    )
+
+
+def finish(
+    fig: Figure,
+    note: str,
+    title: str,
+    handles: Sequence[Any] = (),
+    labels: Sequence[str] = (),
+    ncols: int = 3,
+) -> Figure:
+    """Title top left, legend between title and plot (never over the data), the caption
+    ``note`` under everything. The title is the legend's own, so the two never overlap."""
+    fig.legend(
+        list(handles), list(labels), loc="outside upper left", ncols=ncols, title=title,
+        title_fontproperties={"size": 12, "weight": "bold"}, alignment="left",
+        handlelength=2.2, columnspacing=1.4, borderaxespad=0.0, borderpad=0.2,
+    )  # fmt: skip
+    text = "\n".join(textwrap.fill(line, CAPTION_CHARS) for line in note.splitlines())
+    fig.supxlabel(text, x=0.0, ha="left", fontsize=7.5, color=GREY)
+    return fig
+
+
+def log_time_axis(ax: Axes, which: str, values: Sequence[float]) -> None:
+    """A log axis of µs values labelled in µs / ms / s: ticks at each decade, and at 2 and
+    5 times it too when the values span two decades or less."""
+    limits = time_limits(values)
+    axis: Axis = getattr(ax, f"{which}axis")
+    getattr(ax, f"set_{which}scale")("log")
+    getattr(ax, f"set_{which}lim")(*limits)
+    narrow = limits[1] / limits[0] < 1000  # time_limits chose 1-2-5 steps
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if narrow else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(format_us))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def time_limits(values: Sequence[float]) -> tuple[float, float]:
+    """Limits with a labelled tick at both ends: whole decades around values that span
+    decades, 1, 2 or 5 times a power of ten around values that do not."""
+    positive = [v for v in values if v > 0] or [1.0, 10.0]
+    low_value, high_value = min(positive), max(positive) * 1.05
+    if high_value / low_value > 100:
+        low = 10.0 ** math.floor(math.log10(low_value))
+        return max(1.0, low), 10.0 ** math.ceil(math.log10(high_value))
+    steps = [m * 10.0**e for e in range(0, 9) for m in (1.0, 2.0, 5.0)]
+    low = max((s for s in steps if s <= low_value), default=1.0)
+    high = min((s for s in steps if s >= high_value), default=steps[-1])
+    return low, max(high, low * 2)
+
+
+# -- gap ---------------------------------------------------------------------------------
 def gap_chart(run: Run) -> Figure:
     """Per mode: form, send and API latency (p50 bars, p99 ticks) on a log axis, with the
     gap ``send p50 / form p50`` written beside each mode."""
     modes = run.modes
     metrics = ("form", "send", "api")
     bar_h = 0.26
-    height = 1.6 + 0.62 * len(modes)
-    fig, ax = plt.subplots(figsize=(WIDTH_IN, height), dpi=SCREEN_DPI)
-    smallest, largest = float("inf"), 0.0
+    fig, ax = new_figure(1.9 + 0.62 * len(modes))
+    values: list[float] = []
     for i, mode in enumerate(modes):
         for j, metric in enumerate(metrics):
             row = run.row(mode, metric)
@@ -113,87 +202,195 @@ def gap_chart(run: Run) -> Figure:
                 continue
             y = i + (j - 1) * bar_h
             p50, p99 = float(row["p50_us"]), float(row["p99_us"])
-            smallest, largest = min(smallest, p50), max(largest, p99)
-            ax.barh(
-                y,
-                p50,
-                height=bar_h * 0.9,
-                color=METRIC_COLOURS[metric],
-                label=METRIC_LABELS[metric] if i == 0 else None,
-                zorder=2,
-            )
-            ax.plot(
-                [p99, p99],
-                [y - bar_h * 0.45, y + bar_h * 0.45],
-                color="black",
-                lw=1.6,
-                zorder=3,
-                label="p99" if (i, j) == (0, 0) else None,
-            )
-    if largest == 0:
-        smallest, largest = 1.0, 10.0
-    ax.set_xscale("log")
-    ax.set_xlim(max(1.0, smallest / 3), largest * 3)
+            values += [p50, p99]
+            ax.barh(y, p50, height=bar_h * 0.9, color=METRIC_COLOURS[metric], zorder=2)
+            ax.plot([p99, p99], [y - bar_h * 0.45, y + bar_h * 0.45], color="black", lw=1.6)
+    log_time_axis(ax, "x", values)
     for i, mode in enumerate(modes):
         gap = run.gap(mode)
         if gap is not None:
             text = f"{gap:,.0f}×" if gap >= 10 else f"{gap:.1f}×"
-            ax.annotate(
-                text,
-                xy=(1.01, i),
-                xycoords=("axes fraction", "data"),
-                ha="left",
-                va="center",
-                fontsize=10,
-                fontweight="bold",
-            )
-    ax.annotate(
-        "send ÷ form\n(p50)",
-        xy=(1.01, 1.0),
-        xycoords="axes fraction",
-        ha="left",
-        va="bottom",
-        fontsize=8,
-        color="#444444",
-    )
+            ax.annotate(text, xy=(1.01, i), xycoords=("axes fraction", "data"), ha="left",
+                        va="center", fontweight="bold")  # fmt: skip
+    ax.annotate("send ÷ form\n(p50)", xy=(1.01, -0.5), xycoords=("axes fraction", "data"),
+                ha="left", va="bottom", fontsize=8, color=GREY)  # fmt: skip
     ax.set_yticks(range(len(modes)), modes)
     ax.set_ylim(len(modes) - 0.5, -0.5)
-    ax.xaxis.set_major_locator(LogLocator(base=10))
-    ax.xaxis.set_major_formatter(FuncFormatter(format_us))
-    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(axis="y", visible=False)
     ax.set_xlabel("latency, log scale — bars: median (p50); black ticks: p99")
-    ax.set_title("Sending email inside the request vs serving the form", loc="left", pad=28)
-    handles, labels = ax.get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda k: labels[k] == "p99")
-    ax.legend(
-        [handles[k] for k in order],
-        [labels[k] for k in order],
-        loc="lower left",
-        bbox_to_anchor=(0.0, 1.0),
-        ncol=4,
-        frameon=False,
-        fontsize=9,
-        handlelength=1.2,
-        columnspacing=1.2,
-        borderaxespad=0.2,
+    handles: list[Any] = [Rectangle((0, 0), 1, 1, color=METRIC_COLOURS[m]) for m in metrics]
+    handles.append(Line2D([], [], color="black", lw=1.6, marker="|", ls="none", ms=10))
+    labels = [METRIC_LABELS[m] for m in metrics] + ["p99"]
+    title = "Sending email inside the request vs serving the form"
+    return finish(fig, caption(run), title, handles, labels, 4)
+
+
+# -- percentile spectrum -----------------------------------------------------------------
+def spectrum_points(histogram: HdrHistogram, points: int = 160) -> tuple[list[float], list[int]]:
+    """HdrHistogram's percentile spectrum: ``1/(1−p)`` against the latency at ``p``, from
+    0% to the last recorded value, ending at the max (x = the count, the last sample)."""
+    count = int(histogram.get_total_count())
+    if count == 0:
+        return [], []
+    top = math.log10(count)
+    xs = sorted({round(10 ** (top * k / (points - 1)), 9) for k in range(points)})
+    percentiles = [100.0 * (1.0 - 1.0 / x) for x in xs]
+    at = histogram.get_percentile_to_value_dict(percentiles)
+    ys = [int(at[p]) for p in percentiles]
+    return [*xs, float(count)], [*ys, int(histogram.get_max_value())]
+
+
+def percentile_axis(ax: Axes, largest_count: int) -> None:
+    right = 10.0 ** max(1, math.ceil(math.log10(max(largest_count, 2))))
+    ax.set_xscale("log")
+    ax.set_xlim(1.0, right)
+    ticks = [x for x in PERCENTILE_TICKS if x <= right]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _p: PERCENTILE_TICKS.get(x, "")))
+    ax.xaxis.set_minor_locator(NullLocator())  # 2…9 × 10^k mean nothing on this axis
+    ax.set_xlabel("percentile (log scale of 1 / (1 − p))")
+
+
+def spectrum_chart(run: Run, metric: str) -> Figure:
+    """One line per mode: the latency at every percentile of ``metric``, max marked."""
+    fig, ax = new_figure(4.4)
+    handles, labels, values, largest = [], [], [], 0
+    for mode in run.modes:
+        histogram = run.histograms.get((mode, metric))
+        if histogram is None or not histogram.get_total_count():
+            continue
+        xs, ys = spectrum_points(histogram)
+        (line,) = ax.plot(xs, ys, color=mode_colour(mode), ls=mode_linestyle(mode))
+        ax.plot(xs[-1], ys[-1], "o", color=mode_colour(mode), ms=5)
+        values += [ys[0], ys[-1]]
+        largest = max(largest, len(xs) and int(xs[-1]))
+        handles.append(line)
+        labels.append(f"{mode} (n={int(xs[-1]):,}, max {format_us(ys[-1])})")
+    percentile_axis(ax, largest)
+    log_time_axis(ax, "y", values)
+    ax.set_ylabel("latency, log scale")
+    handles.append(Line2D([], [], color=GREY, marker="o", ls="none", ms=5))
+    labels.append("max (the last sample)")
+    title = f"{METRIC_LABELS.get(metric, metric)}: latency by percentile"
+    return finish(fig, caption(run), title, handles, labels, 2)
+
+
+# -- delivery lag ------------------------------------------------------------------------
+def cdf_points(histogram: HdrHistogram) -> tuple[list[int], list[float]]:
+    """Every recorded value and the share of samples at or below it."""
+    total = int(histogram.get_total_count())
+    xs: list[int] = []
+    ys: list[float] = []
+    for item in histogram.get_recorded_iterator():
+        xs.append(int(histogram.get_highest_equivalent_value(item.value_iterated_to)))
+        ys.append(item.total_count_to_this_value / total)
+    return xs, ys
+
+
+def delivery_chart(run: Run) -> Figure:
+    """Per mode, the share of delivered emails against the time from the server's 2xx to
+    the API's acceptance (step CDF, log time axis)."""
+    fig, ax = new_figure(4.2)
+    handles, labels, values = [], [], []
+    for mode in run.modes:
+        histogram = run.histograms.get((mode, "delivery"))
+        if histogram is None or not histogram.get_total_count():
+            continue
+        xs, ys = cdf_points(histogram)
+        (line,) = ax.step(
+            [xs[0], *xs], [0.0, *ys], where="post", color=mode_colour(mode), ls=mode_linestyle(mode)
+        )
+        values += [xs[0], xs[-1]]
+        handles.append(line)
+        p50 = int(histogram.get_value_at_percentile(50.0))
+        labels.append(
+            f"{mode} (n={len(ys) and int(histogram.get_total_count()):,}, p50 {format_us(p50)})"
+        )
+    log_time_axis(ax, "x", values)
+    ax.set_ylim(0, 1.02)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _p: f"{y:.0%}"))
+    for level in (0.5, 0.99):
+        ax.axhline(level, color=GREY, lw=0.8, ls=(0, (1, 3)), zorder=0)
+    ax.set_xlabel("time from POST /send's 2xx to the API accepting the email, log scale")
+    ax.set_ylabel("emails delivered")
+    title = "Delivery lag: how long until the email reaches the API"
+    return finish(fig, caption(run), title, handles, labels, 2)
+
+
+# -- per second --------------------------------------------------------------------------
+def _number(value: Any) -> float | None:
+    return None if value in ("", None) else float(value)
+
+
+def timeline_chart(run: Run) -> Figure:
+    """Per second and mode: the form page's p99 (log), the requests answered and, when it
+    was sampled, the queue's depth. Open-model runs show the p99 from intended start."""
+    rows = run.timeseries
+    queued = any(_number(r.get("queue_depth")) is not None for r in rows)
+    fig, axes = new_figure(7.2 if queued else 5.4, rows=3 if queued else 2, sharex=True)
+    intended = any(r["metric"] == "form_intended" for r in rows)
+    form = "form_intended" if intended else "form"
+    handles, values = [], []
+    for mode in run.modes:
+        mine = [r for r in rows if r["mode"] == mode]
+        if not mine:
+            continue
+        # Every second of the mode's run, so a second without answers shows as a gap in
+        # the p99 line and as 0 requests, not as a line drawn across it.
+        seconds = list(range(int(mine[0]["second"]), max(int(r["second"]) for r in mine) + 1))
+        series: dict[str, dict[int, float]] = {k: {} for k in ("p99", "answered", "depth")}
+        for r in mine:
+            second, p99, depth = int(r["second"]), _number(r["p99_us"]), _number(r["queue_depth"])
+            if r["metric"] in ("form", "send"):
+                answered = series["answered"].get(second, 0.0)
+                series["answered"][second] = answered + (_number(r["requests"]) or 0.0)
+            if r["metric"] == form and p99 is not None:
+                series["p99"][second] = p99
+                values.append(p99)
+            if depth is not None:
+                series["depth"][second] = depth
+        style = {"color": mode_colour(mode), "ls": mode_linestyle(mode)}
+        # Markers: a lone second between two stalls is a point, not an invisible line.
+        p99s = [series["p99"].get(s, math.nan) for s in seconds]
+        (line,) = axes[0].plot(seconds, p99s, label=mode, marker="o", ms=2.5, **style)
+        axes[1].plot(seconds, [series["answered"].get(s, 0.0) for s in seconds], **style)
+        if queued and series["depth"]:
+            depth_seconds = sorted(series["depth"])
+            depths = [series["depth"][s] for s in depth_seconds]
+            axes[2].plot(depth_seconds, depths, marker="o", ms=2.5, **style)
+        handles.append(line)
+    log_time_axis(axes[0], "y", values)
+    axes[0].set_title(
+        "GET / (form page) p99 in each second"
+        + (", from intended start" if intended else "")
+        + ", log scale"
     )
-    ax.annotate(
-        caption(run),
-        xy=(0, 0),
-        xycoords="axes fraction",
-        xytext=(0, -42),
-        textcoords="offset points",
-        fontsize=7.5,
-        color="#444444",
-        ha="left",
-        va="top",
-        wrap=True,
-    )
-    fig.tight_layout()
-    return fig
+    axes[1].set_title("requests answered in each second (form + send)")
+    if queued:
+        axes[2].set_title("jobs waiting in the queue (sampled each second)")
+        axes[2].yaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[1:]:
+        ax.set_ylim(bottom=0)
+    axes[-1].set_xlabel("seconds since the load started (each mode runs on its own)")
+    labels = [str(h.get_label()) for h in handles]
+    return finish(fig, caption(run), "Second by second", handles, labels, 6)
 
 
 def draw_all(run: Run) -> dict[str, list[Path]]:
+    """Every chart the folder's data allows, in reading order: ``{name: [png, svg]}``."""
     charts_dir = run.path / "charts"
-    return {"gap": save(gap_chart(run), charts_dir, "gap")}
+    drawn = {"gap": save(gap_chart(run), charts_dir, "gap")}
+    present = {metric for (_mode, metric) in run.histograms}
+    order = {m: i for i, m in enumerate(SPECTRUM_ORDER)}
+    for metric in sorted(present, key=lambda m: (order.get(m, len(order)), m)):
+        name = f"spectrum-{metric}"
+        drawn[name] = save(spectrum_chart(run, metric), charts_dir, name)
+    if "delivery" in present:
+        drawn["delivery"] = save(delivery_chart(run), charts_dir, "delivery")
+    if any(_number(r.get("p99_us")) is not None for r in run.timeseries):
+        drawn["timeline"] = save(timeline_chart(run), charts_dir, "timeline")
+    if getattr(run, "sweep", None):
+        from harness.charts_sweep import sweep_chart  # it builds on this module
+
+        drawn["sweep"] = save(sweep_chart(run), charts_dir, "sweep")
+    return drawn
