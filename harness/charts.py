@@ -79,9 +79,10 @@ plt.rcParams.update({
 
 
 def format_us(value: float, _pos: Any = None) -> str:
-    """A time given in µs, in the unit that reads best."""
+    """A time given in µs, in the unit that reads best (999,999 µs reads "1 s")."""
     if value <= 0:
         return "0"
+    value = float(f"{value:.3g}")  # round first, so the unit fits the rounded value
     if value < 1_000:
         return f"{value:.3g} µs"
     if value < 1_000_000:
@@ -160,30 +161,42 @@ def finish(
 
 
 def log_time_axis(ax: Axes, which: str, values: Sequence[float]) -> None:
-    """A log axis of µs values labelled in µs / ms / s: ticks at each decade, and at 2 and
-    5 times it too when the values span two decades or less."""
-    limits = time_limits(values)
+    """A log axis of µs values labelled in µs / ms / s: ticks at each decade, or at 1-2-5
+    (1-1.5-2-3-5-7 within one decade) when the values span two decades or less."""
+    low, high = time_limits(values)
     axis: Axis = getattr(ax, f"{which}axis")
     getattr(ax, f"set_{which}scale")("log")
-    getattr(ax, f"set_{which}lim")(*limits)
-    narrow = limits[1] / limits[0] < 1000  # time_limits chose 1-2-5 steps
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if narrow else (1.0,)))
+    getattr(ax, f"set_{which}lim")(low, high)
+    axis.set_major_locator(LogLocator(base=10, subs=_steps(values) or (1.0,)))
     axis.set_major_formatter(FuncFormatter(format_us))
     axis.set_minor_formatter(NullFormatter())
 
 
-def time_limits(values: Sequence[float]) -> tuple[float, float]:
-    """Limits with a labelled tick at both ends: whole decades around values that span
-    decades, 1, 2 or 5 times a power of ten around values that do not."""
+def _span(values: Sequence[float]) -> tuple[float, float]:
     positive = [v for v in values if v > 0] or [1.0, 10.0]
-    low_value, high_value = min(positive), max(positive) * 1.05
-    if high_value / low_value > 100:
+    return min(positive), max(positive) * 1.05  # room for the max's marker
+
+
+def _steps(values: Sequence[float]) -> tuple[float, ...] | None:
+    """Tick multiples of a power of ten for values this close together; None: decades."""
+    low, high = _span(values)
+    if high / low > 100:
+        return None
+    return (1.0, 2.0, 5.0) if high / low > 10 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+
+
+def time_limits(values: Sequence[float]) -> tuple[float, float]:
+    """Limits on labelled ticks: whole decades around values that span decades, the
+    nearest steps of :func:`_steps` around values that do not."""
+    low_value, high_value = _span(values)
+    multiples = _steps(values)
+    if multiples is None:
         low = 10.0 ** math.floor(math.log10(low_value))
         return max(1.0, low), 10.0 ** math.ceil(math.log10(high_value))
-    steps = [m * 10.0**e for e in range(0, 9) for m in (1.0, 2.0, 5.0)]
+    steps = [m * 10.0**e for e in range(0, 9) for m in multiples]
     low = max((s for s in steps if s <= low_value), default=1.0)
     high = min((s for s in steps if s >= high_value), default=steps[-1])
-    return low, max(high, low * 2)
+    return low, max(high, low * 1.5)
 
 
 # -- gap ---------------------------------------------------------------------------------
@@ -271,7 +284,8 @@ def spectrum_chart(run: Run, metric: str) -> Figure:
     ax.set_ylabel("latency, log scale")
     handles.append(Line2D([], [], color=GREY, marker="o", ls="none", ms=5))
     labels.append("max (the last sample)")
-    title = f"{METRIC_LABELS.get(metric, metric)}: latency by percentile"
+    label = METRIC_LABELS.get(metric, metric)
+    title = f"{label[:1].upper()}{label[1:]}: latency by percentile"
     return finish(fig, caption(run), title, handles, labels, 2)
 
 

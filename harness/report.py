@@ -30,6 +30,14 @@ MODE_EXPLAINED = {
     "postgres": "POST /send commits a row; workers claim with FOR UPDATE SKIP LOCKED.",
 }
 
+# How a sentence names each mode's broker.
+MODE_NAMES = {
+    "rabbitmq": "RabbitMQ",
+    "redis": "Redis",
+    "sqlite": "SQLite",
+    "postgres": "PostgreSQL",
+}
+
 CHART_EXPLAINED = {
     "gap": "Median (bar) and p99 (black tick) of the form page, POST /send and one Mailgun "
     "API call in each mode, on a log scale; on the right, the gap (send p50 ÷ form p50).",
@@ -79,7 +87,8 @@ def headline(run: Run) -> str:
         fast, slow = _p50(run, best, "send"), _p50(run, inline, "send")
         how = "calling Mailgun in the request" + ("" if inline == "direct" else " (blocking)")
         return (
-            f"Queued with {best}, POST /send answered in {format_us(fast)} (p50) — "
+            f"Queued with {MODE_NAMES.get(best, best)}, POST /send answered in "
+            f"{format_us(fast)} (p50) — "
             f"{times(slow / max(1.0, fast))} faster than {how} ({format_us(slow)})."
         )
     parts = []
@@ -155,7 +164,7 @@ def gap_table(run: Run) -> str:
         "send": "send p50",
         "send99": "send p99",
         "gap": "gap (send ÷ form)",
-        "direct": "send: faster than direct",
+        "direct": "send vs direct",
     }
     return table(rows, ["mode", "form", "send", "send99", "gap", "direct"], headers=headers)
 
@@ -266,6 +275,10 @@ def _plain(value: Any) -> str:
     return ", ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def chart_section(name: str) -> str:
     kind = name.split("-", 1)[0]
     return f"![{name}](charts/{name}.png)\n\n{CHART_EXPLAINED.get(kind, '')}".rstrip()
@@ -274,7 +287,8 @@ def chart_section(name: str) -> str:
 def render(run: Run, charts: list[str]) -> str:
     spectra = [c for c in charts if c.startswith("spectrum-")]
     spectra_text = "\n\n".join(
-        f"### {METRIC_LABELS.get(c.split('-', 1)[1], c)}\n\n![{c}](charts/{c}.png)" for c in spectra
+        f"### {_capital(METRIC_LABELS.get(c.split('-', 1)[1], c))}\n\n![{c}](charts/{c}.png)"
+        for c in spectra
     )
     extra = [blocking_sentence(run)]
     watch = warnings(run) or ["Nothing was lost, nothing unexpected delivered, no warnings."]

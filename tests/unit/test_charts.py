@@ -67,7 +67,14 @@ def run(tmp_path: Path) -> Run:
 
 @pytest.mark.parametrize(
     ("micros", "text"),
-    [(0, "0"), (150, "150 µs"), (1_500, "1.5 ms"), (999_000, "999 ms"), (2_500_000, "2.5 s")],
+    [
+        (0, "0"),
+        (150, "150 µs"),
+        (1_500, "1.5 ms"),
+        (999_000, "999 ms"),
+        (999_999, "1 s"),
+        (2_500_000, "2.5 s"),
+    ],
 )
 def test_times_read_in_the_unit_that_fits(micros: float, text: str) -> None:
     assert charts.format_us(micros) == text
@@ -75,7 +82,8 @@ def test_times_read_in_the_unit_that_fits(micros: float, text: str) -> None:
 
 def test_axis_limits_are_labelled_ticks() -> None:
     assert charts.time_limits([150, 800_000]) == (100, 1_000_000)  # decades apart: decades
-    assert charts.time_limits([520_000, 990_000]) == (500_000, 2_000_000)  # close: 1-2-5
+    assert charts.time_limits([1_200, 90_000]) == (1_000, 100_000)  # 2 decades: 1-2-5
+    assert charts.time_limits([520_000, 990_000]) == (500_000, 1_500_000)  # close: finer
 
 
 def test_spectrum_runs_from_zero_to_the_max_on_an_inverse_tail_axis() -> None:

@@ -69,7 +69,7 @@ def test_headline_names_the_fastest_queue_and_the_factor(tmp_path: Path) -> None
     send = {r["mode"]: r["p50_us"] for r in run.summary if r["metric"] == "send"}
     factor = send["direct"] / send["redis"]
     line = report.headline(run)
-    assert line.startswith("Queued with redis, POST /send answered in ")
+    assert line.startswith("Queued with Redis, POST /send answered in ")
     assert f"{factor:,.0f}× faster than calling Mailgun in the request" in line
 
 
@@ -159,3 +159,16 @@ def test_report_command_compares_two_runs(sample: Path, tmp_path: Path) -> None:
         gap = run.gap(mode)
         if gap is not None:
             assert f"| {mode} | {report.times(gap)} | {report.times(gap)} |" in text
+
+
+def test_readme_embeds_the_sample_gap_chart_and_quotes_its_headline() -> None:
+    readme = (SAMPLE.parents[1] / "README.md").read_text()
+    assert "](results/sample/charts/gap.png)" in readme
+    assert (SAMPLE / "charts" / "gap.png").is_file()
+    headline = report.headline(load_run(SAMPLE))  # "Queued with X, … in 2.57 ms (p50) — 284× …"
+    quoted = re.search(
+        r"Queued with (\w+), POST /send answered in ([^ ]+ \w+) \(p50\) — (\S+)", headline
+    )
+    assert quoted is not None
+    for part in quoted.groups():
+        assert part in readme.replace("\n", " "), part
