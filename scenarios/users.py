@@ -69,7 +69,7 @@ class EmailSender(FastHttpUser):
 
     abstract = True
     weight = 1
-    wait_time = between(0.5, 1.5)
+    wait_time = between(0.2, 0.6)
 
     @task
     def send(self) -> None:
