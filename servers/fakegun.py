@@ -112,14 +112,14 @@ class LedgerEntry(NamedTuple):
     message_id: str
     idempotency_key: str | None
     domain: str
-    recipients: tuple[str, ...]
+    recipients: list[str]
     subject: str
     received_at: float
     accepted_at: float
     testmode: bool
 
     def as_json(self) -> dict[str, Any]:
-        return {**self._asdict(), "recipients": list(self.recipients)}
+        return self._asdict()
 
 
 class Ledger:
@@ -161,7 +161,7 @@ class Ledger:
         ids, keys, domains, tos, subjects, received, accepted, test = self._columns
         rows = zip(ids, keys, domains, tos, subjects, received, accepted, test, strict=True)
         return [
-            LedgerEntry(i, k, d, tuple(r.split("\n")) if r else (), s, at, done, t)
+            LedgerEntry(i, k, d, r.split("\n") if r else [], s, at, done, t)
             for i, k, d, r, s, at, done, t in rows
         ]
 

@@ -104,7 +104,7 @@ async def test_urlencoded_send_is_queued_and_lands_in_the_ledger(
     assert re.fullmatch(r"<\d{14}\.[0-9a-f]+@mg\.test>", body["id"])
     [entry] = fake.ledger
     assert entry.message_id == body["id"]
-    assert entry.recipients == ("ada@example.test",)
+    assert entry.recipients == ["ada@example.test"]
     assert entry.subject == "Hi" and entry.domain == DOMAIN and not entry.testmode
     assert before <= entry.received_at <= entry.accepted_at <= time.time()
     assert (await admin(http, fake, "ledger"))["entries"] == [entry.as_json()]
@@ -122,12 +122,12 @@ async def test_multipart_with_attachment_and_repeated_or_listed_recipients(
     form.add_field("attachment", b"%PDF-1.4 fake", filename="a.pdf")
     status, _ = await send(http, fake, data=form)
     assert status == 200
-    assert fake.ledger[0].recipients == (
+    assert fake.ledger[0].recipients == [
         "a@example.test",
         "b@example.test",
         "jane@example.test",
         "c@example.test",
-    )
+    ]
 
 
 async def test_testmode_is_accepted_but_not_a_delivery(
@@ -426,7 +426,7 @@ async def test_the_official_mailgun_sdk_sends_through_the_fake(fake: FakeMailgun
     assert status == 200 and body["message"] == "Queued. Thank you."
     [entry] = fake.ledger
     assert entry.message_id == body["id"]
-    assert entry.recipients == ("ada@example.test", "bob@example.test")
+    assert entry.recipients == ["ada@example.test", "bob@example.test"]
     assert entry.subject == "From the SDK" and entry.idempotency_key == "sdk-1"
     assert await asyncio.to_thread(sdk_send, "wrong") == (401, "Forbidden")
 
