@@ -6,7 +6,14 @@ keeps ``--concurrency`` realistic urlencoded sends in flight over keep-alive con
 ``--duration`` seconds after a warm-up. It reports the achieved rate, the requests in
 flight, the client-observed p50/p99 (HdrHistogram, µs) beside the model's theoretical
 ones, errors, and the CPU both processes used. By Little's law the rate is concurrency /
-mean latency: 1500 in flight at uniform:0.5,1.0 (mean 0.75 s) make 2,000 sends a second.
+mean latency: 1500 in flight at uniform:0.5,1.0 (mean 0.75 s) make at most 2,000 sends a
+second, and exactly that only if the fake adds nothing to the latency.
+
+The fake's own view comes beside the client's: how long it held each send (its ledger's
+``accepted_at - received_at``) against the model, which tells the fake's lateness apart
+from the client's and the network's. ``others_cpu_percent`` is what the rest of the
+machine used meanwhile; on a shared machine the figures are only as good as it is small,
+and ``--realtime`` (SCHED_FIFO, root) shields the two processes from that work.
 
 Two load generators: ``--client raw`` (default), a minimal HTTP/1.1 client on asyncio
 protocols, and ``--client aiohttp``. On a slow core the aiohttp client spends several
@@ -14,7 +21,7 @@ times the fake's CPU per request, so it saturates first and then measures itself
 
     python benchmarks/fakegun_throughput.py [--latency uniform:0.5,1.0]
         [--concurrency 1500] [--duration 20] [--warmup 5] [--client raw|aiohttp]
-        [--json out.json]
+        [--nice -10] [--realtime] [--json out.json]
 """
 
 from __future__ import annotations
