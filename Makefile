@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install bench bench-full test lint format services-up services-down clean
+.PHONY: install bench bench-full test lint format services-up services-down clean bench-ci microbench
 
 install: $(STAMP)
 
@@ -22,6 +22,25 @@ bench-full: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The CI gate: baseline and candidate measured side by side now, then `mailbench compare`.
+# BASELINE_COMMIT=<ref> measures that commit from a git worktree; BASELINE_DIR=<dirs>
+# compares with folders measured before; by default both sides are this checkout.
+# Writes results/ci/compare.md and results/ci/benchmark.json; exits 1 on a regression.
+bench-ci: install
+	$(BIN)/python -m harness.bench_ci \
+		$(if $(BASELINE_COMMIT),--baseline-commit $(BASELINE_COMMIT)) \
+		$(if $(BASELINE_DIR),--baseline-dir $(BASELINE_DIR)) $(BENCH_CI_ARGS)
+
+# Micro-benchmarks of the hot paths, saved under .benchmarks/; once a previous run is
+# saved, one slower than it by MICROBENCH_FAIL fails. A single comparison on a shared
+# machine is noisy (broker enqueues swing by 30-40%): min:25% is the steadier choice.
+MICROBENCH_FAIL ?= mean:25%
+microbench: install
+	$(BIN)/python -m pytest tests/microbench --benchmark-enable --benchmark-autosave \
+		--benchmark-columns=min,median,mean,stddev,rounds \
+		$(if $(wildcard .benchmarks/*/[0-9][0-9][0-9][0-9]_*.json),--benchmark-compare --benchmark-compare-fail=$(MICROBENCH_FAIL)) \
+		-W ignore::pytest_benchmark.logger.PytestBenchmarkWarning
 
 lint: install
 	$(BIN)/ruff check .
