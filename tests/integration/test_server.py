@@ -74,7 +74,7 @@ async def test_send_delivers_with_job_id_as_idempotency_key(
     assert body["status"] == "sent"
     [entry] = fake.ledger
     assert entry.idempotency_key == body["job_id"]
-    assert entry.recipients == ["ada@example.com"]
+    assert list(entry.recipients) == ["ada@example.com"]
     assert entry.subject == "Hello"
 
 
