@@ -72,7 +72,9 @@ def test_counts_match_the_ledger(quick_run: Path) -> None:
         assert len({e["idempotency_key"] for e in ledger}) == row["delivered"]
         send = run.row(row["mode"], "send")
         assert send is not None
-        assert send["count"] == row["accepted"]  # every 2xx Locust saw is an accepted job
+        # Every 2xx Locust saw is an accepted job; a reply still in flight when Locust's
+        # stop timeout ends is accepted by the server but never seen by the generator.
+        assert 0 < send["count"] <= row["accepted"]
 
 
 def test_worker_histograms_merge_to_locust_counts(quick_run: Path) -> None:
