@@ -19,7 +19,7 @@ from harness.cli import main as mailbench
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-RUN = ["--modes", "sqlite", "--scenario", "sender", "--users", "10", "--duration", "15"]
+RUN = ["--modes", "sqlite", "--scenario", "sender", "--users", "10", "--duration", "25"]
 
 
 @pytest.fixture(scope="module")
