@@ -20,7 +20,7 @@ from hdrh.histogram import HdrHistogram
 from harness.accounting import COLUMNS as ACCOUNTING_COUNTS
 from harness.accounting import Accounting
 from harness.errors import ResultsError
-from harness.metrics import Summary, decode, encode
+from harness.metrics import Summary, decode, encode, new_histogram
 from harness.sweep import COLUMNS as SWEEP_COLUMNS
 
 METRICS = ("form", "send", "api", "delivery", "queue_wait", "form_intended", "send_intended")
@@ -71,7 +71,7 @@ class ModeResult:
             errors = self.errors.get(metric, 0)
             if histogram is None and not errors:
                 continue
-            summary = Summary.of(histogram) if histogram is not None else Summary.of(_empty())
+            summary = Summary.of(histogram if histogram is not None else new_histogram())
             rate = summary.count / self.duration_s if self.duration_s > 0 else 0.0
             rows.append(
                 {
@@ -89,12 +89,6 @@ class ModeResult:
                 }
             )
         return rows
-
-
-def _empty() -> HdrHistogram:
-    from harness.metrics import new_histogram
-
-    return new_histogram()
 
 
 def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:

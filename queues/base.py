@@ -28,6 +28,7 @@ Backends are chosen by URL scheme, see :func:`queues.open_queue`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -66,6 +67,19 @@ class Job:
 
     def next_attempt(self) -> Job:
         return replace(self, attempt=self.attempt + 1)
+
+
+@dataclass(slots=True)
+class Slots:
+    """Room for more unsettled deliveries: a consumer holding ``prefetch`` at most takes
+    one slot per delivery and a settle gives it back (a helper shared by backends)."""
+
+    free: int
+    released: asyncio.Event
+
+    def release(self) -> None:
+        self.free += 1
+        self.released.set()
 
 
 def encode_job(job: Job) -> bytes:

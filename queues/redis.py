@@ -30,7 +30,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from harness.errors import ConfigError, InvalidJob, QueueError, ServiceUnavailable
-from queues.base import Delivery, Job, decode_job, encode_job
+from queues.base import Delivery, Job, Slots, decode_job, encode_job
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +85,10 @@ def _safe(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
 
 
-@dataclass(slots=True)
-class _Slots:
-    free: int
-    released: asyncio.Event
-
-    def release(self) -> None:
-        self.free += 1
-        self.released.set()
-
-
 @dataclass(frozen=True, slots=True)
 class _Handle:
     entry_id: bytes
-    slots: _Slots
+    slots: Slots
 
 
 class RedisQueue:
@@ -112,7 +102,7 @@ class RedisQueue:
         self._consumer = uuid.uuid4().hex
         self._promote = client.register_script(_PROMOTE)
         self._forget = client.register_script(_FORGET)
-        self._in_flight: dict[bytes, _Slots] = {}
+        self._in_flight: dict[bytes, Slots] = {}
         self._unyielded: dict[bytes, bytes] = {}  # read, not yet handed out: id -> payload
         self._closed = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -139,7 +129,7 @@ class RedisQueue:
             return
         if self._heartbeat is None:
             self._heartbeat = asyncio.create_task(self._keep_claims())
-        slots = _Slots(prefetch, asyncio.Event())
+        slots = Slots(prefetch, asyncio.Event())
         reader = self._reader(slots)
         batch: deque[bytes] = deque()
         try:
@@ -171,7 +161,7 @@ class RedisQueue:
             if batch and not self._closed.is_set():
                 await self._hand_back(list(batch))
 
-    async def _reader(self, slots: _Slots) -> AsyncGenerator[list[tuple[bytes, Any]], None]:
+    async def _reader(self, slots: Slots) -> AsyncGenerator[list[tuple[bytes, Any]], None]:
         """Batches of at most ``slots.free`` entries: overdue entries of dead consumers,
         else new ones; moves due retries into the stream on the way."""
         cursor: bytes | str = "0-0"

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from harness.errors import ConfigError, InvalidJob, QueueError
-from queues.base import Delivery, decode_job
+from queues.base import Delivery, Slots, decode_job
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +64,10 @@ def parse_url(url: str, defaults: S) -> tuple[str, S]:
     return urlunsplit(parts._replace(query=urlencode(theirs))), replace(defaults, **ours)
 
 
-@dataclass(slots=True)
-class _Slots:
-    free: int
-    released: asyncio.Event
-
-    def release(self) -> None:
-        self.free += 1
-        self.released.set()
-
-
 @dataclass(frozen=True, slots=True)
 class _Handle:
     row_id: int
-    slots: _Slots
+    slots: Slots
 
 
 class LeasedQueue(ABC):
@@ -86,7 +76,7 @@ class LeasedQueue(ABC):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.consumer_id = uuid.uuid4().hex
-        self._in_flight: dict[int, _Slots] = {}
+        self._in_flight: dict[int, Slots] = {}
         self._unyielded: set[int] = set()
         self._wakeup = asyncio.Event()
         self._closed = asyncio.Event()
@@ -130,7 +120,7 @@ class LeasedQueue(ABC):
         await self._prepare_consumer()
         if self._upkeep is None:
             self._upkeep = asyncio.create_task(self._keep_leases())
-        slots = _Slots(prefetch, asyncio.Event())
+        slots = Slots(prefetch, asyncio.Event())
         batch: deque[tuple[int, bytes]] = deque()
         backoff = 0.0
         try:

@@ -35,7 +35,14 @@ from harness.errors import ConfigError
 from harness.metrics import Recorder, Summary
 from queues import Queue, open_queue
 from queues.base import Delivery, Email
-from servers.mailgun import MailgunClient, MailgunSettings, Outcome, SendResult
+from servers.mailgun import (
+    MailgunClient,
+    MailgunSettings,
+    Outcome,
+    SendResult,
+    add_mailgun_arguments,
+    mailgun_settings_from_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -357,13 +364,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default=5,
         help="API calls per job before it goes to the dead letter (default: 5)",
     )
-    parser.add_argument(
-        "--mailgun-url",
-        default="http://127.0.0.1:8025",
-        help="base URL of the Mailgun API (default: a local fakegun)",
-    )
-    parser.add_argument("--mailgun-key", default="key-mailbench")
-    parser.add_argument("--mailgun-domain", default="mailbench.test")
+    add_mailgun_arguments(parser)
     parser.add_argument(
         "--metrics-out",
         type=Path,
@@ -378,9 +379,7 @@ def cli_main(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         prefetch=args.prefetch,
         max_attempts=args.max_attempts,
-        mailgun=MailgunSettings(
-            base_url=args.mailgun_url, api_key=args.mailgun_key, domain=args.mailgun_domain
-        ),
+        mailgun=mailgun_settings_from_args(args),
         metrics_out=args.metrics_out,
     )
     asyncio.run(run_worker(settings))

@@ -25,7 +25,14 @@ from harness.metrics import Recorder
 from queues import Queue, open_queue
 from queues.base import Email, Job
 from servers.forms import FORM_PAGE, MAX_BODY_BYTES, FormError, render_done, render_form, validate
-from servers.mailgun import BlockingMailgunClient, MailgunClient, MailgunSettings, Outcome
+from servers.mailgun import (
+    BlockingMailgunClient,
+    MailgunClient,
+    MailgunSettings,
+    Outcome,
+    add_mailgun_arguments,
+    mailgun_settings_from_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -245,13 +252,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument(
-        "--mailgun-url",
-        default="http://127.0.0.1:8025",
-        help="base URL of the Mailgun API (default: a local fakegun)",
-    )
-    parser.add_argument("--mailgun-key", default="key-mailbench")
-    parser.add_argument("--mailgun-domain", default="mailbench.test")
+    add_mailgun_arguments(parser)
     parser.add_argument("--queue-url", help="queue backend URL for the queued modes")
     parser.add_argument("--queue-name", default="mailbench", help="queue to send jobs to")
     parser.add_argument(
@@ -270,9 +271,7 @@ def cli_main(args: argparse.Namespace) -> int:
         mode=args.mode,
         host=args.host,
         port=args.port,
-        mailgun=MailgunSettings(
-            base_url=args.mailgun_url, api_key=args.mailgun_key, domain=args.mailgun_domain
-        ),
+        mailgun=mailgun_settings_from_args(args),
         queue_url=args.queue_url,
         queue_name=args.queue_name,
         metrics_out=args.metrics_out,

@@ -13,6 +13,7 @@ Timeouts are always set: Mailgun is observed to hang for tens of seconds under l
 
 from __future__ import annotations
 
+import argparse
 import email.utils
 import enum
 import math
@@ -63,6 +64,23 @@ class MailgunSettings:
 
     def timeouts(self) -> httpx.Timeout:
         return httpx.Timeout(self.timeout, connect=self.connect_timeout)
+
+
+def add_mailgun_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every caller of the API takes (the server and the worker)."""
+    parser.add_argument(
+        "--mailgun-url",
+        default="http://127.0.0.1:8025",
+        help="base URL of the Mailgun API (default: a local fakegun)",
+    )
+    parser.add_argument("--mailgun-key", default="key-mailbench")
+    parser.add_argument("--mailgun-domain", default="mailbench.test")
+
+
+def mailgun_settings_from_args(args: argparse.Namespace) -> MailgunSettings:
+    return MailgunSettings(
+        base_url=args.mailgun_url, api_key=args.mailgun_key, domain=args.mailgun_domain
+    )
 
 
 def message_form(email: Email, idempotency_key: str) -> dict[str, str]:
