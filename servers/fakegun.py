@@ -506,7 +506,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to bind")
     add("--port", type=int, default=8025, help="port to bind (0: any free port)")
-    add("--api-key", default=FakegunSettings.api_key, help="the API key clients must send")
+    add(
+        "--api-key",
+        default=os.environ.get("MAILGUN_API_KEY", FakegunSettings.api_key),
+        help="the API key clients must send (default: $MAILGUN_API_KEY; ps shows command lines)",
+    )
     add("--domain", action="append", default=[], help="accepted domain, repeatable (default any)")
     add("--latency", default=DEFAULT_LATENCY, help=f"latency spec (default {DEFAULT_LATENCY})")
     add("--seed", type=int, default=None, help="seed for the latency and fault draws")

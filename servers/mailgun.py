@@ -17,6 +17,7 @@ import argparse
 import email.utils
 import enum
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -73,7 +74,11 @@ def add_mailgun_arguments(parser: argparse.ArgumentParser) -> None:
         default="http://127.0.0.1:8025",
         help="base URL of the Mailgun API (default: a local fakegun)",
     )
-    parser.add_argument("--mailgun-key", default="key-mailbench")
+    parser.add_argument(
+        "--mailgun-key",
+        default=os.environ.get("MAILGUN_API_KEY", "key-mailbench"),
+        help="API key (default: $MAILGUN_API_KEY; on a command line, ps shows it to everyone)",
+    )
     parser.add_argument("--mailgun-domain", default="mailbench.test")
 
 
