@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
+import secrets
 from typing import Any
 
 from locust import FastHttpUser, between, task
 
 _recipients = itertools.count()
+# Chosen once per process: Locust's --processes N runs N copies of this module, each with
+# its own counter, and the accounting needs every recipient to be unique across them.
+_PROCESS_TOKEN = secrets.token_hex(4)
+# The reference server's form carries a CSRF token bound to a cookie; other servers may
+# have neither, and then the form is posted without them.
+_CSRF_FIELD = re.compile(rb'name="csrf_token"[^>]*?value="([^"]*)"')
+_CSRF_COOKIE = re.compile(r"(?:^|[\s,])(mailbench_csrf=[^;,\s]*)")
 
 
 def read_form(client: Any, context: dict[str, Any] | None = None) -> None:
@@ -25,21 +34,35 @@ def read_form(client: Any, context: dict[str, Any] | None = None) -> None:
 
 
 def send_email(client: Any, context: dict[str, Any] | None = None) -> None:
-    """A visitor loads the form, fills it in and posts it."""
-    client.get("/", name="form", context=context or {})
+    """A visitor loads the form, fills it in and posts it.
+
+    The POST carries the form's CSRF token and the cookie it is bound to. The cookie jar
+    of the client would send the cookie anyway, but an open-model scheduler shares one
+    client among many concurrent visits: two first visits can each be given a new cookie,
+    and the jar keeps only the last, so the cookie this page set is sent explicitly.
+    """
+    page = client.get("/", name="form", context=context or {})
     n = next(_recipients)
+    to = f"reader{n}.{_PROCESS_TOKEN}@example.com"
     form = {
-        "to": f"reader{n}@example.com",
+        "to": to,
         "subject": f"Benchmark message {n}",
         "message": "Hello from mailbench. " * random.randint(1, 20),
     }
+    headers = {"Accept": "application/json"}
+    token = _CSRF_FIELD.search(page.content or b"")
+    if token:
+        form["csrf_token"] = token.group(1).decode()
+        cookie = _CSRF_COOKIE.search(page.headers.get("Set-Cookie") or "")
+        if cookie:
+            headers["Cookie"] = cookie.group(1)
     with client.post(
         "/send",
         data=form,
-        headers={"Accept": "application/json"},
+        headers=headers,
         name="send",
         catch_response=True,
-        context=context or {},
+        context={**(context or {}), "recipient": to},
     ) as response:
         if response.status_code in (200, 202):
             try:
