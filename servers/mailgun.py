@@ -2,13 +2,18 @@
 
 Both flavours share one request shape and one classification of outcomes:
 
-* ``success`` — the API accepted the message (200);
-* ``retryable`` — try again later: 429 (honour ``Retry-After``), 5xx, connection errors
-  and timeouts. A timeout after the request was sent has an unknown outcome, so the
-  retry must carry the *same* idempotency key;
+* ``success`` — the API accepted the message (a 2xx with Mailgun's JSON answer);
+* ``retryable`` — try again later: 429 (honour ``Retry-After``), 408, 5xx, connection
+  errors, timeouts, and a 2xx whose body is not a JSON object. A timeout after the request
+  was sent, or a "success" the client cannot read, has an unknown outcome: the message may
+  have been sent, so the retry must carry the *same* idempotency key (only an API that
+  honours it keeps that retry from delivering twice);
 * ``permanent`` — any other 4xx: retrying cannot help, the job goes to the dead letter.
 
 Timeouts are always set: Mailgun is observed to hang for tens of seconds under load.
+
+A send is ``application/x-www-form-urlencoded`` (the cheap common case) unless it carries
+inline attachments, which go as ``multipart/form-data`` ``inline`` file parts.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import argparse
 import email.utils
 import enum
 import math
+import mimetypes
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +36,10 @@ from queues.base import Email
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_VARIABLE = "v:idempotency_key"
+
+Inline = Sequence[tuple[str, bytes]]
+"""Inline attachments: ``(filename, data)`` pairs, referenced from HTML as ``cid:filename``."""
+FileParts = list[tuple[str, tuple[str, bytes, str]]]
 
 
 class Outcome(enum.Enum):
@@ -98,6 +109,15 @@ def message_form(email: Email, idempotency_key: str) -> dict[str, str]:
     }
 
 
+def inline_parts(inline: Inline) -> FileParts:
+    """httpx ``files=`` for inline attachments, typed by their filename's extension."""
+    parts: FileParts = []
+    for filename, data in inline:
+        content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        parts.append(("inline", (filename, data, content_type)))
+    return parts
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """``Retry-After`` is either delta-seconds or an HTTP date."""
     if not value:
@@ -118,13 +138,17 @@ def parse_retry_after(value: str | None) -> float | None:
 def classify(response: httpx.Response) -> SendResult:
     status = response.status_code
     if 200 <= status < 300:
-        message_id = None
         try:
             body: Any = response.json()
-            message_id = body.get("id") if isinstance(body, dict) else None
-        except ValueError:
-            pass
-        return SendResult(Outcome.SUCCESS, status, message_id=message_id)
+        except ValueError:  # also UnicodeDecodeError
+            body = None
+        if not isinstance(body, dict):
+            # Truncated JSON, a proxy's HTML page: the API may well have taken the message.
+            return SendResult(Outcome.RETRYABLE, status, detail=_malformed_detail(response))
+        message_id = body.get("id")
+        return SendResult(
+            Outcome.SUCCESS, status, message_id=message_id if isinstance(message_id, str) else None
+        )
     detail = _error_detail(response)
     if status == 429 or status >= 500 or status == 408:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
@@ -143,6 +167,11 @@ def classify_error(exc: httpx.HTTPError) -> SendResult:
         # The body broke after the request was sent: the outcome is unknown.
         return SendResult(Outcome.RETRYABLE, None, detail=f"undecodable response: {exc!r}")
     return SendResult(Outcome.PERMANENT, None, detail=f"client error: {exc!r}")
+
+
+def _malformed_detail(response: httpx.Response) -> str:
+    excerpt = response.content[:80].decode("utf-8", "replace")
+    return f"malformed response: {response.status_code} with body {excerpt!r}"
 
 
 def _error_detail(response: httpx.Response) -> str:
@@ -179,11 +208,13 @@ class MailgunClient:
             transport=transport or AiohttpTransport(limits=limits),
         )
 
-    async def send(self, email: Email, idempotency_key: str) -> SendResult:
+    async def send(self, email: Email, idempotency_key: str, *, inline: Inline = ()) -> SendResult:
+        """Send once; never raises for HTTP or network trouble (see :class:`Outcome`)."""
         try:
             response = await self._http.post(
                 self.settings.messages_url,
                 data=message_form(email, idempotency_key),
+                files=inline_parts(inline) if inline else None,
                 headers={IDEMPOTENCY_HEADER: idempotency_key},
             )
         except httpx.HTTPError as exc:
@@ -206,11 +237,13 @@ class BlockingMailgunClient:
             auth=("api", settings.api_key), timeout=settings.timeouts(), transport=transport
         )
 
-    def send(self, email: Email, idempotency_key: str) -> SendResult:
+    def send(self, email: Email, idempotency_key: str, *, inline: Inline = ()) -> SendResult:
+        """Send once; never raises for HTTP or network trouble (see :class:`Outcome`)."""
         try:
             response = self._http.post(
                 self.settings.messages_url,
                 data=message_form(email, idempotency_key),
+                files=inline_parts(inline) if inline else None,
                 headers={IDEMPOTENCY_HEADER: idempotency_key},
             )
         except httpx.HTTPError as exc:

@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,12 +22,21 @@ import pytest
 
 import servers.fakegun
 from harness.errors import ConfigError
+from queues.base import Email
 from servers.fakegun import (
     FakegunSettings,
     FakeMailgun,
     add_cli_arguments,
     parse_fault,
     settings_from_args,
+)
+from servers.mailgun import (
+    BlockingMailgunClient,
+    Inline,
+    MailgunClient,
+    MailgunSettings,
+    Outcome,
+    SendResult,
 )
 
 KEY = "key-test"
@@ -42,7 +51,14 @@ SEND = {
 STATS_KEYS = {"received", "accepted", "unique_keys", "duplicates", "in_flight", "by_status"}
 STATS_KEYS |= {"faults", "latency"}
 
+# The smallest valid PNG: 1x1, one transparent pixel.
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000b49444154789c6360000200000500017a5eab3f0000000049454e44ae426082"
+)
+
 Starter = Callable[..., AbstractAsyncContextManager[FakeMailgun]]
+ClientSend = Callable[..., Awaitable[SendResult]]
 
 
 @pytest.fixture
@@ -399,6 +415,59 @@ async def test_parsing_time_is_absorbed_into_the_latency(
         entry = fake.ledger[0]
     assert 0.2 - 0.002 <= entry.accepted_at - entry.received_at < 0.2 + 0.1
     assert elapsed < 0.2 + 0.5
+
+
+# -- mailbench's own client against the fake -------------------------------------------
+
+
+@pytest.fixture(params=["async", "blocking"])
+def client_send(request: pytest.FixtureRequest) -> Callable[..., ClientSend]:
+    """``client_send(fake, timeout=...)``: one send through either client, then closed."""
+
+    def bind(fake: FakeMailgun, timeout: float = 5.0) -> ClientSend:
+        settings = MailgunSettings(base_url=fake.url, api_key=KEY, domain=DOMAIN, timeout=timeout)
+
+        async def send_async(email: Email, key: str, *, inline: Inline = ()) -> SendResult:
+            client = MailgunClient(settings)
+            try:
+                return await client.send(email, key, inline=inline)
+            finally:
+                await client.aclose()
+
+        async def send_blocking(email: Email, key: str, *, inline: Inline = ()) -> SendResult:
+            def call() -> SendResult:
+                client = BlockingMailgunClient(settings)
+                try:
+                    return client.send(email, key, inline=inline)
+                finally:
+                    client.close()
+
+            return await asyncio.to_thread(call)
+
+        return send_async if request.param == "async" else send_blocking
+
+    return bind
+
+
+EMAIL = Email(to="ada@example.test", subject="Your chart", text="See the picture.")
+
+
+async def test_the_client_sends_an_inline_png(
+    fake: FakeMailgun, client_send: Callable[..., ClientSend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    send = client_send(fake)
+    result = await send(EMAIL, "inline-1", inline=[("chart.png", PNG)])
+    assert result.ok
+    [entry] = fake.ledger
+    assert (entry.message_id, entry.idempotency_key) == (result.message_id, "inline-1")
+    assert entry.recipients == [EMAIL.to] and entry.subject == EMAIL.subject
+    # The PNG reached the fake: it counts toward the size limit.
+    text_size = sum(map(len, (EMAIL.sender, EMAIL.to, EMAIL.subject, EMAIL.text, "inline-2")))
+    monkeypatch.setattr(servers.fakegun, "MAX_MESSAGE_BYTES", text_size + len(PNG) - 1)
+    assert (await send(EMAIL, "inline-2")).ok
+    refused = await send(EMAIL, "inline-3", inline=[("chart.png", PNG)])
+    assert (refused.outcome, refused.status) == (Outcome.PERMANENT, 400)
+    assert "size" in refused.detail
 
 
 # -- the official Mailgun SDK, unchanged ------------------------------------------------

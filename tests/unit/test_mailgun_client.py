@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import email.utils
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.policy import HTTP
+from typing import Protocol
 from urllib.parse import parse_qs
 
 import httpx
@@ -16,6 +20,7 @@ import respx
 from queues.base import Email
 from servers.mailgun import (
     BlockingMailgunClient,
+    Inline,
     MailgunClient,
     MailgunSettings,
     Outcome,
@@ -29,7 +34,15 @@ MESSAGES_URL = "http://mailgun.test/v3/mailbench.test/messages"
 EMAIL = Email(to="ada@example.com", subject="Hello & welcome", text="Line one\nline two")
 KEY = "5f0c9d2e"
 
-Send = Callable[[Email, str], Awaitable[SendResult]]
+# The smallest valid PNG: 1x1, one transparent pixel.
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000b49444154789c6360000200000500017a5eab3f0000000049454e44ae426082"
+)
+
+
+class Send(Protocol):
+    async def __call__(self, email: Email, key: str, /, *, inline: Inline = ()) -> SendResult: ...
 
 
 @pytest.fixture
@@ -66,8 +79,8 @@ def send(
     if request.param == "async":
         return async_client.send
 
-    async def send_blocking(email: Email, key: str) -> SendResult:
-        return blocking_client.send(email, key)
+    async def send_blocking(email: Email, key: str, *, inline: Inline = ()) -> SendResult:
+        return blocking_client.send(email, key, inline=inline)
 
     return send_blocking
 
@@ -81,10 +94,35 @@ async def test_accepted_message_is_a_success_with_its_id(api: respx.MockRouter, 
     assert result.ok
 
 
-async def test_success_without_a_json_body_still_counts(api: respx.MockRouter, send: Send) -> None:
-    api.post(MESSAGES_URL).respond(200, text="ok")
+async def test_success_without_an_id_still_counts(api: respx.MockRouter, send: Send) -> None:
+    api.post(MESSAGES_URL).respond(200, json={"message": "Queued. Thank you."})
     result = await send(EMAIL, KEY)
     assert result.outcome is Outcome.SUCCESS and result.message_id is None
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "excerpt"),
+    [
+        (200, b'{"id": "<20240101.1@mailbench.test>", "mess', '{"id": "<2024'),
+        (200, b"<html><body><h1>Service Unavailable</h1></body></html>", "<html><body>"),
+        (200, b"", "''"),
+        (200, b"ok", "'ok'"),
+        (200, b'["queued"]', "queued"),
+        (200, b"\xff\xfe not utf-8", "not utf-8"),
+        (202, b"null", "null"),
+    ],
+)
+async def test_a_2xx_that_cannot_be_read_is_retryable(
+    api: respx.MockRouter, send: Send, status: int, body: bytes, excerpt: str
+) -> None:
+    # The message may have been accepted: only a retry with the same key settles it.
+    headers = {"Content-Type": "application/json"}
+    api.post(MESSAGES_URL).respond(status, content=body, headers=headers)
+    result = await send(EMAIL, KEY)
+    assert result.outcome is Outcome.RETRYABLE and not result.ok
+    assert (result.status, result.message_id, result.retry_after) == (status, None, None)
+    assert result.detail.startswith(f"malformed response: {status} with body ")
+    assert excerpt in result.detail
 
 
 @pytest.mark.parametrize(
@@ -206,3 +244,52 @@ async def test_timeouts_are_always_set(api: respx.MockRouter, send: Send) -> Non
     timeouts = MailgunSettings().timeouts()  # the defaults, too
     for value in (timeouts.connect, timeouts.read, timeouts.write, timeouts.pool):
         assert value is not None and 0 < value <= 30
+
+
+def _multipart(request: httpx.Request) -> EmailMessage:
+    head = f"Content-Type: {request.headers['Content-Type']}\r\n\r\n".encode()
+    message = BytesParser(policy=HTTP).parsebytes(head + request.content)
+    assert isinstance(message, EmailMessage)  # what a modern policy parses into
+    return message
+
+
+async def test_inline_attachments_go_as_multipart_inline_parts(
+    api: respx.MockRouter, send: Send
+) -> None:
+    route = api.post(MESSAGES_URL).respond(200, json={"id": "<1@mailbench.test>"})
+    chart = b"<svg xmlns='http://www.w3.org/2000/svg'/>"
+    result = await send(EMAIL, KEY, inline=[("logo.png", PNG), ("chart.svg", chart)])
+    assert result.ok
+    request = route.calls.last.request
+    assert request.headers["Content-Type"].startswith("multipart/form-data; boundary=")
+    assert request.headers["Idempotency-Key"] == KEY
+    parts = [
+        (part.get_param("name", header="content-disposition"), part)
+        for part in _multipart(request).iter_parts()
+    ]
+    fields = {name: part.get_content() for name, part in parts if part.get_filename() is None}
+    assert fields == {
+        "from": EMAIL.sender,
+        "to": EMAIL.to,
+        "subject": EMAIL.subject,
+        "text": EMAIL.text,
+        "v:idempotency_key": KEY,
+    }
+    files = [
+        (name, part.get_filename(), part.get_content_type(), part.get_payload(decode=True))
+        for name, part in parts
+        if part.get_filename() is not None
+    ]
+    assert files == [
+        ("inline", "logo.png", "image/png", PNG),
+        ("inline", "chart.svg", "image/svg+xml", chart),
+    ]
+
+
+async def test_an_unknown_extension_is_sent_as_octet_stream(
+    api: respx.MockRouter, send: Send
+) -> None:
+    route = api.post(MESSAGES_URL).respond(200, json={"id": "<1@mailbench.test>"})
+    assert (await send(EMAIL, KEY, inline=[("blob", b"\x00\x01")])).ok
+    [part] = [p for p in _multipart(route.calls.last.request).iter_parts() if p.get_filename()]
+    assert part.get_content_type() == "application/octet-stream"
