@@ -264,6 +264,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="add a known delay to every POST /send (for testing the CI gate)",
     )
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share the port with other server processes (SO_REUSEPORT; the kernel spreads "
+        "connections over them)",
+    )
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -283,6 +289,7 @@ def cli_main(args: argparse.Namespace) -> int:
         port=settings.port,
         access_log=None,
         backlog=4096,
+        reuse_port=args.reuse_port,
         print=lambda _: print(
             f"mailbench serve ({settings.mode}) listening on http://{settings.host}:{settings.port}",
             flush=True,
