@@ -33,6 +33,7 @@ from servers.mailgun import (
     add_mailgun_arguments,
     mailgun_settings_from_args,
 )
+from servers.render import Renderer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class ServerSettings:
     queue_name: str = "mailbench"
     metrics_out: Path | None = None  # histograms and accepted jobs, written at shutdown
     send_delay_ms: float = 0.0  # fault knob: a known extra delay on the send path
+    render_ms: float = 0.0  # CPU work per email, a card rendered in the request (0: none)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -80,6 +82,7 @@ class ServerState:
     refused: int = 0  # valid forms the API or broker did not take
     dispatch: Dispatch | None = None
     queue: Queue | None = None
+    renderer: Renderer | None = None  # direct and blocking modes with --render-ms
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -87,10 +90,32 @@ class ServerState:
             "histograms": self.recorder.encoded(),
             "accepted": self.accepted,
             "refused": self.refused,
+            "render": self.renderer.describe() if self.renderer is not None else None,
         }
 
 
 STATE = web.AppKey("state", ServerState)
+
+
+def _start_renderer(state: ServerState) -> None:
+    """Calibrate the per-email render (``--render-ms``) before the server takes requests."""
+    if state.settings.render_ms > 0:
+        state.renderer = Renderer(state.settings.render_ms)
+
+
+def _render_inline(state: ServerState, email: Email) -> list[tuple[str, bytes]]:
+    """The email's card, rendered right here, synchronously, on the event loop.
+
+    Deliberately so: this is the naive app the benchmark shows. While one card renders,
+    no other request of this process is served, the form page included; async I/O does
+    not hide CPU work. (The queued modes leave the render to the worker.)
+    """
+    if state.renderer is None:
+        return []
+    started = time.perf_counter()
+    inline = state.renderer.inline(email)
+    state.recorder.record("render", time.perf_counter() - started)
+    return inline
 
 
 def _api_result(state: ServerState, ok: bool, outcome: Outcome, detail: str) -> Handed:
@@ -104,10 +129,12 @@ def _api_result(state: ServerState, ok: bool, outcome: Outcome, detail: str) -> 
 async def _direct(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     client = MailgunClient(state.settings.mailgun)
+    _start_renderer(state)
 
     async def dispatch(job: Job) -> Handed:
+        inline = _render_inline(state, job.email)
         started = time.perf_counter()
-        result = await client.send(job.email, job.id)
+        result = await client.send(job.email, job.id, inline=inline)
         state.recorder.record("api", time.perf_counter() - started)
         return _api_result(state, result.ok, result.outcome, result.detail)
 
@@ -119,11 +146,13 @@ async def _direct(app: web.Application) -> AsyncIterator[None]:
 async def _blocking(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     client = BlockingMailgunClient(state.settings.mailgun)
+    _start_renderer(state)
 
     async def dispatch(job: Job) -> Handed:
+        inline = _render_inline(state, job.email)
         started = time.perf_counter()
         # Deliberately synchronous: the event loop stops for the whole API call.
-        result = client.send(job.email, job.id)
+        result = client.send(job.email, job.id, inline=inline)
         state.recorder.record("api", time.perf_counter() - started)
         return _api_result(state, result.ok, result.outcome, result.detail)
 
@@ -265,6 +294,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="add a known delay to every POST /send (for testing the CI gate)",
     )
     parser.add_argument(
+        "--render-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="render a personalised card per email inside the request (direct and blocking "
+        "modes), calibrated to about MS ms of CPU (default: 0, off)",
+    )
+    parser.add_argument(
         "--reuse-port",
         action="store_true",
         help="share the port with other server processes (SO_REUSEPORT; the kernel spreads "
@@ -282,6 +319,7 @@ def cli_main(args: argparse.Namespace) -> int:
         queue_name=args.queue_name,
         metrics_out=args.metrics_out,
         send_delay_ms=args.inject_send_delay_ms,
+        render_ms=args.render_ms,
     )
     web.run_app(
         create_app(settings),
