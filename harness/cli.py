@@ -16,7 +16,7 @@ from harness.errors import MailbenchError
 
 # subcommand -> (module, help); each module has add_cli_arguments(parser) and cli_main(args)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("harness.run", "run the benchmark matrix and write a results folder"),
+    "run": ("harness.run_cli", "run the benchmark matrix and write a results folder"),
     "report": ("harness.report", "rebuild charts and report.md from results folders"),
     "compare": (
         "harness.compare",

@@ -1,10 +1,11 @@
 """Turn what one mode's processes wrote into a :class:`~harness.results.ModeResult`.
 
 Inputs, all under ``raw/<mode>/``: ``locust-hdr.json`` (the load generator's µs
-histograms, per second too, open-model counters, its CPU), ``server.json`` (the server's
-``api`` histogram and the jobs it accepted), ``worker-*.json`` (``api``, ``queue_wait``,
-dead letters), ``depth.json`` (queue depth sampled once a second) and the fake Mailgun's
-ledger. Percentiles are only ever taken from merged histograms.
+histograms, per second too, open-model counters, its CPU), ``server*.json`` (each server
+process's ``api`` and ``render`` histograms), ``worker-*.json`` (``api``, ``queue_wait``,
+``render``), ``dead-letters-*.jsonl`` (what workers dead-lettered, as they went),
+``depth.json`` (queue depth sampled once a second) and the fake Mailgun's ledger.
+Percentiles are only ever taken from merged histograms.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from harness.metrics import Recorder, Summary, decode
 from harness.results import ModeResult
 
 GENERATOR_BOUND_CPU = 90.0  # percent of one core, as Locust's own cpu_warning
+_SERVER = frozenset({"api", "render"})  # the histograms taken from server processes
+_WORKER = frozenset({"api", "queue_wait", "render"})  # and from workers
 
 
 def collect_mode(
@@ -26,16 +29,16 @@ def collect_mode(
     locust = json.loads((raw / "locust-hdr.json").read_text())
     recorder = Recorder()
     recorder.add_encoded(locust["histograms"])
-    server = json.loads((raw / "server.json").read_text())
-    recorder.add_encoded({k: v for k, v in server["histograms"].items() if k == "api"})
-    dead: list[str] = []
+    # One file per server and worker process that shut down cleanly (none for a server
+    # mailbench did not start, or a process killed on purpose).
+    for path in sorted(raw.glob("server*.json")):
+        server = json.loads(path.read_text())
+        recorder.add_encoded({k: v for k, v in server["histograms"].items() if k in _SERVER})
     for path in sorted(raw.glob("worker-*.json")):
         worker = json.loads(path.read_text())
-        wanted = ("api", "queue_wait")
-        recorder.add_encoded({k: v for k, v in worker["histograms"].items() if k in wanted})
-        dead += [job_id for job_id, _reason in worker.get("dead_lettered", [])]
-    accepted = [(job_id, float(at)) for job_id, at in server["accepted"]]
-    accounting, delivery = reconcile(accepted, ledger, dead)
+        recorder.add_encoded({k: v for k, v in worker["histograms"].items() if k in _WORKER})
+    accepted, failed = client_sends(raw)
+    accounting, delivery = reconcile(accepted, ledger, dead_lettered_recipients(raw), failed)
     histograms = dict(recorder.histograms)
     if delivery.get_total_count():
         histograms["delivery"] = delivery
@@ -53,6 +56,32 @@ def collect_mode(
         notes=notes,
         generator=generator_health(locust),
     )
+
+
+def client_sends(raw: Path) -> tuple[list[tuple[str, float]], list[str]]:
+    """The sends Locust saw accepted (recipient, time of the 2xx) and failed, over the
+    main phase and every sweep step under ``raw``."""
+    accepted: list[tuple[str, float]] = []
+    failed: list[str] = []
+    for path in sorted(raw.rglob("locust-hdr.json")):
+        locust = json.loads(path.read_text())
+        accepted += [(str(r), float(at)) for r, at in locust.get("sends_ok", [])]
+        failed += [str(r) for r in locust.get("sends_failed", [])]
+    return accepted, failed
+
+
+def dead_lettered_recipients(raw: Path) -> list[str]:
+    """Recipients of dead-lettered jobs, from the journals workers append to as they go
+    (``dead-letters-*.jsonl``), so a worker killed mid-run still has its dead letters
+    counted."""
+    found: list[str] = []
+    for path in sorted(raw.glob("dead-letters-*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                found.append(str(json.loads(line)["to"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill: its job was never dead-lettered
+    return found
 
 
 def generator_health(locust: dict[str, Any]) -> dict[str, Any]:

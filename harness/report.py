@@ -45,7 +45,7 @@ CHART_EXPLAINED = {
     "tail (90%, 99%, 99.9% …) so the slowest requests get as much room as the median; each "
     "line ends at its max (the dot).",
     "delivery": "Share of accepted emails that had reached the Mailgun API after a given "
-    "time, from the server's acceptance: the cost of the queue, paid by the email instead "
+    "time, from the moment it was posted: the cost of the queue, paid by the email instead "
     "of the user.",
     "sweep": "An open-model load raised step by step until each mode's knee (ringed): "
     "visits served per second against the p99 from each visit's intended start.",
@@ -228,9 +228,11 @@ def warnings(run: Run) -> list[str]:
                 "each was promised by a 2xx."
             )
         if r.get("unexpected"):
-            found.append(f"**{mode}**: {r['unexpected']:,} deliveries no 2xx promised.")
+            found.append(
+                f"**{mode}**: {r['unexpected']:,} deliveries of no send the load generator made."
+            )
         if r.get("duplicates"):
-            found.append(f"**{mode}**: {r['duplicates']:,} duplicate deliveries (same key).")
+            found.append(f"**{mode}**: {r['duplicates']:,} duplicate deliveries (same send).")
         if r.get("dead_lettered"):
             found.append(f"**{mode}**: {r['dead_lettered']:,} emails dead-lettered.")
     for r in run.summary:
@@ -311,12 +313,16 @@ def render(run: Run, charts: list[str]) -> str:
         "## Latency\n\nTimes recorded in µs into HdrHistograms (1 µs … 60 s, 3 significant "
         "digits) and shown in the unit that reads best. `form` and `send` are measured by the "
         "load generator, `api` by the caller of the API (the handler or a worker), `delivery` "
-        "from the server's acceptance to the API's, `queue_wait` from acceptance to a "
-        "worker's claim. `per s` is successful requests per second of the mode's run.\n\n"
+        "from the send being posted to the API's acceptance, `queue_wait` from "
+        "the server's acceptance to a worker's claim. `per s` is successful requests per "
+        "second of the mode's run.\n\n"
         + summary_table(run),
-        "## Accounting\n\nEvery accepted email must be delivered: `lost` (accepted − delivered "
-        "− dead-lettered) and `unexpected` (delivered, never accepted) must be 0; `duplicates` "
-        "counts extra deliveries of one idempotency key.\n\n" + accounting_table(run),
+        "## Accounting\n\nEvery send goes to an address of its own, which the fake Mailgun's "
+        "ledger records. Every accepted (2xx) email must be delivered: `lost` (accepted − "
+        "delivered − dead-lettered) and `unexpected` (delivered, but no send made it) must be "
+        "0; `duplicates` counts extra deliveries of one send; `unacknowledged` counts sends "
+        "delivered although their client saw no 2xx (a reply cut off at the end or by a "
+        "crash), which is not an error.\n\n" + accounting_table(run),
         "## Modes\n\n" + "\n".join(f"- `{m}` — {MODE_EXPLAINED.get(m, '')}" for m in run.modes),
         "## Configuration\n\n" + configuration(run),
     ]

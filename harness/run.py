@@ -1,21 +1,23 @@
 """``mailbench run``: start everything, drive each mode with Locust, collect, report.
 
-For each mode the harness starts a fresh reference server (and, for queued modes, the
-workers), runs Locust headless as a subprocess for a fixed duration, drains the queue,
-stops everything and reconciles what the server accepted with the fake Mailgun's ledger.
-Locust runs in its own process because importing it monkey-patches the interpreter
-with gevent.
+For each mode the harness starts fresh reference server processes (and, for queued
+modes, worker processes), runs Locust headless as a subprocess for a fixed duration,
+drains the queue, stops everything and reconciles the sends Locust saw accepted with
+the fake Mailgun's ledger. With ``--target URL`` it drives a server it did not start
+instead, through the same scenarios and the same accounting. Locust runs in its own
+process because importing it monkey-patches the interpreter with gevent.
+
+The command line is in :mod:`harness.run_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import csv
 import datetime as dt
 import json
 import logging
-import os
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -26,12 +28,13 @@ from typing import Any
 import httpx
 
 from harness import machine
-from harness.collect import collect_mode
-from harness.errors import ConfigError, MailbenchError, ProcessFailed, ServiceUnavailable
+from harness.accounting import Accounting, reconcile
+from harness.collect import client_sends, collect_mode, dead_lettered_recipients
+from harness.errors import ProcessFailed
 from harness.procs import Child, Children, free_port, mailbench_command
-from harness.results import ModeResult, point_latest, write_manifest, write_results
-from harness.services import Services, ServiceSettings
+from harness.results import ModeResult, write_manifest, write_results
 from harness.sweep import SweepSettings, sweep_mode
+from harness.target import Target
 from queues import open_queue
 from servers.app import MODES, QUEUED_MODES
 
@@ -83,9 +86,14 @@ class RunConfig:
     seed: int = 1
     out: Path = Path("results")
     locust_processes: int = 0  # 0: one Locust process; N: Locust's --processes N
+    server_procs: int = 1  # server processes sharing one port (SO_REUSEPORT)
+    worker_procs: int = 1  # worker processes per queued mode
     worker_concurrency: int = 200
+    render_ms: float = 0.0  # CPU work per email: in the handler (direct), else the worker
     drain_timeout_s: float = 60
     send_delay_ms: float = 0.0
+    fake_options: tuple[str, ...] = ()  # extra `mailbench fakegun` options (faults...)
+    target: Target | None = None  # an external server instead of the reference ones
     run_id: str = field(default_factory=lambda: dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
     @property
@@ -102,10 +110,32 @@ class RunConfig:
         described = asdict(self)
         described["out"] = str(self.out)
         described["load_model"] = self.load_model
+        described["target"] = self.target.describe() if self.target else None
         return described
 
 
 QueueUrlFor = Callable[[str], str | None]
+
+
+@dataclass
+class Tiers:
+    """The processes serving one mode: servers behind one port, and workers."""
+
+    mode: str
+    raw: Path
+    base_url: str
+    port: int
+    queue_url: str | None
+    queue_name: str
+    servers: list[Child] = field(default_factory=list)
+    workers: list[Child] = field(default_factory=list)
+    started: dict[str, int] = field(default_factory=lambda: {"server": 0, "worker": 0})
+
+    def next_index(self, kind: str) -> int:
+        """A number per process started, so a replacement never overwrites a file."""
+        index = self.started[kind]
+        self.started[kind] += 1
+        return index
 
 
 class Harness:
@@ -116,6 +146,9 @@ class Harness:
         self.run_dir = config.run_dir
         self.fake_url = ""
         self.show_progress = sys.stdout.isatty()
+        # Several server processes check each other's CSRF tokens: one secret for all.
+        self.secret = secrets.token_urlsafe(32)
+        self.on_tick: Callable[[Tiers, float], None] | None = None  # called during load
 
     # -- the whole run -------------------------------------------------------------------
     def run(self) -> list[ModeResult]:
@@ -134,10 +167,12 @@ class Harness:
         self._start_fake()
         results = []
         for mode in cfg.modes:
-            queue_url = self.queue_url_for(mode) if mode in QUEUED_MODES else None
-            if mode in QUEUED_MODES and queue_url is None:
-                manifest["modes"][mode] = {"skipped": "broker unavailable"}
-                continue
+            queue_url = None
+            if cfg.target is None and mode in QUEUED_MODES:
+                queue_url = self.queue_url_for(mode)
+                if queue_url is None:
+                    manifest["modes"][mode] = {"skipped": "broker unavailable"}
+                    continue
             result = self.run_mode(mode, queue_url)
             results.append(result)
             manifest["modes"][mode] = {
@@ -152,11 +187,22 @@ class Harness:
 
     def _start_fake(self) -> None:
         cfg = self.config
-        port = free_port()
+        if cfg.target is not None and cfg.target.fakegun_url:
+            self.fake_url = cfg.target.fakegun_url.rstrip("/")  # one the user runs
+            httpx.get(f"{self.fake_url}/_mailbench/stats", timeout=10).raise_for_status()
+            return
+        port = cfg.target.fakegun_port if cfg.target is not None else free_port()
         fake = self.children.start(
             "fakegun",
             mailbench_command(
-                "fakegun", "--port", str(port), "--latency", cfg.latency, "--seed", str(cfg.seed)
+                "fakegun",
+                "--port",
+                str(port),
+                "--latency",
+                cfg.latency,
+                "--seed",
+                str(cfg.seed),
+                *cfg.fake_options,
             ),
             self.run_dir / "logs" / "fakegun.log",
         )
@@ -168,78 +214,102 @@ class Harness:
         cfg = self.config
         raw = self.run_dir / "raw" / mode
         raw.mkdir(parents=True, exist_ok=True)
-        logs = self.run_dir / "logs"
         httpx.post(f"{self.fake_url}/_mailbench/reset", timeout=10).raise_for_status()
-
-        port = free_port()
-        server_args = [
-            "serve",
-            "--mode",
-            mode,
-            "--port",
-            str(port),
-            "--mailgun-url",
-            self.fake_url,
-            "--metrics-out",
-            str(raw / "server.json"),
-        ]
-        # A queue of its own per run and mode: jobs left on a shared broker by an earlier,
-        # interrupted run can never be counted in this one.
-        queue_name = f"mailbench-{cfg.run_id}-{mode}"
-        if queue_url:
-            server_args += ["--queue-url", queue_url, "--queue-name", queue_name]
-        if cfg.send_delay_ms:
-            server_args += ["--inject-send-delay-ms", str(cfg.send_delay_ms)]
-        server = self.children.start(
-            f"server ({mode})", mailbench_command(*server_args), logs / f"{mode}-server.log"
-        )
-        base_url = f"http://127.0.0.1:{port}"
-        server.wait_http(f"{base_url}/")
-
-        workers: list[Child] = []
-        if queue_url:
-            workers.append(
-                self.children.start(
-                    f"worker ({mode})",
-                    mailbench_command(
-                        "worker",
-                        "--backend",
-                        queue_url,
-                        "--queue-name",
-                        queue_name,
-                        "--concurrency",
-                        str(cfg.worker_concurrency),
-                        "--mailgun-url",
-                        self.fake_url,
-                        "--metrics-out",
-                        str(raw / "worker-0.json"),
-                    ),
-                    logs / f"{mode}-worker-0.log",
-                )
-            )
+        tiers = self.start_tiers(mode, queue_url, raw)
 
         started = time.time()
-        self._run_locust(mode, base_url, raw, sample_depth=bool(queue_url))
+        self._run_locust(tiers, raw)
         duration = time.time() - started
         notes: list[str] = []
         sweep: list[dict[str, Any]] = []
         if cfg.sweep:
 
             def step(rate: float, seconds: float, folder: Path) -> None:
-                self._run_locust(mode, base_url, folder, False, rate=rate, duration=seconds)
+                self._run_locust(tiers, folder, rate=rate, duration=seconds, sample_depth=False)
 
             sweep = sweep_mode(mode, SweepSettings(), raw / "sweep", step)
-        if queue_url:
-            drained = self._drain(mode, queue_url, queue_name, server_url=base_url)
-            if not drained:
-                notes.append(f"queue not drained within {cfg.drain_timeout_s:.0f} s")
-        for worker in workers:
-            if self.children.stop(worker, timeout=30) not in (0, None):
-                notes.append(f"{worker.name} exited with code {worker.process.returncode}")
-        self.children.stop(server, timeout=30)
+        if not self.drain(tiers):
+            notes.append(f"not drained within {self.drain_timeout:.0f} s")
+        notes += self.stop_tiers(tiers)
         result = self._collect(mode, raw, duration, notes)
         result.sweep = sweep
         return result
+
+    @property
+    def drain_timeout(self) -> float:
+        return self.config.drain_timeout_s
+
+    def start_tiers(self, mode: str, queue_url: str | None, raw: Path) -> Tiers:
+        cfg = self.config
+        if cfg.target is not None:
+            url = cfg.target.url.rstrip("/")
+            return Tiers(mode, raw, url, 0, None, "")
+        port = free_port()
+        # A queue of its own per run and mode: jobs left on a shared broker by an earlier,
+        # interrupted run can never be counted in this one.
+        queue_name = f"mailbench-{cfg.run_id}-{mode}"
+        tiers = Tiers(mode, raw, f"http://127.0.0.1:{port}", port, queue_url, queue_name)
+        for _ in range(cfg.server_procs):
+            self.start_server(tiers)
+        for server in tiers.servers:
+            server.wait_http(f"{tiers.base_url}/")
+        if queue_url:
+            for _ in range(cfg.worker_procs):
+                self.start_worker(tiers)
+        return tiers
+
+    def start_server(self, tiers: Tiers) -> Child:
+        cfg = self.config
+        index = tiers.next_index("server")
+        args = ["serve", "--mode", tiers.mode, "--port", str(tiers.port)]
+        args += ["--mailgun-url", self.fake_url]
+        args += ["--metrics-out", str(tiers.raw / f"server-{index}.json")]
+        if cfg.server_procs > 1:
+            args.append("--reuse-port")
+        if tiers.queue_url:
+            args += ["--queue-url", tiers.queue_url, "--queue-name", tiers.queue_name]
+        if cfg.send_delay_ms:
+            args += ["--inject-send-delay-ms", str(cfg.send_delay_ms)]
+        if cfg.render_ms and tiers.mode not in QUEUED_MODES:
+            args += ["--render-ms", f"{cfg.render_ms:g}"]
+        server = self.children.start(
+            f"server {index} ({tiers.mode})",
+            mailbench_command(*args),
+            self.run_dir / "logs" / f"{tiers.mode}-server-{index}.log",
+            env={"MAILBENCH_SECRET": self.secret},
+        )
+        tiers.servers.append(server)
+        return server
+
+    def start_worker(self, tiers: Tiers) -> Child:
+        cfg = self.config
+        assert tiers.queue_url is not None
+        index = tiers.next_index("worker")
+        args = ["worker", "--backend", tiers.queue_url, "--queue-name", tiers.queue_name]
+        args += ["--concurrency", str(cfg.worker_concurrency), "--mailgun-url", self.fake_url]
+        args += ["--metrics-out", str(tiers.raw / f"worker-{index}.json")]
+        args += ["--dead-letters-out", str(tiers.raw / f"dead-letters-{index}.jsonl")]
+        if cfg.render_ms:
+            args += ["--render-ms", f"{cfg.render_ms:g}"]
+        worker = self.children.start(
+            f"worker {index} ({tiers.mode})",
+            mailbench_command(*args),
+            self.run_dir / "logs" / f"{tiers.mode}-worker-{index}.log",
+        )
+        tiers.workers.append(worker)
+        return worker
+
+    def stop_tiers(self, tiers: Tiers) -> list[str]:
+        """Stop workers, then servers (each writes its metrics); notes on bad exits."""
+        notes = []
+        for worker in tiers.workers:
+            if self.children.stop(worker, timeout=30) not in (0, None):
+                notes.append(f"{worker.name} exited with code {worker.process.returncode}")
+        for server in tiers.servers:
+            self.children.stop(server, timeout=30)
+        tiers.workers.clear()
+        tiers.servers.clear()
+        return notes
 
     def _locust_argv(
         self, base_url: str, raw: Path, rate: float | None, duration: float
@@ -272,6 +342,8 @@ class Harness:
             "--loglevel",
             "WARNING",
         ]
+        if cfg.target is not None:
+            argv += cfg.target.locust_options()
         if rate:
             argv += ["Arrivals", "--users", "1", "--spawn-rate", "1"]
             argv += ["--arrival-rate", f"{rate:g}", "--arrival-process", cfg.arrivals]
@@ -280,40 +352,49 @@ class Harness:
             argv += [*CLOSED_USERS[cfg.scenario], "--users", str(cfg.users)]
             argv += ["--spawn-rate", f"{cfg.spawn_rate:g}"]
             if cfg.locust_processes:
+                # The master listens for its workers on loopback only.
                 argv += ["--processes", str(cfg.locust_processes)]
+                argv += ["--master-bind-host", "127.0.0.1"]
         return argv
 
     def _run_locust(
         self,
-        mode: str,
-        base_url: str,
+        tiers: Tiers,
         raw: Path,
-        sample_depth: bool,
         rate: float | None = None,
         duration: float | None = None,
+        sample_depth: bool = True,
     ) -> None:
         cfg = self.config
+        mode = tiers.mode
         rate = cfg.rate if rate is None else rate
         duration = cfg.duration_s if duration is None else duration
         raw.mkdir(parents=True, exist_ok=True)
         locust = self.children.start(
             f"locust ({mode})",
-            self._locust_argv(base_url, raw, rate, duration),
+            self._locust_argv(tiers.base_url, raw, rate, duration),
             self.run_dir / "logs" / f"{mode}-locust.log",
         )
         deadline = time.monotonic() + duration + 60
         started = time.monotonic()
         depths: dict[str, int | None] = {}
+        next_second = started
         while locust.alive():
             if time.monotonic() > deadline:
                 self.children.stop(locust)
                 raise ProcessFailed(
                     f"Locust did not finish the {mode} run in time; see {locust.log_path}"
                 )
-            time.sleep(1.0)
-            self._progress(mode, duration - (time.monotonic() - started), raw)
-            if sample_depth:
-                depths[str(int(time.time()))] = _depth(base_url)
+            time.sleep(0.2)
+            elapsed = time.monotonic() - started
+            if self.on_tick is not None:
+                self.on_tick(tiers, elapsed)
+            if time.monotonic() < next_second:
+                continue
+            next_second += 1.0
+            self._progress(mode, duration - elapsed, raw)
+            if sample_depth and tiers.queue_url:
+                depths[str(int(time.time()))] = _depth(tiers.base_url)
         self._end_progress()
         if depths:
             (raw / "depth.json").write_text(json.dumps(depths))
@@ -336,36 +417,50 @@ class Harness:
         if self.show_progress:
             print(flush=True)
 
-    def _drain(self, mode: str, queue_url: str, queue_name: str, server_url: str) -> bool:
-        """Wait (bounded) until the queue is empty and every accepted job reached the API
-        or the dead letter."""
-        accepted = len(httpx.get(f"{server_url}/_mailbench/metrics", timeout=30).json()["accepted"])
-        return asyncio.run(self._drain_async(mode, queue_url, queue_name, accepted))
+    # -- after the load ------------------------------------------------------------------
+    def drain(self, tiers: Tiers) -> bool:
+        """Wait (bounded) until every accepted send reached the API or the dead letter and,
+        with a queue, nothing is left in it (so late duplicates are seen too)."""
+        return asyncio.run(self._drain_async(tiers))
 
-    async def _drain_async(self, mode: str, url: str, name: str, accepted: int) -> bool:
-        deadline = time.monotonic() + self.config.drain_timeout_s
-        queue = await open_queue(url, name)
+    async def _drain_async(self, tiers: Tiers) -> bool:
+        accepted, failed = client_sends(tiers.raw)
+        deadline = time.monotonic() + self.drain_timeout
+        queue = await open_queue(tiers.queue_url, tiers.queue_name) if tiers.queue_url else None
+        settled_polls = 0
+        previous_ledger = -1
         try:
-            async with httpx.AsyncClient(timeout=30) as http:
+            async with httpx.AsyncClient(timeout=60) as http:
                 while True:
-                    # Not depth() == 0: a broker may not count what another process holds
-                    # unacknowledged (RabbitMQ), so only outcomes prove the drain.
-                    depth = await queue.depth()
-                    dead = await queue.dead_letters()
-                    stats = (await http.get(f"{self.fake_url}/_mailbench/stats")).json()
-                    delivered = int(stats["unique_keys"])
-                    if delivered + dead >= accepted:
+                    response = await http.get(f"{self.fake_url}/_mailbench/ledger")
+                    ledger = response.json()["entries"]
+                    dead = dead_lettered_recipients(tiers.raw)
+                    counts, _ = reconcile(accepted, ledger, dead, failed)
+                    # Not depth() alone: a broker may not count what another process holds
+                    # unacknowledged (RabbitMQ); only outcomes prove the drain.
+                    depth = await queue.depth() if queue is not None else None
+                    quiet = depth == 0 if queue is not None else len(ledger) == previous_ledger
+                    previous_ledger = len(ledger)
+                    settled_polls = settled_polls + 1 if counts.lost == 0 and quiet else 0
+                    if counts.lost == 0 and (tiers.queue_url is None and not self.config.target):
+                        return True
+                    if settled_polls >= 2:
                         return True
                     if time.monotonic() > deadline:
                         return False
-                    print(
-                        f"[{mode:>8}] draining: {depth} jobs queued, "
-                        f"{delivered}/{accepted} delivered",
-                        flush=True,
-                    )
+                    self._drain_progress(tiers.mode, counts, depth)
                     await asyncio.sleep(1.0)
         finally:
-            await queue.close()
+            if queue is not None:
+                await queue.close()
+
+    def _drain_progress(self, mode: str, counts: Accounting, depth: int | None) -> None:
+        queued = f"{depth} jobs queued, " if depth is not None else ""
+        print(
+            f"[{mode:>8}] draining: {queued}{counts.delivered + counts.dead_lettered}"
+            f"/{counts.accepted} delivered or dead-lettered",
+            flush=True,
+        )
 
     def _collect(self, mode: str, raw: Path, duration: float, notes: list[str]) -> ModeResult:
         ledger = httpx.get(f"{self.fake_url}/_mailbench/ledger", timeout=60).json()["entries"]
@@ -389,135 +484,3 @@ def _locust_rate(stats_csv: Path) -> tuple[float, int]:
     except (OSError, ValueError):
         pass
     return 0.0, 0
-
-
-# -- command line --------------------------------------------------------------------------
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--modes",
-        default=",".join(DEFAULT_MODES),
-        help=f"comma-separated modes (default: {','.join(DEFAULT_MODES)})",
-    )
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    parser.add_argument("--scenario", choices=SCENARIOS, default="mixed")
-    load = parser.add_mutually_exclusive_group()
-    load.add_argument("--users", type=int, help="concurrent Locust users (closed model)")
-    load.add_argument(
-        "--rate", type=float, help="visits started per second whatever the server does (open model)"
-    )
-    parser.add_argument(
-        "--arrivals",
-        choices=("poisson", "constant"),
-        default="poisson",
-        help="open model: Poisson or evenly spaced starts (default: poisson)",
-    )
-    parser.add_argument(
-        "--max-in-flight",
-        type=int,
-        default=1000,
-        help="open model: visits running at once at most (default: 1000)",
-    )
-    parser.add_argument("--duration", type=float, help="seconds of load per mode")
-    parser.add_argument(
-        "--latency",
-        default=DEFAULT_LATENCY,
-        help="fake Mailgun latency model, e.g. fixed:0.75, uniform:0.5,1.0, "
-        "lognormal:median=0.7,sigma=0.4,max=5",
-    )
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("results"), help="results root folder")
-    parser.add_argument(
-        "--locust-processes",
-        type=int,
-        default=0,
-        help="run Locust with --processes N (merges histograms)",
-    )
-    parser.add_argument("--concurrency", type=int, help="worker concurrency (queued modes)")
-    parser.add_argument(
-        "--inject-send-delay-ms",
-        type=float,
-        default=0.0,
-        help="add a known delay to POST /send (to test the CI gate)",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    profile = PROFILES[args.profile]
-    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise ConfigError(
-            f"unknown mode(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODES)}"
-        )
-    users = args.users if args.users is not None else profile.users
-    return RunConfig(
-        modes=modes,
-        profile=profile.name,
-        scenario=args.scenario,
-        users=users,
-        rate=args.rate,
-        arrivals=args.arrivals,
-        max_in_flight=args.max_in_flight,
-        sweep=profile.name == "full",
-        spawn_rate=min(profile.spawn_rate, users),
-        duration_s=args.duration if args.duration is not None else profile.duration_s,
-        latency=args.latency,
-        seed=args.seed,
-        out=args.out,
-        locust_processes=args.locust_processes,
-        worker_concurrency=args.concurrency or profile.worker_concurrency,
-        drain_timeout_s=profile.drain_timeout_s,
-        send_delay_ms=args.inject_send_delay_ms,
-    )
-
-
-class QueueUrls:
-    """The queue URL of each queued mode: SQLite needs nothing; the others need a broker,
-    started on first use (or taken from AMQP_URL / REDIS_URL / DATABASE_URL)."""
-
-    def __init__(self, services: Services, run_dir: Path, strict: bool) -> None:
-        self.services = services
-        self.run_dir = run_dir
-        self.strict = strict  # under CI a missing broker fails the run instead of skipping
-
-    def __call__(self, mode: str) -> str | None:
-        if mode == "sqlite":
-            path = (self.run_dir / "queue" / "jobs.db").resolve()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return f"sqlite:///{path}"
-        try:
-            return self.services.start(mode)  # the broker services are named after the modes
-        except ServiceUnavailable as exc:
-            if self.strict:
-                raise
-            print(f"skipping mode {mode}: {exc}", file=sys.stderr, flush=True)
-            return None
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    from harness.report import build_report
-
-    config = config_from_args(args)
-    print(
-        f"mailbench run {config.run_id}: modes {', '.join(config.modes)}; "
-        f"{config.load_model}, {config.duration_s:.0f} s each; API latency {config.latency}",
-        flush=True,
-    )
-    strict = os.environ.get("CI", "").lower() == "true"
-    with Children() as children, Services(ServiceSettings()) as services:
-        queue_urls = QueueUrls(services, config.run_dir, strict)
-        harness = Harness(config, children, queue_url_for=queue_urls)
-        results = harness.run()
-    if not results:
-        raise MailbenchError("no mode could run; see the messages above")
-    build_report(config.run_dir)
-    point_latest(config.run_dir)
-    print(f"results in {config.run_dir}/ (report.md, charts/gap.png)", flush=True)
-    for result in results:
-        if result.accounting.lost or result.accounting.unexpected:
-            print(
-                f"WARNING: {result.mode}: lost={result.accounting.lost} "
-                f"unexpected={result.accounting.unexpected}",
-                file=sys.stderr,
-            )
-    return 0

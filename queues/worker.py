@@ -2,11 +2,15 @@
 
 Up to ``concurrency`` API calls are in flight at once, each in its own task. A delivery
 is acknowledged only after the API accepted the email; a retryable failure (429, 5xx,
-timeout, connection error, or an unexpected exception in the client) goes back to the
-queue with exponential backoff and full jitter, or after ``Retry-After`` when the API
-sent one; a permanent failure, or a job that used up its attempts, goes to the dead
-letter with the reason. Every call carries the job's id as idempotency key, so a retry
-after a timeout (whose outcome is unknown) cannot send the email twice.
+timeout, connection error, or an unexpected exception in the client or the render) goes
+back to the queue with exponential backoff and full jitter, or after ``Retry-After`` when
+the API sent one; a permanent failure, or a job that used up its attempts, goes to the
+dead letter with the reason. Every call carries the job's id as idempotency key, so a
+retry after a timeout (whose outcome is unknown) cannot send the email twice.
+
+With a render cost (``--render-ms``), each email's card is rendered in a thread before
+its API call and sent inline (see :mod:`servers.render`): CPU work per email that, unlike
+in the server's ``direct`` mode, never holds up a web request.
 
 On SIGTERM/SIGINT the worker stops taking deliveries, lets the calls in flight finish
 for up to ``drain_timeout`` seconds and settles them; whatever is still unsettled goes
@@ -34,8 +38,9 @@ from urllib.parse import urlsplit, urlunsplit
 from harness.errors import ConfigError
 from harness.metrics import Recorder, Summary
 from queues import Queue, open_queue
-from queues.base import Delivery, Email
+from queues.base import Delivery, Email, Job
 from servers.mailgun import (
+    Inline,
     MailgunClient,
     MailgunSettings,
     Outcome,
@@ -43,6 +48,7 @@ from servers.mailgun import (
     add_mailgun_arguments,
     mailgun_settings_from_args,
 )
+from servers.render import Renderer
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +63,13 @@ class WorkerSettings:
     concurrency: int = 200
     prefetch: int | None = None  # None: the concurrency plus a quarter, see prefetch_count
     mailgun: MailgunSettings = field(default_factory=MailgunSettings)
+    render_ms: float = 0.0  # CPU work per email, a card rendered before its API call (0: none)
     max_attempts: int = 5
     backoff_base: float = 1.0
     backoff_cap: float = 30.0
     drain_timeout: float | None = None  # None: the client timeout + 5 s
     metrics_out: Path | None = None
+    dead_letters_out: Path | None = None  # a JSON line per dead letter, appended at once
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -89,7 +97,9 @@ class WorkerSettings:
 class EmailSender(Protocol):
     """What the worker needs from a Mailgun client (:class:`MailgunClient` or a double)."""
 
-    async def send(self, email: Email, idempotency_key: str) -> SendResult: ...
+    async def send(
+        self, email: Email, idempotency_key: str, *, inline: Inline = ()
+    ) -> SendResult: ...
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -107,6 +117,12 @@ def redact_url(url: str) -> str:
     userinfo, _, hostport = parts.netloc.rpartition("@")
     user = userinfo.partition(":")[0]
     return urlunsplit(parts._replace(netloc=f"{user}@{hostport}" if user else hostport))
+
+
+def _timed_inline(renderer: Renderer, email: Email) -> tuple[list[tuple[str, bytes]], float]:
+    started = time.perf_counter()
+    inline = renderer.inline(email)
+    return inline, time.perf_counter() - started
 
 
 def _error_key(result: SendResult) -> str:
@@ -133,10 +149,13 @@ class Worker:
         client: EmailSender,
         *,
         rng: random.Random | None = None,
+        renderer: Renderer | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.client = client
+        # Calibrates here unless given one; run_worker calibrates before it opens the queue.
+        self.renderer = renderer if renderer is not None else Renderer(settings.render_ms)
         self.recorder = Recorder()
         self.acked = 0
         self.retried = 0
@@ -224,18 +243,16 @@ class Worker:
         async with self._slots:
             if self._stopping.is_set():
                 return  # never started: closing the queue hands it back
-            started = time.perf_counter()
             try:
-                result = await self.client.send(job.email, job.id)
+                inline = await self._render(job)
             except Exception as exc:
-                # Whatever broke, the job is not lost: it is retried like a 5xx.
-                log.exception("job %s: unexpected error from the email client", job.id)
-                self.errors[f"exception {type(exc).__name__}"] += 1
-                result = SendResult(Outcome.RETRYABLE, None, detail=f"unexpected error: {exc!r}")
+                # A card that cannot be rendered loses no email either: retried like a 5xx,
+                # dead-lettered once the job has used up its attempts.
+                log.exception("job %s: rendering its card failed", job.id)
+                self.errors[f"render {type(exc).__name__}"] += 1
+                result = SendResult(Outcome.RETRYABLE, None, detail=f"render failed: {exc!r}")
             else:
-                self.recorder.record("api", time.perf_counter() - started)
-                if result.outcome is not Outcome.SUCCESS:
-                    self.errors[_error_key(result)] += 1
+                result = await self._send(job, inline)
         try:
             await self._settle(delivery, result)
         except Exception as exc:
@@ -243,6 +260,33 @@ class Worker:
             # it again (lease expiry, reconnect, or close).
             log.exception("job %s: could not settle it; it will be delivered again", job.id)
             self.errors[f"settle {type(exc).__name__}"] += 1
+
+    async def _render(self, job: Job) -> list[tuple[str, bytes]]:
+        """The job's card (none when rendering is off), rendered in a thread: Pillow
+        releases the GIL in most of its C code, and the event loop goes on settling
+        other jobs and feeding the API calls in flight meanwhile."""
+        if not self.renderer.enabled:
+            return []
+        inline, seconds = await asyncio.to_thread(_timed_inline, self.renderer, job.email)
+        self.recorder.record("render", seconds)
+        return inline
+
+    async def _send(self, job: Job, inline: Inline) -> SendResult:
+        started = time.perf_counter()
+        try:
+            if inline:
+                result = await self.client.send(job.email, job.id, inline=inline)
+            else:  # the plain call, which any sender takes
+                result = await self.client.send(job.email, job.id)
+        except Exception as exc:
+            # Whatever broke, the job is not lost: it is retried like a 5xx.
+            log.exception("job %s: unexpected error from the email client", job.id)
+            self.errors[f"exception {type(exc).__name__}"] += 1
+            return SendResult(Outcome.RETRYABLE, None, detail=f"unexpected error: {exc!r}")
+        self.recorder.record("api", time.perf_counter() - started)
+        if result.outcome is not Outcome.SUCCESS:
+            self.errors[_error_key(result)] += 1
+        return result
 
     async def _settle(self, delivery: Delivery, result: SendResult) -> None:
         job = delivery.job
@@ -268,8 +312,21 @@ class Worker:
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         log.warning("job %s: dead-lettered: %s", delivery.job.id, reason)
+        self._journal_dead_letter(delivery, reason)
         await self.queue.dead_letter(delivery, reason)
         self.dead_lettered.append((delivery.job.id, reason))
+
+    def _journal_dead_letter(self, delivery: Delivery, reason: str) -> None:
+        # Written before the queue is told, so a worker killed in between leaves a line
+        # for a job that comes back (and is then delivered or dead-lettered again), never
+        # a dead letter without a line.
+        path = self.settings.dead_letters_out
+        if path is None:
+            return
+        job = delivery.job
+        line = json.dumps({"id": job.id, "to": job.email.to, "reason": reason})
+        with path.open("a") as journal:
+            journal.write(line + "\n")
 
     async def _drain(self) -> None:
         if not self._in_flight:
@@ -287,13 +344,16 @@ class Worker:
             await asyncio.wait(pending)
 
     def snapshot(self) -> dict[str, object]:
-        return {
+        snapshot: dict[str, object] = {
             "histograms": self.recorder.encoded(),
             "acked": self.acked,
             "retried": self.retried,
             "dead_lettered": [list(entry) for entry in self.dead_lettered],
             "errors": dict(self.errors),
         }
+        if self.renderer.enabled:  # what the render cost was calibrated to
+            snapshot["render"] = self.renderer.describe()
+        return snapshot
 
     def write_metrics(self) -> None:
         path = self.settings.metrics_out
@@ -317,9 +377,11 @@ class Worker:
 
 async def run_worker(settings: WorkerSettings) -> None:
     """Open the queue and the client, run until SIGTERM/SIGINT, close both."""
+    # Calibrated first, in a thread: the timing is then of the render alone.
+    renderer = await asyncio.to_thread(Renderer, settings.render_ms)
     queue = await open_queue(settings.backend, settings.queue_name)
     client = MailgunClient(settings.mailgun)
-    worker = Worker(settings, queue, client)
+    worker = Worker(settings, queue, client, renderer=renderer)
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
     for signum in signals:
@@ -366,9 +428,22 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_mailgun_arguments(parser)
     parser.add_argument(
+        "--render-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="render a personalised card per email before its API call (in a thread), "
+        "calibrated to about MS ms of CPU (default: 0, off)",
+    )
+    parser.add_argument(
         "--metrics-out",
         type=Path,
         help="write histograms, counts and dead letters here at shutdown",
+    )
+    parser.add_argument(
+        "--dead-letters-out",
+        type=Path,
+        help="append a JSON line per dead-lettered job here as it happens (survives a kill)",
     )
 
 
@@ -380,7 +455,9 @@ def cli_main(args: argparse.Namespace) -> int:
         prefetch=args.prefetch,
         max_attempts=args.max_attempts,
         mailgun=mailgun_settings_from_args(args),
+        render_ms=args.render_ms,
         metrics_out=args.metrics_out,
+        dead_letters_out=args.dead_letters_out,
     )
     asyncio.run(run_worker(settings))
     return 0

@@ -7,6 +7,12 @@ HdrHistogram per request name (and per second, for the time series). Locust work
 report; the master merges them and writes one file when it quits. Percentiles are never
 averaged across processes.
 
+It also keeps the client's side of the loss accounting: every ``send`` request whose
+``context`` names a ``recipient`` (unique per visit, see :mod:`scenarios.users`) is
+listed as acknowledged (a 2xx; with the time the send was posted) or failed. The harness matches
+these against the fake Mailgun's ledger, so servers it did not start, servers killed
+mid-run and several server processes are all accounted for in the same way.
+
 Enable it by importing this module in a locustfile and passing ``--hdr-out DIR``.
 """
 
@@ -42,6 +48,8 @@ class HdrRecorder:
         self.cpu_warnings = 0
         self.cpu_samples: list[float] = []  # this process's CPU %, once a second
         self.counters: defaultdict[str, int] = defaultdict(int)  # open-model start counts
+        self.sends_ok: list[tuple[str, float]] = []  # (recipient, when it was posted)
+        self.sends_failed: list[str] = []  # recipients of sends without a 2xx
         environment.mailbench_counters = self.counters  # type: ignore[attr-defined]
         self.started_at = time.time()
         ev = environment.events
@@ -74,7 +82,15 @@ class HdrRecorder:
         **_: Any,
     ) -> None:
         now = time.perf_counter()
-        second = int(time.time())
+        wall = time.time()
+        second = int(wall)
+        recipient = (context or {}).get("recipient")
+        if recipient is not None:
+            if exception is None:
+                # When the send was posted: delivery lag runs from the user's click.
+                self.sends_ok.append((recipient, wall - response_time / 1000.0))
+            else:
+                self.sends_failed.append(recipient)
         if exception is not None:
             self.errors[name] += 1
             self.errors_per_second[second][name] += 1
@@ -99,6 +115,8 @@ class HdrRecorder:
             "cpu_warnings": self.cpu_warnings,
             "cpu_samples": list(self.cpu_samples),
             "counters": dict(self.counters),
+            "sends_ok": list(self.sends_ok),
+            "sends_failed": list(self.sends_failed),
             "seconds": {str(s): r.encoded() for s, r in sorted(self.per_second.items())},
             "errors_per_second": {
                 str(s): dict(e) for s, e in sorted(self.errors_per_second.items())
@@ -113,6 +131,8 @@ class HdrRecorder:
         self.cpu_samples += data.get("cpu_samples", [])
         for name, n in data.get("counters", {}).items():
             self.counters[name] += n
+        self.sends_ok += [(str(r), float(t)) for r, t in data.get("sends_ok", [])]
+        self.sends_failed += [str(r) for r in data.get("sends_failed", [])]
         for second, encoded in data.get("seconds", {}).items():
             self.per_second[int(second)].add_encoded(encoded)
         for second, errors in data.get("errors_per_second", {}).items():
@@ -127,6 +147,8 @@ class HdrRecorder:
         self.cpu_warnings = 0
         self.cpu_samples.clear()
         self.counters.clear()
+        self.sends_ok.clear()
+        self.sends_failed.clear()
 
     def on_report_to_master(self, client_id: str, data: dict[str, Any]) -> None:
         # Each report carries what was recorded since the last one; the master adds it up.

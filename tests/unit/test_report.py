@@ -100,7 +100,7 @@ def test_what_to_watch_names_every_problem(tmp_path: Path) -> None:
     assert "**redis**: 3 accepted emails were never delivered (lost)" in text
     assert "**redis**: 2 duplicate deliveries" in text
     assert "**redis**: 1 emails dead-lettered." in text
-    assert "**redis**: 1 deliveries no 2xx promised." in text
+    assert "**redis**: 1 deliveries of no send the load generator made." in text
     assert "4 of " in text and "`send` requests failed" in text
     assert "fewer than 100 samples in direct (99), blocking (99), redis (99)" in text
     assert "| redis | 99 | 99 | 2 | 1 | 3 | 1 | **FAILED** |" in report.accounting_table(run)

@@ -1,0 +1,250 @@
+"""The ``mailbench run`` command line: options → :class:`~harness.run.RunConfig` → a run.
+
+Also home of what every load-driving command shares (``mailbench chaos`` too): the
+options of the tiers and of the load, and the broker URL of each queued mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from harness.errors import ConfigError, MailbenchError, ServiceUnavailable
+from harness.procs import Children
+from harness.results import ModeResult, point_latest
+from harness.run import (
+    DEFAULT_LATENCY,
+    DEFAULT_MODES,
+    PROFILES,
+    SCENARIOS,
+    Harness,
+    RunConfig,
+)
+from harness.services import Services, ServiceSettings
+from harness.target import DEFAULT_FAKEGUN_PORT, Target
+from servers.app import MODES
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help=f"comma-separated modes (default: {','.join(DEFAULT_MODES)})",
+    )
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="mixed")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--users", type=int, help="concurrent Locust users (closed model)")
+    load.add_argument(
+        "--rate", type=float, help="visits started per second whatever the server does (open model)"
+    )
+    parser.add_argument(
+        "--arrivals",
+        choices=("poisson", "constant"),
+        default="poisson",
+        help="open model: Poisson or evenly spaced starts (default: poisson)",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=1000,
+        help="open model: visits running at once at most (default: 1000)",
+    )
+    parser.add_argument("--duration", type=float, help="seconds of load per mode")
+    parser.add_argument(
+        "--latency",
+        default=DEFAULT_LATENCY,
+        help="fake Mailgun latency model, e.g. fixed:0.75, uniform:0.5,1.0, "
+        "lognormal:median=0.7,sigma=0.4,max=5",
+    )
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("results"), help="results root folder")
+    add_tier_arguments(parser)
+    parser.add_argument(
+        "--inject-send-delay-ms",
+        type=float,
+        default=0.0,
+        help="add a known delay to POST /send (to test the CI gate)",
+    )
+    target = parser.add_argument_group(
+        "an external server (see harness/target.py and the README for the contract)"
+    )
+    target.add_argument("--target", metavar="URL", help="drive this server instead of ours")
+    target.add_argument("--target-name", default="target", help="its name in the results")
+    target.add_argument("--form-path", default="/", help="path of the form page (default: /)")
+    target.add_argument("--send-path", default="/send", help="path the form posts to")
+    target.add_argument(
+        "--fields",
+        default="to,subject,message",
+        metavar="TO,SUBJECT,MESSAGE",
+        help="names of the recipient, subject and message fields (default: to,subject,message)",
+    )
+    target.add_argument(
+        "--fakegun-port",
+        type=int,
+        default=DEFAULT_FAKEGUN_PORT,
+        help=f"start the fake Mailgun the target sends to on this port (default: "
+        f"{DEFAULT_FAKEGUN_PORT})",
+    )
+    target.add_argument("--fakegun-url", help="use this running fake Mailgun instead")
+
+
+def add_tier_arguments(parser: argparse.ArgumentParser) -> None:
+    """Processes per tier, and the CPU work per email."""
+    parser.add_argument(
+        "--locust-procs",
+        "--locust-processes",
+        dest="locust_processes",
+        type=int,
+        default=0,
+        help="Locust processes (its --processes N; histograms are merged on its master)",
+    )
+    parser.add_argument(
+        "--server-procs", type=int, default=1, help="server processes sharing the port"
+    )
+    parser.add_argument(
+        "--worker-procs", type=int, default=1, help="worker processes per queued mode"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, help="API calls in flight per worker process (queued modes)"
+    )
+    parser.add_argument(
+        "--render-ms",
+        type=float,
+        default=0.0,
+        help="render a personalised image per email costing about MS of CPU: inside the "
+        "request in direct/blocking mode, in the worker otherwise (default: 0, off)",
+    )
+
+
+def check_tiers(args: argparse.Namespace) -> None:
+    for option in ("server_procs", "worker_procs"):
+        if getattr(args, option) < 1:
+            raise ConfigError(f"--{option.replace('_', '-')} must be at least 1")
+    if args.locust_processes < 0 or args.render_ms < 0:
+        raise ConfigError("--locust-procs and --render-ms cannot be negative")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise ConfigError("--concurrency must be at least 1")
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ConfigError(
+            f"unknown mode(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODES)}"
+        )
+    return modes
+
+
+def target_from_args(args: argparse.Namespace) -> Target | None:
+    if not args.target:
+        return None
+    fields = [f.strip() for f in args.fields.split(",")]
+    if len(fields) != 3 or not all(fields):
+        raise ConfigError(f"--fields {args.fields!r}: give three names, e.g. to,subject,message")
+    return Target(
+        url=args.target,
+        name=args.target_name,
+        form_path=args.form_path,
+        send_path=args.send_path,
+        field_to=fields[0],
+        field_subject=fields[1],
+        field_message=fields[2],
+        fakegun_port=args.fakegun_port,
+        fakegun_url=args.fakegun_url,
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    profile = PROFILES[args.profile]
+    check_tiers(args)
+    target = target_from_args(args)
+    modes = (target.name,) if target is not None else parse_modes(args.modes)
+    users = args.users if args.users is not None else profile.users
+    return RunConfig(
+        modes=modes,
+        profile=profile.name,
+        scenario=args.scenario,
+        users=users,
+        rate=args.rate,
+        arrivals=args.arrivals,
+        max_in_flight=args.max_in_flight,
+        sweep=profile.name == "full",
+        spawn_rate=min(profile.spawn_rate, users),
+        duration_s=args.duration if args.duration is not None else profile.duration_s,
+        latency=args.latency,
+        seed=args.seed,
+        out=args.out,
+        locust_processes=args.locust_processes,
+        server_procs=args.server_procs,
+        worker_procs=args.worker_procs,
+        worker_concurrency=args.concurrency or profile.worker_concurrency,
+        render_ms=args.render_ms,
+        drain_timeout_s=profile.drain_timeout_s,
+        send_delay_ms=args.inject_send_delay_ms,
+        target=target,
+    )
+
+
+class QueueUrls:
+    """The queue URL of each queued mode: SQLite needs nothing; the others need a broker,
+    started on first use (or taken from AMQP_URL / REDIS_URL / DATABASE_URL)."""
+
+    def __init__(self, services: Services, run_dir: Path, strict: bool) -> None:
+        self.services = services
+        self.run_dir = run_dir
+        self.strict = strict  # under CI a missing broker fails the run instead of skipping
+
+    def __call__(self, mode: str) -> str | None:
+        if mode == "sqlite":
+            path = (self.run_dir / "queue" / "jobs.db").resolve()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return f"sqlite:///{path}"
+        try:
+            return self.services.start(mode)  # the broker services are named after the modes
+        except ServiceUnavailable as exc:
+            if self.strict:
+                raise
+            print(f"skipping mode {mode}: {exc}", file=sys.stderr, flush=True)
+            return None
+
+
+def strict_brokers() -> bool:
+    """Under CI a missing broker fails the run instead of skipping its mode."""
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def warn_unsound(results: list[ModeResult]) -> None:
+    for result in results:
+        if not result.accounting.sound:
+            print(
+                f"WARNING: {result.mode}: lost={result.accounting.lost} "
+                f"unexpected={result.accounting.unexpected}",
+                file=sys.stderr,
+            )
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from harness.report import build_report
+
+    config = config_from_args(args)
+    where = f"target {config.target.url}" if config.target else f"modes {', '.join(config.modes)}"
+    print(
+        f"mailbench run {config.run_id}: {where}; "
+        f"{config.load_model}, {config.duration_s:.0f} s each; API latency {config.latency}",
+        flush=True,
+    )
+    with Children() as children, Services(ServiceSettings()) as services:
+        queue_urls = QueueUrls(services, config.run_dir, strict_brokers())
+        harness = Harness(config, children, queue_url_for=queue_urls)
+        results = harness.run()
+    if not results:
+        raise MailbenchError("no mode could run; see the messages above")
+    build_report(config.run_dir)
+    point_latest(config.run_dir)
+    print(f"results in {config.run_dir}/ (report.md, charts/gap.png)", flush=True)
+    warn_unsound(results)
+    return 0
