@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
@@ -157,6 +158,11 @@ def classify(response: httpx.Response) -> SendResult:
 
 
 def classify_error(exc: httpx.HTTPError) -> SendResult:
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ClientError) and not isinstance(cause, TimeoutError):
+        # httpx-aiohttp reports every aiohttp connection error as ConnectTimeout, a
+        # connection reset by the peer included: name what really happened.
+        return SendResult(Outcome.RETRYABLE, None, detail=f"connection error: {cause!r}")
     if isinstance(exc, httpx.TimeoutException):
         # The request may have reached the API: only the same idempotency key makes a
         # retry safe.

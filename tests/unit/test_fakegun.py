@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import re
 import signal
 import statistics
@@ -21,15 +22,19 @@ import aiohttp
 import pytest
 
 import servers.fakegun
+import servers.fakegun_validate
 from harness.errors import ConfigError
 from queues.base import Email
 from servers.fakegun import (
     FakegunSettings,
     FakeMailgun,
+    RateLimit,
     add_cli_arguments,
     parse_fault,
+    parse_rate_limit,
     settings_from_args,
 )
+from servers.fakegun_faults import TokenBucket
 from servers.mailgun import (
     BlockingMailgunClient,
     Inline,
@@ -49,7 +54,7 @@ SEND = {
     "text": "x",
 }
 STATS_KEYS = {"received", "accepted", "unique_keys", "duplicates", "in_flight", "by_status"}
-STATS_KEYS |= {"faults", "latency"}
+STATS_KEYS |= {"faults", "latency", "delivered", "testmode", "replayed", "rate_limited"}
 
 # The smallest valid PNG: 1x1, one transparent pixel.
 PNG = bytes.fromhex(
@@ -63,12 +68,15 @@ ClientSend = Callable[..., Awaitable[SendResult]]
 
 @pytest.fixture
 def start() -> Starter:
-    """Start a fake with these settings (fixed:0 latency and the test key by default)."""
+    """Start a fake with these settings (fixed:0 latency and the test key by default);
+    ``clock=`` goes to the fake itself."""
 
     @asynccontextmanager
-    async def started(**overrides: Any) -> AsyncIterator[FakeMailgun]:
+    async def started(
+        clock: Callable[[], float] | None = None, **overrides: Any
+    ) -> AsyncIterator[FakeMailgun]:
         settings = {"latency": "fixed:0", "api_key": KEY, "seed": 1, **overrides}
-        async with FakeMailgun(FakegunSettings(**settings)) as fake:
+        async with FakeMailgun(FakegunSettings(**settings), clock=clock) as fake:
             yield fake
 
     return started
@@ -98,6 +106,16 @@ async def send(
     async with http.post(url, data=SEND if data is None else data, headers=headers or AUTH) as r:
         body = await r.json() if r.content_type == "application/json" else await r.text()
         return r.status, body
+
+
+async def post_raw(
+    http: aiohttp.ClientSession, fake: FakeMailgun, data: Any = None, key: str | None = None
+) -> tuple[int, str, bytes]:
+    """POST a send; return the status, the content type and the body as bytes."""
+    headers = AUTH if key is None else {**AUTH, "Idempotency-Key": key}
+    url = f"{fake.url}/v3/{DOMAIN}/messages"
+    async with http.post(url, data=SEND if data is None else data, headers=headers) as r:
+        return r.status, r.content_type, await r.read()
 
 
 async def admin(http: aiohttp.ClientSession, fake: FakeMailgun, path: str) -> Any:
@@ -236,7 +254,7 @@ async def test_exactly_1000_recipients_are_allowed(
 async def test_attachments_count_toward_the_size_limit(
     fake: FakeMailgun, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(servers.fakegun, "MAX_MESSAGE_BYTES", 10_000)
+    monkeypatch.setattr(servers.fakegun_validate, "MAX_MESSAGE_BYTES", 10_000)
     form = aiohttp.FormData(SEND)
     form.add_field("attachment", b"x" * 20_000, filename="big.bin")
     status, body = await send(http, fake, data=form)
@@ -266,30 +284,47 @@ async def test_idempotency_key_from_header_then_from_the_v_variable(
 async def test_duplicates_are_delivered_and_counted_by_default(
     fake: FakeMailgun, http: aiohttp.ClientSession
 ) -> None:
+    # Idempotency is off by default, as on the real Mailgun: a repeated key is sent again.
     ids = [(await send(http, fake, data={**SEND, "v:idempotency_key": k}))[1]["id"] for k in "aab"]
     assert len(set(ids)) == 3
-    assert len(fake.ledger) == 3
+    assert [entry.idempotency_key for entry in fake.ledger] == ["a", "a", "b"]
     stats = await admin(http, fake, "stats")
-    assert set(stats) >= STATS_KEYS
-    assert stats["received"] == 3 and stats["accepted"] == 3
-    assert stats["unique_keys"] == 2 and stats["duplicates"] == 1
+    assert set(stats) == STATS_KEYS
+    assert stats["received"] == 3 and stats["accepted"] == stats["delivered"] == 3
+    assert stats["unique_keys"] == 2 and stats["duplicates"] == 1 and stats["replayed"] == 0
     assert stats["by_status"] == {"200": 3}
-    assert stats["in_flight"] == 0
+    assert stats["in_flight"] == 0 and stats["rate_limited"] == 0
     assert stats["latency"] == "fixed:0.0"
 
 
-async def test_dedupe_mode_replays_the_first_answer(
+@pytest.mark.parametrize("via", ["header", "variable"])
+async def test_idempotency_replays_the_first_answer_and_delivers_once(
+    start: Starter, http: aiohttp.ClientSession, via: str
+) -> None:
+    data = {**SEND, "v:idempotency_key": "job-1"} if via == "variable" else SEND
+    headers = {**AUTH, "Idempotency-Key": "job-1"} if via == "header" else AUTH
+    async with start(idempotency=True) as fake:
+        first = await send(http, fake, data=data, headers=headers)
+        again = await send(http, fake, data=data, headers=headers)
+        other = await send(http, fake, data={**SEND, "v:idempotency_key": "job-2"})
+        assert first[0] == 200 and first == again
+        assert other[0] == 200 and other[1]["id"] != first[1]["id"]
+        assert [entry.idempotency_key for entry in fake.ledger] == ["job-1", "job-2"]
+        stats = fake.stats()
+        assert stats["replayed"] == 1 and stats["duplicates"] == 0 and stats["unique_keys"] == 2
+        assert stats["received"] == 3 and stats["delivered"] == 2
+
+
+async def test_idempotency_holds_for_a_copy_sent_while_the_first_is_in_flight(
     start: Starter, http: aiohttp.ClientSession
 ) -> None:
-    async with start(dedupe=True) as fake:
+    async with start(idempotency=True, latency="fixed:0.05") as fake:
         headers = {**AUTH, "Idempotency-Key": "job-1"}
-        first = await send(http, fake, headers=headers)
-        again = await send(http, fake, headers=headers)
-        assert first == again
-        assert first[0] == 200
-        assert len(fake.ledger) == 1
-        stats = fake.stats()
-        assert stats["replayed"] == 1 and stats["duplicates"] == 0 and stats["unique_keys"] == 1
+        first, second = await asyncio.gather(
+            send(http, fake, headers=headers), send(http, fake, headers=headers)
+        )
+        assert first == second and first[0] == 200
+        assert len(fake.ledger) == 1 and fake.stats()["replayed"] == 1
 
 
 async def test_reset_clears_the_ledger_and_the_counters(
@@ -351,28 +386,202 @@ async def test_a_hang_outlasts_the_client_timeout_and_stop_releases_it(
     assert time.monotonic() - began < 10  # stop() did not wait the 120 s hang out
 
 
+@pytest.mark.parametrize("idempotency", [False, True])
+async def test_a_malformed_answer_hides_an_accepted_message(
+    start: Starter, http: aiohttp.ClientSession, idempotency: bool
+) -> None:
+    malformed = (parse_fault("malformed:1"),)
+    async with start(faults=malformed, idempotency=idempotency) as fake:
+        answers = [await post_raw(http, fake, key="job-1") for _ in range(2)]
+        for status, content_type, body in answers:
+            assert (status, content_type) == (200, "application/json")
+            with pytest.raises(ValueError):
+                json.loads(body)
+        # One cut mid-JSON, one a proxy's HTML page.
+        assert answers[0][2].startswith(b'{"id": "<') and answers[1][2].startswith(b"<html>")
+        stats = fake.stats()
+        assert stats["faults"] == {"malformed": 2} and stats["by_status"] == {"200": 2}
+        if idempotency:  # the retry was answered, not delivered again
+            assert len(fake.ledger) == 1 and stats["replayed"] == 1 and stats["duplicates"] == 0
+        else:  # the message was sent twice: the duplicate the harness must find
+            assert len(fake.ledger) == 2 and stats["duplicates"] == 1
+        assert {entry.idempotency_key for entry in fake.ledger} == {"job-1"}
+
+
+async def test_with_idempotency_a_retry_after_a_malformed_answer_reads_the_first_answer(
+    start: Starter, http: aiohttp.ClientSession
+) -> None:
+    async with start(seed=3, faults=(parse_fault("malformed:0.5"),), idempotency=True) as fake:
+        answers = [_json_or_none((await post_raw(http, fake, key="job-1"))[2]) for _ in range(20)]
+        readable = [answer for answer in answers if answer is not None]
+        [entry] = fake.ledger
+        assert 0 < fake.stats()["faults"]["malformed"] < 20
+        assert len(readable) == 20 - fake.stats()["faults"]["malformed"]
+        assert {answer["id"] for answer in readable} == {entry.message_id}
+
+
+async def test_a_malformed_fault_leaves_a_refused_send_alone(
+    start: Starter, http: aiohttp.ClientSession
+) -> None:
+    async with start(faults=(parse_fault("malformed:1"),)) as fake:
+        status, body = await send(http, fake, data={**SEND, "to": ""})
+        assert status == 400 and "'to' parameter is missing" in body["message"]
+        assert fake.stats()["faults"] == {"malformed": 0}
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+async def _outcome(http: aiohttp.ClientSession, fake: FakeMailgun) -> str:
+    try:
+        status, _, body = await post_raw(http, fake)
+    except aiohttp.ClientConnectionError:
+        return "reset"
+    return "malformed" if _json_or_none(body) is None else str(status)
+
+
 async def test_faults_follow_their_probability_and_the_seed(
     start: Starter, http: aiohttp.ClientSession
 ) -> None:
-    outcomes = []
+    kinds = ("503:0.3", "500:0.2", "reset:0.05", "malformed:0.1")
+    faults = tuple(parse_fault(text) for text in kinds)
+    runs = []
     for _ in range(2):
-        async with start(seed=5, faults=(parse_fault("503:0.3"), parse_fault("500:0.2"))) as fake:
-            outcomes.append([(await send(http, fake))[0] for _ in range(200)])
-    assert outcomes[0] == outcomes[1]
-    counts = {status: outcomes[0].count(status) for status in (200, 500, 503)}
-    assert 30 <= counts[500] <= 55 and 45 <= counts[503] <= 80 and sum(counts.values()) == 200
+        async with start(seed=5, faults=faults) as fake:
+            runs.append([await _outcome(http, fake) for _ in range(200)])
+            assert fake.stats()["faults"] == {
+                kind: runs[-1].count(kind) for kind in ("503", "500", "reset", "malformed")
+            }
+    assert runs[0] == runs[1]
+    counts = {kind: runs[0].count(kind) for kind in ("200", "500", "503", "reset", "malformed")}
+    assert sum(counts.values()) == 200
+    assert 45 <= counts["503"] <= 80 and 30 <= counts["500"] <= 55
+    assert 3 <= counts["reset"] <= 20 and 8 <= counts["malformed"] <= 35
 
 
-@pytest.mark.parametrize("text", ["503", "503:x", "503:1.5", "302:0.1", "boom:0.1", "reset:-1"])
+@pytest.mark.parametrize(
+    "text", ["503", "503:x", "503:1.5", "302:0.1", "boom:0.1", "reset:-1", "malformed:2", "hang:"]
+)
 def test_malformed_faults_are_refused(text: str) -> None:
-    with pytest.raises(ConfigError, match="reset:PROB"):
+    with pytest.raises(ConfigError, match=r"is not understood: .*malformed:PROB"):
         parse_fault(text)
 
 
-def test_fault_probabilities_may_not_add_up_past_one() -> None:
-    faults = (parse_fault("503:0.6"), parse_fault("reset:0.6"))
-    with pytest.raises(ConfigError, match="more than 1"):
-        FakeMailgun(FakegunSettings(faults=faults))
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [
+        (("503:0.6", "reset:0.6"), r"add up to 1\.2 \(503:0\.6 \+ reset:0\.6\)"),
+        (("503:0.1", "500:0.1", "503:0.2"), "Fault 503 is given more than once"),
+    ],
+)
+def test_fault_sets_that_cannot_be_drawn_are_refused(texts: tuple[str, ...], message: str) -> None:
+    faults = tuple(parse_fault(text) for text in texts)
+    with pytest.raises(ConfigError, match=message):
+        FakegunSettings(faults=faults)
+
+
+def test_fault_probabilities_may_add_up_to_exactly_one() -> None:
+    faults = ("503:0.7", "malformed:0.2", "hang:0.1")
+    assert len(FakegunSettings(faults=tuple(parse_fault(t) for t in faults)).faults) == 3
+
+
+# -- the rate limit ---------------------------------------------------------------------
+
+
+class ManualClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_bucket_lets_a_burst_through_then_refills_at_the_rate() -> None:
+    bucket = TokenBucket(RateLimit(rate=4, burst=3))
+    assert [bucket.take(10.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take(10.0) == pytest.approx(0.25)
+    assert bucket.take(10.1) == pytest.approx(0.15)  # a refused send takes nothing
+    assert bucket.take(10.26) == 0.0
+    assert bucket.take(10.26) > 0.0
+    # A long quiet spell saves up at most the burst.
+    assert [bucket.take(100.0) for _ in range(4)][:3] == [0.0, 0.0, 0.0]
+    assert bucket.take(100.0) > 0.0
+
+
+async def test_a_rate_limited_send_gets_429_with_retry_after(
+    start: Starter, http: aiohttp.ClientSession
+) -> None:
+    clock = ManualClock()
+    async with start(rate_limit=RateLimit(rate=0.25, burst=2), clock=clock) as fake:
+        wrong = {"Authorization": "Basic " + base64.b64encode(b"api:wrong").decode()}
+        assert (await send(http, fake, headers=wrong))[0] == 401  # takes no token
+        assert [(await send(http, fake))[0] for _ in range(2)] == [200, 200]
+
+        async def limited() -> str:
+            url = f"{fake.url}/v3/{DOMAIN}/messages"
+            async with http.post(url, data=SEND, headers=AUTH) as response:
+                assert response.status == 429
+                assert set((await response.json()).keys()) == {"message"}
+                return response.headers["Retry-After"]
+
+        assert await limited() == "4"  # one token every 4 s
+        clock.now += 2.5
+        assert await limited() == "2"  # 1.5 s to go, rounded up
+        clock.now += 1.4
+        assert await limited() == "1"  # 0.1 s to go: at least 1
+        clock.now += 0.2
+        assert (await send(http, fake))[0] == 200
+        stats = fake.stats()
+        assert stats["rate_limited"] == 3 and stats["faults"] == {}
+        assert stats["by_status"] == {"401": 1, "200": 3, "429": 3}
+        assert len(fake.ledger) == 3
+
+
+async def test_the_rate_limit_runs_on_the_event_loop_clock_and_reset_refills_it(
+    start: Starter, http: aiohttp.ClientSession
+) -> None:
+    async with start(rate_limit=parse_rate_limit("0.001:2")) as fake:
+        assert [(await send(http, fake))[0] for _ in range(3)] == [200, 200, 429]
+        async with http.post(f"{fake.url}/v3/{DOMAIN}/messages", data=SEND, headers=AUTH) as r:
+            assert r.status == 429 and int(r.headers["Retry-After"]) >= 999
+        await admin(http, fake, "reset")
+        assert [(await send(http, fake))[0] for _ in range(3)] == [200, 200, 429]
+
+
+async def test_a_limited_send_still_draws_its_fault(
+    start: Starter, http: aiohttp.ClientSession
+) -> None:
+    # The n-th send draws the same fault whether or not the limit turned it away.
+    faults = (parse_fault("503:0.5"),)
+    async with start(seed=9, faults=faults) as fake:
+        free = [await _outcome(http, fake) for _ in range(12)]
+    clock = ManualClock()
+    async with start(seed=9, faults=faults, rate_limit=RateLimit(1, 1), clock=clock) as fake:
+        limited = []
+        for n in range(12):
+            clock.now += 1.0 if n % 2 == 0 else 0.0  # every other send finds the bucket empty
+            limited.append(await _outcome(http, fake))
+    assert limited[1::2] == ["429"] * 6
+    assert limited[0::2] == free[0::2]
+
+
+@pytest.mark.parametrize(
+    ("text", "rate", "burst"), [("300", 300, 300), ("300:50", 300, 50), ("0.5:1", 0.5, 1)]
+)
+def test_rate_limits_are_read(text: str, rate: float, burst: float) -> None:
+    assert parse_rate_limit(text) == RateLimit(rate, burst)
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "x", "300:0", "300:0.5", "inf", "nan", "", "1:2:3"])
+def test_rate_limits_that_make_no_sense_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"Rate limit .* is not understood: use RATE\[:BURST\]"):
+        parse_rate_limit(text)
 
 
 # -- latency ----------------------------------------------------------------------------
@@ -463,11 +672,53 @@ async def test_the_client_sends_an_inline_png(
     assert entry.recipients == [EMAIL.to] and entry.subject == EMAIL.subject
     # The PNG reached the fake: it counts toward the size limit.
     text_size = sum(map(len, (EMAIL.sender, EMAIL.to, EMAIL.subject, EMAIL.text, "inline-2")))
-    monkeypatch.setattr(servers.fakegun, "MAX_MESSAGE_BYTES", text_size + len(PNG) - 1)
+    monkeypatch.setattr(servers.fakegun_validate, "MAX_MESSAGE_BYTES", text_size + len(PNG) - 1)
     assert (await send(EMAIL, "inline-2")).ok
     refused = await send(EMAIL, "inline-3", inline=[("chart.png", PNG)])
     assert (refused.outcome, refused.status) == (Outcome.PERMANENT, 400)
     assert "size" in refused.detail
+
+
+@pytest.mark.parametrize(
+    ("fault", "detail"),
+    [
+        ("reset:1", "connection error: "),
+        ("hang:1", "timeout (ReadTimeout)"),
+        ("503:1", "503: Injected fault 503"),
+        ("malformed:1", "malformed response: 200 with body "),
+    ],
+)
+async def test_the_client_retries_what_the_faults_do(
+    start: Starter, client_send: Callable[..., ClientSend], fault: str, detail: str
+) -> None:
+    async with start(faults=(parse_fault(fault),)) as fake:
+        result = await client_send(fake, timeout=0.3)(EMAIL, "job-1")
+        assert result.outcome is Outcome.RETRYABLE and result.detail.startswith(detail)
+        # Only the malformed answer hides a delivery.
+        assert len(fake.ledger) == (1 if fault.startswith("malformed") else 0)
+
+
+async def test_with_idempotency_the_clients_retry_settles_a_malformed_answer(
+    start: Starter, client_send: Callable[..., ClientSend]
+) -> None:
+    async with start(seed=2, faults=(parse_fault("malformed:0.5"),), idempotency=True) as fake:
+        send = client_send(fake)
+        results = [await send(EMAIL, "job-1") for _ in range(8)]
+        [entry] = fake.ledger
+    outcomes = {result.outcome for result in results}
+    assert outcomes == {Outcome.SUCCESS, Outcome.RETRYABLE}
+    assert {r.message_id for r in results if r.ok} == {entry.message_id}
+
+
+async def test_the_client_waits_as_the_rate_limit_says(
+    start: Starter, client_send: Callable[..., ClientSend]
+) -> None:
+    async with start(rate_limit=parse_rate_limit("0.5:1")) as fake:
+        send = client_send(fake)
+        assert (await send(EMAIL, "job-1")).ok
+        limited = await send(EMAIL, "job-2")
+    assert (limited.outcome, limited.status) == (Outcome.RETRYABLE, 429)
+    assert limited.retry_after is not None and 1 <= limited.retry_after <= 2
 
 
 # -- the official Mailgun SDK, unchanged ------------------------------------------------
@@ -513,19 +764,38 @@ def test_cli_arguments_build_the_settings() -> None:
         "uniform:0.5,1.0",
     )
     options = {"--port": "0", "--latency": "fixed:0.1", "--seed": "3", "--api-key": "k"}
-    argv = [word for option in options.items() for word in option] + ["--dedupe"]
+    argv = [word for option in options.items() for word in option] + ["--idempotency"]
+    argv += ["--rate-limit", "300:50"]
     argv += ["--domain", "a.test", "--domain", "b.test"]
     argv += ["--fault", "503:0.01", "--fault", "reset:0.02"]
     args = parser.parse_args(argv)
     settings = settings_from_args(args)
     assert settings.domains == ("a.test", "b.test")
     assert [str(f) for f in settings.faults] == ["503:0.01", "reset:0.02"]
-    assert (settings.latency, settings.seed, settings.dedupe, settings.api_key) == (
+    assert (settings.latency, settings.seed, settings.idempotency, settings.api_key) == (
         "fixed:0.1",
         3,
         True,
         "k",
     )
+    assert settings.rate_limit == RateLimit(300, 50)
+    assert (defaults.idempotency, defaults.rate_limit, defaults.faults) == (False, None, ())
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rate-limit", "0"], "Rate limit '0' is not understood"),
+        (["--fault", "malformed:2"], "Fault 'malformed:2' is not understood"),
+        (["--fault", "503:0.7", "--fault", "500:0.7"], "The fault probabilities add up to 1.4"),
+    ],
+)
+def test_bad_options_are_one_clear_error(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Refused while reading the options, before any server starts.
+    assert servers.fakegun.main(["--port", "0", *argv]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
 
 
 def test_the_server_announces_its_address_and_stops_on_sigterm() -> None:

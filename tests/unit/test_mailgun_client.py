@@ -12,6 +12,7 @@ from email.policy import HTTP
 from typing import Protocol
 from urllib.parse import parse_qs
 
+import aiohttp
 import httpx
 import pytest
 import pytest_asyncio
@@ -25,6 +26,7 @@ from servers.mailgun import (
     MailgunSettings,
     Outcome,
     SendResult,
+    classify_error,
 )
 
 SETTINGS = MailgunSettings(
@@ -205,6 +207,41 @@ async def test_timeouts_and_connection_errors_are_retryable(
     result = await send(EMAIL, KEY)
     assert result.outcome is Outcome.RETRYABLE
     assert result.status is None and result.retry_after is None
+    assert result.detail.startswith(detail_start)
+
+
+def _raised_from(error: httpx.HTTPError, cause: Exception) -> httpx.HTTPError:
+    try:
+        raise error from cause
+    except httpx.HTTPError as raised:
+        return raised
+
+
+@pytest.mark.parametrize(
+    ("error", "detail_start"),
+    [
+        (
+            _raised_from(httpx.ConnectTimeout("reset"), aiohttp.ClientOSError(104, "reset")),
+            "connection error: ClientOSError(104",
+        ),
+        (
+            _raised_from(httpx.ConnectTimeout("gone"), aiohttp.ServerDisconnectedError()),
+            "connection error: ServerDisconnectedError",
+        ),
+        (
+            _raised_from(httpx.ReadTimeout("slow"), aiohttp.SocketTimeoutError("read")),
+            "timeout (ReadTimeout)",
+        ),
+        (_raised_from(httpx.ReadTimeout("slow"), TimeoutError()), "timeout (ReadTimeout)"),
+    ],
+)
+async def test_aiohttp_errors_behind_the_transport_are_named_for_what_they_are(
+    error: httpx.HTTPError, detail_start: str
+) -> None:
+    # httpx-aiohttp raises ConnectTimeout from any aiohttp connection error, a reset
+    # included; respx cannot raise with a cause, so classify_error is called directly.
+    result = classify_error(error)
+    assert (result.outcome, result.status) == (Outcome.RETRYABLE, None)
     assert result.detail.startswith(detail_start)
 
 
