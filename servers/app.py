@@ -85,13 +85,15 @@ class ServerState:
     renderer: Renderer | None = None  # direct and blocking modes with --render-ms
 
     def snapshot(self) -> dict[str, object]:
-        return {
+        snapshot: dict[str, object] = {
             "mode": self.settings.mode,
             "histograms": self.recorder.encoded(),
             "accepted": self.accepted,
             "refused": self.refused,
-            "render": self.renderer.describe() if self.renderer is not None else None,
         }
+        if self.renderer is not None:  # what the render cost was calibrated to
+            snapshot["render"] = self.renderer.describe()
+        return snapshot
 
 
 STATE = web.AppKey("state", ServerState)

@@ -11,7 +11,8 @@ import asyncio
 import io
 import re
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -21,10 +22,14 @@ from PIL import Image
 
 from harness.errors import ConfigError
 from harness.metrics import decode
-from queues.base import Email
+from queues import open_queue
+from queues.base import Email, Job
+from queues.memory import MemoryQueue
+from queues.worker import Worker, WorkerSettings
+from queues.worker import add_cli_arguments as add_worker_arguments
 from servers.app import ServerSettings, create_app
 from servers.app import add_cli_arguments as add_server_arguments
-from servers.mailgun import MailgunSettings
+from servers.mailgun import MailgunSettings, Outcome, SendResult
 from servers.render import (
     CARD_FILENAME,
     CARD_SIZE,
@@ -250,7 +255,7 @@ def stub_api() -> Iterator[tuple[str, Captured]]:
     loop.close()
 
 
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
 Serve = Callable[[ServerSettings], Awaitable[Client]]
 
 
@@ -315,7 +320,7 @@ async def test_server_without_render_cost_sends_no_attachment(
     assert fields["to"] == "ada@example.com" and files == []
     metrics = await (await client.get("/_mailbench/metrics")).json()
     assert "render" not in metrics["histograms"]
-    assert metrics["render"] is None
+    assert "render" not in metrics
 
 
 def test_serve_takes_the_render_cost_from_the_command_line() -> None:
@@ -323,3 +328,140 @@ def test_serve_takes_the_render_cost_from_the_command_line() -> None:
     add_server_arguments(parser)
     assert parser.parse_args(["--mode", "direct", "--render-ms", "20"]).render_ms == 20.0
     assert parser.parse_args(["--mode", "direct"]).render_ms == 0.0
+
+
+# --- the worker hook --------------------------------------------------------------------
+
+
+class RecordingSender:
+    """A stand-in for the Mailgun client: accepts every email, keeps what it was sent."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Email, list[tuple[str, bytes]]]] = []
+
+    async def send(
+        self, email: Email, idempotency_key: str, *, inline: Sequence[tuple[str, bytes]] = ()
+    ) -> SendResult:
+        self.calls.append((idempotency_key, email, list(inline)))
+        return SendResult(Outcome.SUCCESS, 200, message_id="<1@mailbench.test>")
+
+
+class FlakyRenderer(Renderer):
+    """A real renderer whose first ``failures`` renders raise."""
+
+    def __init__(self, failures: int) -> None:
+        cost = fixed_cost(0.005)
+        super().__init__(5.0, measure=cost, check=cost)
+        self.failures = failures
+        self.attempts = 0
+
+    def render(self, email: Email) -> bytes:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise RuntimeError("out of fonts")
+        return super().render(email)
+
+
+@pytest.fixture
+async def memory_queue() -> AsyncIterator[tuple[str, MemoryQueue]]:
+    url = f"memory://{uuid.uuid4().hex}"
+    queue = await open_queue(url)
+    assert isinstance(queue, MemoryQueue)
+    yield url, queue
+    await queue.close()
+
+
+def worker_settings(url: str, **overrides: object) -> WorkerSettings:
+    values: dict[str, object] = {
+        "backend": url,
+        "concurrency": 4,
+        "backoff_base": 0.001,
+        "backoff_cap": 0.002,
+        "drain_timeout": 2.0,
+        "render_ms": 5.0,
+    }
+    values.update(overrides)
+    return WorkerSettings(**values)  # type: ignore[arg-type]
+
+
+async def run_until(worker: Worker, done: Callable[[], bool], timeout: float = 10.0) -> None:
+    task = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(timeout):
+            while not done():
+                await asyncio.sleep(0.005)
+    finally:
+        await worker.stop()
+        await task
+
+
+async def test_worker_renders_and_sends_the_card_inline(
+    memory_queue: tuple[str, MemoryQueue],
+) -> None:
+    url, queue = memory_queue
+    job = Job(id=uuid.uuid4().hex, email=Email("lin@example.com", "Receipt", "Thanks"))
+    await queue.enqueue(job)
+    sender = RecordingSender()
+    worker = Worker(worker_settings(url), queue, sender, renderer=quick_renderer())
+    await run_until(worker, lambda: worker.acked == 1)
+    [(key, email, inline)] = sender.calls
+    assert (key, email) == (job.id, job.email)
+    [(filename, png)] = inline
+    assert filename == CARD_FILENAME
+    assert decode_png(png).info["Title"] == "Hello, lin!"
+    assert worker.recorder.histograms["render"].get_total_count() == 1
+    assert worker.snapshot()["render"] == worker.renderer.describe()
+    assert await queue.depth() == 0
+
+
+async def test_worker_without_render_cost_sends_no_attachment(
+    memory_queue: tuple[str, MemoryQueue],
+) -> None:
+    url, queue = memory_queue
+    await queue.enqueue(Job(id=uuid.uuid4().hex, email=ADA))
+    sender = RecordingSender()
+    worker = Worker(worker_settings(url, render_ms=0.0), queue, sender)
+    await run_until(worker, lambda: worker.acked == 1)
+    assert [inline for *_, inline in sender.calls] == [[]]
+    assert "render" not in worker.recorder.histograms
+    assert "render" not in worker.snapshot()
+
+
+async def test_a_failed_render_is_retried_not_lost(memory_queue: tuple[str, MemoryQueue]) -> None:
+    url, queue = memory_queue
+    job = Job(id=uuid.uuid4().hex, email=ADA)
+    await queue.enqueue(job)
+    sender = RecordingSender()
+    worker = Worker(worker_settings(url), queue, sender, renderer=FlakyRenderer(failures=1))
+    await run_until(worker, lambda: worker.acked == 1)
+    assert worker.retried == 1
+    assert worker.errors == {"render RuntimeError": 1}
+    [(key, _email, inline)] = sender.calls  # sent once, after the render that worked
+    assert key == job.id and [name for name, _ in inline] == [CARD_FILENAME]
+    assert worker.dead_lettered == [] and await queue.depth() == 0
+
+
+async def test_a_render_that_always_fails_ends_in_the_dead_letter(
+    memory_queue: tuple[str, MemoryQueue],
+) -> None:
+    url, queue = memory_queue
+    job = Job(id=uuid.uuid4().hex, email=ADA)
+    await queue.enqueue(job)
+    sender = RecordingSender()
+    renderer = FlakyRenderer(failures=1_000)
+    worker = Worker(worker_settings(url, max_attempts=3), queue, sender, renderer=renderer)
+    await run_until(worker, lambda: len(worker.dead_lettered) == 1)
+    [(dead_id, reason)] = worker.dead_lettered
+    assert dead_id == job.id
+    assert reason.startswith("gave up after 3 attempts: render failed")
+    assert [dead.job for dead in queue.dead_lettered()] == [job.next_attempt().next_attempt()]
+    assert renderer.attempts == 3 and sender.calls == []
+    assert await queue.depth() == 0
+
+
+def test_worker_takes_the_render_cost_from_the_command_line() -> None:
+    parser = argparse.ArgumentParser()
+    add_worker_arguments(parser)
+    args = parser.parse_args(["--backend", "memory://x", "--render-ms", "20"])
+    assert args.render_ms == 20.0
+    assert parser.parse_args(["--backend", "memory://x"]).render_ms == 0.0
