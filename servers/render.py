@@ -46,7 +46,7 @@ BLUR_RADIUS = 2.0
 
 # Calibration: medians of a few renders per probe, a few probes, then one check.
 PROBE_RENDERS = 5
-CHECK_RENDERS = 9
+CHECK_RENDERS = 15
 MAX_PROBES = 8
 TOLERANCE = 0.10  # stop probing once a median is within 10% of the target
 
