@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "harness.compare",
         "CI gate: compare a run against a baseline, exit 1 on regression",
     ),
+    "chaos": (
+        "harness.chaos",
+        "kill workers, restart brokers, break the API under load; prove nothing is lost",
+    ),
     "fakegun": ("servers.fakegun", "serve a fake Mailgun API with latency, faults and a ledger"),
     "serve": ("servers.app", "serve the reference web application in one mode"),
     "worker": ("queues.worker", "consume a queue and send through the Mailgun API"),

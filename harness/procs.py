@@ -137,6 +137,13 @@ class Children:
             self._children.remove(child)
         return code
 
+    def kill(self, child: Child) -> int | None:
+        """SIGKILL ``child``'s whole group, as a crash would (no cleanup, no metrics)."""
+        code = child.stop(timeout=5.0, sig=signal.SIGKILL)
+        if child in self._children:
+            self._children.remove(child)
+        return code
+
     def stop_all(self) -> None:
         for child in reversed(self._children):
             child.stop(timeout=10.0)

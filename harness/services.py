@@ -229,6 +229,37 @@ class Services:
         else:
             log.info("%s stopped", child.broker.title)
 
+    def restart(self, name: str, *, crash: bool = True) -> str:
+        """Stop ``name`` — with its crash signal unless ``crash`` is false — and start it
+        again on its data, as after a crash or a reboot; return its URL."""
+        broker = _broker(name)
+        child = self._children.get(name)
+        if child is None:
+            where = self._external.get(name)
+            raise ServiceUnavailable(
+                f"{broker.title} cannot be restarted: mailbench did not start it"
+                + (f" (it is the one at {_redact(where)})" if where else "")
+                + "; leave its URL unset to have mailbench start one."
+            )
+        stop_signal = child.broker.crash_signal if crash else child.broker.stop_signal
+        self._children.pop(name)
+        survivors = terminate(
+            child.leader,
+            sig=stop_signal,
+            helpers=with_environment({TAG_VAR: child.tag}),
+            popen=child.popen,
+            timeout=self.settings.stop_timeout,
+        )
+        if survivors:
+            raise ServiceUnavailable(
+                f"{broker.title} could not be stopped for a restart: pids {survivors} survived"
+            )
+        fresh, self.fresh = self.fresh, False  # keep its data
+        try:
+            return self.start(name)
+        finally:
+            self.fresh = fresh
+
     def stop_all(self) -> None:
         """Stop every broker we started, newest first; one failure does not stop the rest."""
         for name in reversed(list(self._children) + list(self._external)):

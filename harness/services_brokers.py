@@ -52,6 +52,7 @@ class Broker(Protocol):
     package: str  # Debian package
     env_var: str  # names the URL of a server the user runs; we then start nothing
     stop_signal: int
+    crash_signal: int  # a crash that keeps the data: what `mailbench chaos` restarts with
 
     def installed(self, settings: ServiceSettings) -> bool: ...
     def ports(self, settings: ServiceSettings) -> tuple[int, ...]: ...
@@ -80,6 +81,7 @@ class Redis:
     package = "redis-server"
     env_var = "REDIS_URL"
     stop_signal: int = signal.SIGTERM  # Redis flushes the AOF and exits
+    crash_signal: int = signal.SIGKILL  # replies follow the AOF write, so nothing acked is lost
 
     def installed(self, settings: ServiceSettings) -> bool:
         return shutil.which("redis-server", path=_path(settings)) is not None
@@ -120,6 +122,7 @@ class RabbitMQ:
     env_var = "AMQP_URL"
     # The start script traps SIGTERM and stops the Erlang VM cleanly.
     stop_signal: int = signal.SIGTERM
+    crash_signal: int = signal.SIGKILL  # confirms follow the disk write of persistent messages
     node = "mailbench@localhost"
 
     def _server(self, settings: ServiceSettings) -> Path | None:
@@ -196,6 +199,9 @@ class Postgres:
     env_var = "DATABASE_URL"
     # SIGINT is the "fast" shutdown; SIGTERM ("smart") waits for every client to leave.
     stop_signal: int = signal.SIGINT
+    # "Immediate" shutdown: no checkpoint, crash recovery from the WAL on the next start.
+    # (SIGKILL to the postmaster would leave its backends holding the shared memory.)
+    crash_signal: int = signal.SIGQUIT
     user = "postgres"
 
     def bin_dir(self, settings: ServiceSettings) -> Path | None:

@@ -1,0 +1,297 @@
+"""``mailbench chaos``: does a 2xx from ``POST /send`` still mean "will be delivered"
+when workers crash, the broker restarts and the API misbehaves?
+
+Per queued mode: a sender load runs for ``--duration`` seconds while the harness
+SIGKILLs a random worker at ``--kill-workers`` random moments (and starts a
+replacement at once, as a supervisor would), restarts the broker once half-way
+(``--restart-broker``: a crash — SIGKILL for Redis and RabbitMQ, an immediate
+shutdown for PostgreSQL — then a start on the same data; SQLite has no broker
+process, so the server processes that write its file are killed and restarted
+instead), and the fake Mailgun injects ``--api-faults`` and a ``--rate-limit``.
+Then it drains and prints the accounting per backend: accepted, delivered,
+duplicates, dead-lettered, lost (must be 0) and unexpected (must be 0).
+
+Durability is what each backend is configured with for every run: RabbitMQ durable
+queues, persistent messages and publisher confirms; Redis with the AOF (fsync every
+second; a process crash loses nothing, a power loss up to a second); PostgreSQL with
+fsync on; SQLite in WAL mode. Jobs held by a killed worker come back after the
+broker notices: RabbitMQ at once (the connection closed), Redis and the SQL tables
+after a visibility timeout or lease, shortened here to :data:`LEASE_S`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from harness.accounting import COLUMNS
+from harness.errors import ConfigError, MailbenchError
+from harness.procs import Children
+from harness.results import ModeResult, point_latest
+from harness.run import Harness, RunConfig, Tiers
+from harness.run_cli import QueueUrls, parse_modes, strict_brokers, warn_unsound
+from harness.services import Services, ServiceSettings
+from servers.app import QUEUED_MODES
+from servers.fakegun import parse_fault
+
+log = logging.getLogger(__name__)
+
+LEASE_S = 10.0  # a dead worker's jobs come back after this (the default is 30 s)
+DEFAULT_FAULTS = "500:0.03,502:0.03,503:0.04"
+
+
+@dataclass(frozen=True, slots=True)
+class ChaosSettings:
+    kill_workers: int = 5
+    restart_broker: bool = True
+    seed: int = 1
+
+
+@dataclass
+class Event:
+    at_s: float
+    what: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"at_s": round(self.at_s, 2), "what": self.what}
+
+
+@dataclass
+class _Plan:
+    """What to break in one mode, and when (seconds into the load)."""
+
+    kills: list[float]
+    restart_at: float | None
+    events: list[Event] = field(default_factory=list)
+
+
+class ChaosHarness(Harness):
+    def __init__(
+        self,
+        config: RunConfig,
+        chaos: ChaosSettings,
+        children: Children,
+        services: Services,
+        queue_urls: QueueUrls,
+    ) -> None:
+        super().__init__(
+            config, children, queue_url_for=lambda mode: _short_lease(queue_urls(mode))
+        )
+        self.chaos = chaos
+        self.services = services
+        self.rng = random.Random(chaos.seed)
+        self.plan = _Plan([], None)
+        self.on_tick = self._tick
+
+    @property
+    def drain_timeout(self) -> float:
+        # Retries of hung calls (the client's timeout each), backoff and leases add up.
+        return max(self.config.drain_timeout_s, 300.0)
+
+    def run_mode(self, mode: str, queue_url: str | None) -> ModeResult:
+        duration = self.config.duration_s
+        kills = sorted(
+            self.rng.uniform(0.1, 0.85) * duration for _ in range(self.chaos.kill_workers)
+        )
+        restart_at = 0.5 * duration if self.chaos.restart_broker else None
+        self.plan = _Plan(kills, restart_at)
+        result = super().run_mode(mode, queue_url)
+        raw = self.run_dir / "raw" / mode
+        events = [e.as_json() for e in self.plan.events]
+        (raw / "chaos-events.json").write_text(json.dumps(events, indent=1))
+        killed = sum(1 for e in self.plan.events if e.what.startswith("SIGKILL worker"))
+        restarted = sum(1 for e in self.plan.events if e.what.startswith("restarted"))
+        crashed = sum(1 for e in self.plan.events if "exited by itself" in e.what)
+        result.notes.append(
+            f"chaos: {killed} workers killed, broker restarted {restarted} time(s), "
+            f"{crashed} workers exited by themselves"
+        )
+        stats = httpx.get(f"{self.fake_url}/_mailbench/stats", timeout=30).json()
+        (raw / "fakegun-stats.json").write_text(json.dumps(stats, indent=1))
+        faults = ", ".join(f"{n} × {kind}" for kind, n in sorted(stats["faults"].items()))
+        result.notes.append(
+            f"API: {stats['received']} calls, faults injected: {faults or 'none'}, "
+            f"rate-limited {stats.get('rate_limited', 0)}, idempotent replays "
+            f"{stats.get('replayed', 0)}"
+        )
+        return result
+
+    # -- called every 0.2 s while the load runs ----------------------------------------
+    def _tick(self, tiers: Tiers, elapsed: float) -> None:
+        plan = self.plan
+        for worker in list(tiers.workers):
+            if not worker.alive():  # not one we killed: a crash worth reporting
+                tiers.workers.remove(worker)
+                code = worker.process.returncode
+                self._event(elapsed, f"{worker.name} exited by itself (code {code}); replaced")
+                self.start_worker(tiers)
+        while plan.kills and plan.kills[0] <= elapsed:
+            plan.kills.pop(0)
+            self._kill_a_worker(tiers, elapsed)
+        if plan.restart_at is not None and plan.restart_at <= elapsed:
+            plan.restart_at = None
+            self._restart_broker(tiers, elapsed)
+
+    def _kill_a_worker(self, tiers: Tiers, elapsed: float) -> None:
+        if not tiers.workers:
+            return
+        victim = self.rng.choice(tiers.workers)
+        tiers.workers.remove(victim)
+        self.children.kill(victim)
+        replacement = self.start_worker(tiers)
+        self._event(elapsed, f"SIGKILL worker {victim.name}; started {replacement.name}")
+
+    def _restart_broker(self, tiers: Tiers, elapsed: float) -> None:
+        started = time.monotonic()
+        if tiers.mode == "sqlite":
+            # No broker process: the processes writing the queue's file crash instead.
+            for server in tiers.servers:
+                self.children.kill(server)
+            tiers.servers.clear()
+            for _ in range(self.config.server_procs):
+                self.start_server(tiers)
+            for server in tiers.servers:
+                server.wait_http(f"{tiers.base_url}/")
+            what = "restarted the sqlite servers (SIGKILL, then started again)"
+        else:
+            self.services.restart(tiers.mode)
+            what = f"restarted {tiers.mode} (crashed, then started on its data)"
+        self._event(elapsed, f"{what} in {time.monotonic() - started:.1f} s")
+
+    def _event(self, elapsed: float, what: str) -> None:
+        self.plan.events.append(Event(elapsed, what))
+        print(f"  chaos at {elapsed:5.1f} s: {what}", flush=True)
+
+
+def _short_lease(url: str | None) -> str | None:
+    """The queue URL with the lease (SQL) or visibility (Redis) set to :data:`LEASE_S`."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    name = {"redis": "visibility", "sqlite": "lease", "postgresql": "lease", "postgres": "lease"}
+    parameter = name.get(parts.scheme)
+    if parameter is None:
+        return url
+    query = f"{parts.query}&" if parts.query else ""
+    return urlunsplit(parts._replace(query=f"{query}{parameter}={LEASE_S:g}"))
+
+
+def fake_options(faults: str, rate_limit: str | None, idempotency: bool) -> tuple[str, ...]:
+    options: list[str] = []
+    for text in (f for f in faults.split(",") if f.strip()):
+        parse_fault(text)  # a bad spec fails here, not in the fake's log
+        options += ["--fault", text.strip()]
+    if rate_limit:
+        options += ["--rate-limit", rate_limit]
+    if idempotency:
+        options.append("--idempotency")
+    return tuple(options)
+
+
+def accounting_table(results: list[ModeResult]) -> str:
+    header = ["backend", *COLUMNS, "verdict"]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for result in results:
+        row = result.accounting.as_row()
+        verdict = "ok" if result.accounting.sound else "FAILED"
+        lines.append(" | ".join([result.mode, *(str(row[c]) for c in COLUMNS), verdict]))
+    return "\n".join(f"| {line} |" for line in lines)
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add(
+        "--modes",
+        default=",".join(QUEUED_MODES),
+        help=f"queued modes to break (default: {','.join(QUEUED_MODES)})",
+    )
+    add("--duration", type=float, default=60, help="seconds of load per mode (default: 60)")
+    add("--users", type=int, default=20, help="Locust users posting the form (default: 20)")
+    add("--kill-workers", type=int, default=5, help="workers SIGKILLed per mode (default: 5)")
+    add(
+        "--restart-broker",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="crash and restart the broker half-way (default: on)",
+    )
+    add(
+        "--api-faults",
+        default=DEFAULT_FAULTS,
+        metavar="SPEC",
+        help="faults of the fake Mailgun, KIND:PROB,... with KIND a status, reset, hang or "
+        f"malformed (default: {DEFAULT_FAULTS}; '' for none)",
+    )
+    add(
+        "--rate-limit",
+        default="40",
+        metavar="RATE[:BURST]",
+        help="the fake's token bucket, sends/s (default: 40, below the load's ~50/s; '' for none)",
+    )
+    add(
+        "--idempotency",
+        action="store_true",
+        help="the fake honours Idempotency-Key: a retry is not delivered twice",
+    )
+    add("--worker-procs", type=int, default=2, help="worker processes (default: 2)")
+    add("--concurrency", type=int, default=50, help="API calls in flight per worker")
+    add("--latency", default="uniform:0.05,0.2", help="fake Mailgun latency (default: fast)")
+    add("--seed", type=int, default=1)
+    add("--out", type=Path, default=Path("results"), help="results root folder")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from harness.report import build_report
+
+    modes = parse_modes(args.modes)
+    if unqueued := [m for m in modes if m not in QUEUED_MODES]:
+        raise ConfigError(f"chaos needs queued modes; {', '.join(unqueued)} has no queue")
+    if args.kill_workers < 0 or args.worker_procs < 1 or args.duration < 10:
+        raise ConfigError("--kill-workers ≥ 0, --worker-procs ≥ 1 and --duration ≥ 10 s")
+    config = RunConfig(
+        modes=modes,
+        scenario="sender",
+        users=args.users,
+        spawn_rate=args.users,
+        duration_s=args.duration,
+        latency=args.latency,
+        seed=args.seed,
+        out=args.out,
+        worker_procs=args.worker_procs,
+        worker_concurrency=args.concurrency,
+        fake_options=fake_options(args.api_faults, args.rate_limit, args.idempotency),
+    )
+    config = replace(config, run_id=f"{config.run_id}-chaos")
+    chaos = ChaosSettings(args.kill_workers, args.restart_broker, args.seed)
+    print(
+        f"mailbench chaos {config.run_id}: {', '.join(modes)}; {args.duration:.0f} s each, "
+        f"{args.kill_workers} worker kills, broker restart {'on' if args.restart_broker else 'off'}"
+        f", API faults {args.api_faults or 'none'}, rate limit {args.rate_limit or 'none'}, "
+        f"idempotency {'on' if args.idempotency else 'off'}",
+        flush=True,
+    )
+    with Children() as children, Services(ServiceSettings()) as services:
+        queue_urls = QueueUrls(services, config.run_dir, strict_brokers())
+        harness = ChaosHarness(config, chaos, children, services, queue_urls)
+        results = harness.run()
+    if not results:
+        raise MailbenchError("no mode could run; see the messages above")
+    build_report(config.run_dir)
+    point_latest(config.run_dir)
+    table = accounting_table(results)
+    (config.run_dir / "chaos.md").write_text(
+        f"# Chaos run {config.run_id}\n\n{table}\n\n"
+        + "\n".join(f"- {r.mode}: {'; '.join(r.notes)}" for r in results)
+        + "\n"
+    )
+    print(f"\n{table}\n\nresults in {config.run_dir}/ (chaos.md, report.md)", flush=True)
+    warn_unsound(results)
+    return 0 if all(r.accounting.sound for r in results) else 1
