@@ -549,7 +549,7 @@ async def test_the_rate_limit_runs_on_the_event_loop_clock_and_reset_refills_it(
     async with start(rate_limit=parse_rate_limit("0.001:2")) as fake:
         assert [(await send(http, fake))[0] for _ in range(3)] == [200, 200, 429]
         async with http.post(f"{fake.url}/v3/{DOMAIN}/messages", data=SEND, headers=AUTH) as r:
-            assert r.status == 429 and int(r.headers["Retry-After"]) >= 999
+            assert r.status == 429 and int(r.headers["Retry-After"]) >= 900  # ~1000 s a token
         await admin(http, fake, "reset")
         assert [(await send(http, fake))[0] for _ in range(3)] == [200, 200, 429]
 
