@@ -1,11 +1,13 @@
 """The queue worker: consume jobs, send them through the Mailgun API, settle each one.
 
 Up to ``concurrency`` API calls are in flight at once, each in its own task. A delivery
-is acknowledged only after the API accepted the email; a retryable failure (429, 5xx,
-timeout, connection error, or an unexpected exception in the client or the render) goes
-back to the queue with exponential backoff and full jitter, or after ``Retry-After`` when
-the API sent one; a permanent failure, or a job that used up its attempts, goes to the
-dead letter with the reason. Every call carries the job's id as idempotency key, so a
+is acknowledged only after the API accepted the email. A 429 (rate limited) is waited
+out in place for ``Retry-After``, holding the API slot so the worker slows down as asked,
+and does not spend an attempt. A retryable failure (5xx, timeout, connection error, a
+malformed answer, or an unexpected exception in the client or the render) goes back to
+the queue with exponential backoff and full jitter, or after ``Retry-After`` when the API
+sent one; a permanent failure, or a job that used up its attempts, goes to the dead
+letter with the reason. Every call carries the job's id as idempotency key, so a
 retry after a timeout (whose outcome is unknown) cannot send the email twice.
 
 With a render cost (``--render-ms``), each email's card is rendered in a thread before
@@ -67,6 +69,7 @@ class WorkerSettings:
     max_attempts: int = 5
     backoff_base: float = 1.0
     backoff_cap: float = 30.0
+    rate_limit_waits: int = 30  # 429s waited out in place before the job is re-queued
     drain_timeout: float | None = None  # None: the client timeout + 5 s
     metrics_out: Path | None = None
     dead_letters_out: Path | None = None  # a JSON line per dead letter, appended at once
@@ -126,6 +129,8 @@ def _timed_inline(renderer: Renderer, email: Email) -> tuple[list[tuple[str, byt
 
 
 def _error_key(result: SendResult) -> str:
+    if result.detail.startswith("malformed response"):
+        return f"{result.outcome.value} malformed"
     if result.status is not None:
         return f"{result.outcome.value} {result.status}"
     if result.detail.startswith("timeout"):
@@ -159,6 +164,7 @@ class Worker:
         self.recorder = Recorder()
         self.acked = 0
         self.retried = 0
+        self.rate_limited = 0  # 429s waited out without spending an attempt
         self.dead_lettered: list[tuple[str, str]] = []
         self.errors: collections.Counter[str] = collections.Counter()
         self._rng = rng or random.Random()
@@ -253,6 +259,7 @@ class Worker:
                 result = SendResult(Outcome.RETRYABLE, None, detail=f"render failed: {exc!r}")
             else:
                 result = await self._send(job, inline)
+                result = await self._wait_out_rate_limit(job, inline, result)
         try:
             await self._settle(delivery, result)
         except Exception as exc:
@@ -286,6 +293,34 @@ class Worker:
         self.recorder.record("api", time.perf_counter() - started)
         if result.outcome is not Outcome.SUCCESS:
             self.errors[_error_key(result)] += 1
+        return result
+
+    async def _wait_out_rate_limit(
+        self, job: Job, inline: Inline, result: SendResult
+    ) -> SendResult:
+        """A 429 is the API asking the sender to slow down, not the job failing: wait
+        ``Retry-After`` while keeping the API slot (so the whole worker slows down) and
+        call again, without spending one of the job's attempts. After
+        ``rate_limit_waits`` waits in a row the job goes back to the queue as a retry."""
+        waits = 0
+        while (
+            result.status == 429
+            and waits < self.settings.rate_limit_waits
+            and not self._stopping.is_set()
+        ):
+            waits += 1
+            self.rate_limited += 1
+            if result.retry_after is not None:
+                delay = min(max(0.0, result.retry_after), self.settings.backoff_cap)
+            else:
+                delay = backoff_delay(
+                    waits, self.settings.backoff_base, self.settings.backoff_cap, self._rng
+                )
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            if self._stopping.is_set():
+                break
+            result = await self._send(job, inline)
         return result
 
     async def _settle(self, delivery: Delivery, result: SendResult) -> None:
@@ -348,6 +383,7 @@ class Worker:
             "histograms": self.recorder.encoded(),
             "acked": self.acked,
             "retried": self.retried,
+            "rate_limited": self.rate_limited,
             "dead_lettered": [list(entry) for entry in self.dead_lettered],
             "errors": dict(self.errors),
         }

@@ -219,18 +219,38 @@ async def test_retryable_then_success_keeps_the_idempotency_key(
     assert await queue.depth() == 0
 
 
-async def test_retry_after_from_a_429_is_honoured(backend: str, queue: SpyQueue) -> None:
-    await enqueue(queue, 1)
-    client = FakeMailgun(rate_limited(0.03), OK)
+async def test_a_429_is_waited_out_in_place_without_spending_an_attempt(
+    backend: str, queue: SpyQueue
+) -> None:
+    [job] = await enqueue(queue, 1)
+    client = FakeMailgun(rate_limited(0.03), rate_limited(0.03), OK)
     # A backoff this large would make the test time out if the worker ignored Retry-After.
     settings = make_settings(backend, backoff_base=100.0, backoff_cap=100.0)
     worker = Worker(settings, queue, client)
     started = time.monotonic()
     async with running(worker):
         await wait_until(lambda: worker.acked == 1)
-    assert [delay for *_, delay in queue.retries] == [0.03]
-    assert time.monotonic() - started >= 0.03
-    assert worker.errors == {"retryable 429": 1}
+    assert time.monotonic() - started >= 0.06  # both Retry-After waits were kept
+    assert [key for key, _ in client.calls] == [job.id] * 3
+    assert queue.retries == []  # never handed back to the queue
+    assert [d.job.attempt for d in queue.received] == [0]
+    assert worker.rate_limited == 2
+    assert worker.errors == {"retryable 429": 2}
+
+
+async def test_a_lasting_rate_limit_hands_the_job_back_after_retry_after(
+    backend: str, queue: SpyQueue
+) -> None:
+    [job] = await enqueue(queue, 1)
+    client = FakeMailgun(rate_limited(0.01), rate_limited(0.01), rate_limited(0.02), OK)
+    settings = make_settings(backend, backoff_base=100.0, backoff_cap=100.0, rate_limit_waits=2)
+    worker = Worker(settings, queue, client)
+    async with running(worker):
+        await wait_until(lambda: worker.acked == 1)
+    assert [r[:2] for r in queue.retries] == [(job.id, 0)]
+    assert [delay for *_, delay in queue.retries] == [0.02]
+    assert [d.job.attempt for d in queue.received] == [0, 1]
+    assert worker.rate_limited == 2 and worker.retried == 1
 
 
 async def test_permanent_failure_goes_to_the_dead_letter(backend: str, queue: SpyQueue) -> None:
@@ -369,13 +389,23 @@ async def test_run_ends_with_the_queue_error(backend: str, tmp_path: Path) -> No
 async def test_metrics_file(backend: str, queue: SpyQueue, tmp_path: Path) -> None:
     ok_job, bad_job = await enqueue(queue, 2)
     out = tmp_path / "metrics" / "worker.json"
+    journal = tmp_path / "dead-letters.jsonl"
     client = FakeMailgun()
     client.by_key[bad_job.id] = BAD_ADDRESS
-    worker = Worker(make_settings(backend, metrics_out=out), queue, client)
+    settings = make_settings(backend, metrics_out=out, dead_letters_out=journal)
+    worker = Worker(settings, queue, client)
     async with running(worker):
         await wait_until(lambda: worker.acked == 1 and len(worker.dead_lettered) == 1)
+        # The journal is written as the dead letter happens, not at shutdown.
+        [line] = journal.read_text().splitlines()
+    assert json.loads(line) == {
+        "id": bad_job.id,
+        "to": bad_job.email.to,
+        "reason": BAD_ADDRESS.detail,
+    }
     data = json.loads(out.read_text())
-    assert set(data) == {"histograms", "acked", "retried", "dead_lettered", "errors"}
+    expected = {"histograms", "acked", "retried", "rate_limited", "dead_lettered", "errors"}
+    assert set(data) == expected
     assert data["acked"] == 1
     assert data["retried"] == 0
     assert data["dead_lettered"] == [[bad_job.id, BAD_ADDRESS.detail]]
