@@ -39,7 +39,7 @@ from harness.procs import Children
 from harness.results import ModeResult, point_latest
 from harness.run import Harness, RunConfig, Tiers
 from harness.run_cli import QueueUrls, parse_modes, strict_brokers, warn_unsound
-from harness.services import Services, ServiceSettings
+from harness.services import ENV_VARS, Services, add_service_arguments, settings_from_args
 from servers.app import QUEUED_MODES
 from servers.fakegun import parse_fault
 
@@ -246,6 +246,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add("--latency", default="uniform:0.05,0.2", help="fake Mailgun latency (default: fast)")
     add("--seed", type=int, default=1)
     add("--out", type=Path, default=Path("results"), help="results root folder")
+    add_service_arguments(parser, dir_flag="--services-dir")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -270,6 +271,14 @@ def cli_main(args: argparse.Namespace) -> int:
         fake_options=fake_options(args.api_faults, args.rate_limit, args.idempotency),
     )
     config = replace(config, run_id=f"{config.run_id}-chaos")
+    services_settings = settings_from_args(args)
+    if args.restart_broker:
+        for mode in modes:
+            if mode in ENV_VARS and services_settings.url_from_env(mode):
+                raise ConfigError(
+                    f"chaos restarts the {mode} broker, so it must start its own: unset "
+                    f"{ENV_VARS[mode]} (or pass --no-restart-broker)."
+                )
     chaos = ChaosSettings(args.kill_workers, args.restart_broker, args.seed)
     print(
         f"mailbench chaos {config.run_id}: {', '.join(modes)}; {args.duration:.0f} s each, "
@@ -278,7 +287,7 @@ def cli_main(args: argparse.Namespace) -> int:
         f"idempotency {'on' if args.idempotency else 'off'}",
         flush=True,
     )
-    with Children() as children, Services(ServiceSettings()) as services:
+    with Children() as children, Services(services_settings) as services:
         queue_urls = QueueUrls(services, config.run_dir, strict_brokers())
         harness = ChaosHarness(config, chaos, children, services, queue_urls)
         results = harness.run()

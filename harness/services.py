@@ -63,7 +63,9 @@ __all__ = [
     "ServiceStatus",
     "Services",
     "add_cli_arguments",
+    "add_service_arguments",
     "cli_main",
+    "settings_from_args",
     "urls_from_state",
 ]
 
@@ -371,17 +373,23 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "names", nargs="*", metavar="NAME", help=f"any of {', '.join(SERVICE_NAMES)} (all)"
     )
+    add_service_arguments(parser)
+
+
+def add_service_arguments(parser: argparse.ArgumentParser, dir_flag: str = "--dir") -> None:
+    """Where brokers started by mailbench live and listen (read by settings_from_args)."""
     parser.add_argument(
-        "--dir", dest="base_dir", type=Path, help="data, logs and state (.mailbench/services)"
-    )
+        dir_flag, dest="base_dir", type=Path, help="broker data, logs and state "
+        "(default: .mailbench/services)",
+    )  # fmt: skip
     parser.add_argument(
         "--port", action="append", default=[], metavar="NAME=PORT",
-        help="override a port: rabbitmq, rabbitmq_dist, epmd, redis or postgres",
+        help="override a broker port: rabbitmq, rabbitmq_dist, epmd, redis or postgres",
     )  # fmt: skip
     parser.add_argument("--no-install", action="store_true", help="never run apt-get")
 
 
-def _settings_from_args(args: argparse.Namespace) -> ServiceSettings:
+def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
     changes: dict[str, Any] = {}
     if args.base_dir is not None:
         changes["base_dir"] = args.base_dir.resolve()
@@ -397,7 +405,7 @@ def _settings_from_args(args: argparse.Namespace) -> ServiceSettings:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    settings = _settings_from_args(args)
+    settings = settings_from_args(args)
     names = tuple(args.names) or SERVICE_NAMES
     for name in names:
         _broker(name)

@@ -1,0 +1,53 @@
+"""`mailbench chaos` per queue backend: worker kills, a broker crash, API faults and a
+rate limit, and still nothing accepted is lost — nor, with idempotency, sent twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from harness.results import load_run
+from harness.services import ENV_VARS, ServiceSettings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("mode", ["sqlite", "redis", "rabbitmq", "postgres"])
+def test_chaos_loses_nothing_and_idempotency_prevents_duplicates(
+    mode: str, tmp_path: Path, make_service_settings: Callable[[], ServiceSettings]
+) -> None:
+    # Brokers of its own (it crashes them), on private ports in a private directory.
+    settings = make_service_settings()
+    ports = [
+        f"{name}={getattr(settings, f'{name}_port')}"
+        for name in ("rabbitmq", "rabbitmq_dist", "epmd", "redis", "postgres")
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS.values()}
+    argv = [sys.executable, "-m", "harness.cli", "chaos", "--modes", mode, "--duration", "16",
+            "--kill-workers", "5", "--api-faults", "500:0.04,502:0.03,503:0.03",
+            "--rate-limit", "30:10", "--idempotency", "--out", str(tmp_path / "results"),
+            "--services-dir", str(settings.base_dir), "--no-install"]  # fmt: skip
+    for port in ports:
+        argv += ["--port", port]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=420, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    run_dir = tmp_path / "results" / "latest"
+    [row] = load_run(run_dir).accounting
+    assert row["accepted"] > 100, row
+    assert (row["lost"], row["unexpected"], row["duplicates"]) == (0, 0, 0), row
+    assert row["delivered"] + row["dead_lettered"] == row["accepted"]
+
+    raw = run_dir / "raw" / mode
+    events = [e["what"] for e in json.loads((raw / "chaos-events.json").read_text())]
+    assert sum(e.startswith("SIGKILL worker") for e in events) == 5, events
+    assert sum(e.startswith("restarted") for e in events) == 1, events
+    stats = json.loads((raw / "fakegun-stats.json").read_text())
+    assert sum(stats["faults"].values()) > 0 and stats["rate_limited"] > 0, stats
+    assert f"| {mode} |" in (run_dir / "chaos.md").read_text()
