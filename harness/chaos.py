@@ -38,7 +38,13 @@ from harness.errors import ConfigError, MailbenchError
 from harness.procs import Children
 from harness.results import ModeResult, point_latest
 from harness.run import Harness, RunConfig, Tiers
-from harness.run_cli import QueueUrls, parse_modes, strict_brokers, warn_unsound
+from harness.run_cli import (
+    QueueUrls,
+    keep_partial_results,
+    parse_modes,
+    strict_brokers,
+    warn_unsound,
+)
 from harness.services import ENV_VARS, Services, add_service_arguments, settings_from_args
 from servers.app import QUEUED_MODES
 from servers.fakegun import parse_fault
@@ -287,10 +293,15 @@ def cli_main(args: argparse.Namespace) -> int:
         f"idempotency {'on' if args.idempotency else 'off'}",
         flush=True,
     )
-    with Children() as children, Services(services_settings) as services:
-        queue_urls = QueueUrls(services, config.run_dir, strict_brokers())
-        harness = ChaosHarness(config, chaos, children, services, queue_urls)
-        results = harness.run()
+    harness: ChaosHarness | None = None
+    try:
+        with Children() as children, Services(services_settings) as services:
+            queue_urls = QueueUrls(services, config.run_dir, strict_brokers())
+            harness = ChaosHarness(config, chaos, children, services, queue_urls)
+            results = harness.run()
+    except KeyboardInterrupt:
+        keep_partial_results(config.run_dir, harness.results if harness else [])
+        raise
     if not results:
         raise MailbenchError("no mode could run; see the messages above")
     build_report(config.run_dir)

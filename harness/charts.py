@@ -50,7 +50,7 @@ CAPTION_CHARS = 118  # one caption line at 7.5 pt across 7 in
 # fmt: off
 # Okabe & Ito, "Color Universal Design".
 METRIC_COLOURS = {"form": "#0072B2", "send": "#D55E00", "api": "#999999",
-                  "delivery": "#009E73", "queue_wait": "#CC79A7"}
+                  "delivery": "#009E73", "queue_wait": "#CC79A7", "render": "#E69F00"}
 MODE_COLOURS = {"direct": "#E69F00", "blocking": "#D55E00", "rabbitmq": "#CC79A7",
                 "redis": "#0072B2", "sqlite": "#009E73", "postgres": "#56B4E9"}
 # The two modes that send inside the request are dashed / dotted, queued modes solid, so
@@ -58,11 +58,12 @@ MODE_COLOURS = {"direct": "#E69F00", "blocking": "#D55E00", "rabbitmq": "#CC79A7
 MODE_LINESTYLES = {"direct": "--", "blocking": ":"}
 METRIC_LABELS = {"form": "GET / (form page)", "send": "POST /send", "api": "Mailgun API call",
                  "delivery": "delivery lag", "queue_wait": "queue wait",
+                 "render": "card render (CPU work)",
                  "send_intended": "POST /send from intended start",
                  "form_intended": "GET / from intended start"}
 # Spectrum charts in reading order; metrics not named here follow.
 SPECTRUM_ORDER = ("send", "send_intended", "form", "form_intended", "api", "delivery",
-                  "queue_wait")
+                  "queue_wait", "render")
 # 1/(1−p) positions of the percentile axis and their labels.
 PERCENTILE_TICKS = {1.0: "0%", 2.0: "50%", 10.0: "90%", 100.0: "99%", 1e3: "99.9%",
                     1e4: "99.99%", 1e5: "99.999%", 1e6: "99.9999%"}

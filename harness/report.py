@@ -207,6 +207,13 @@ def _verdict(row: dict[str, Any]) -> str:
     return "duplicates" if row.get("duplicates") else "ok"
 
 
+def _explain_mode(run: Run, mode: str) -> str:
+    target = run.manifest.get("config", {}).get("target")
+    if target and mode == target.get("name"):
+        return f"a server mailbench did not start, at {target.get('url')} (`--target`)."
+    return MODE_EXPLAINED.get(mode, "")
+
+
 def warnings(run: Run) -> list[str]:
     """What a reader must know before quoting a figure, one sentence each."""
     found: list[str] = []
@@ -314,16 +321,16 @@ def render(run: Run, charts: list[str]) -> str:
         "digits) and shown in the unit that reads best. `form` and `send` are measured by the "
         "load generator, `api` by the caller of the API (the handler or a worker), `delivery` "
         "from the send being posted to the API's acceptance, `queue_wait` from "
-        "the server's acceptance to a worker's claim. `per s` is successful requests per "
-        "second of the mode's run.\n\n"
-        + summary_table(run),
+        "the server's acceptance to a worker's claim, `render` (with `--render-ms`) the CPU "
+        "work of one email's card, in the handler (`direct`, `blocking`) or the worker. "
+        "`per s` is successful requests per second of the mode's run.\n\n" + summary_table(run),
         "## Accounting\n\nEvery send goes to an address of its own, which the fake Mailgun's "
         "ledger records. Every accepted (2xx) email must be delivered: `lost` (accepted − "
         "delivered − dead-lettered) and `unexpected` (delivered, but no send made it) must be "
         "0; `duplicates` counts extra deliveries of one send; `unacknowledged` counts sends "
         "delivered although their client saw no 2xx (a reply cut off at the end or by a "
         "crash), which is not an error.\n\n" + accounting_table(run),
-        "## Modes\n\n" + "\n".join(f"- `{m}` — {MODE_EXPLAINED.get(m, '')}" for m in run.modes),
+        "## Modes\n\n" + "\n".join(f"- `{m}` — {_explain_mode(run, m)}" for m in run.modes),
         "## Configuration\n\n" + configuration(run),
     ]
     return "\n\n".join(s for s in sections if s) + "\n"

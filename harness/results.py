@@ -23,7 +23,16 @@ from harness.errors import ResultsError
 from harness.metrics import Summary, decode, encode, new_histogram
 from harness.sweep import COLUMNS as SWEEP_COLUMNS
 
-METRICS = ("form", "send", "api", "delivery", "queue_wait", "form_intended", "send_intended")
+METRICS = (
+    "form",
+    "send",
+    "api",
+    "delivery",
+    "queue_wait",
+    "render",
+    "form_intended",
+    "send_intended",
+)
 SUMMARY_COLUMNS = (
     "mode",
     "metric",

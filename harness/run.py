@@ -149,6 +149,7 @@ class Harness:
         # Several server processes check each other's CSRF tokens: one secret for all.
         self.secret = secrets.token_urlsafe(32)
         self.on_tick: Callable[[Tiers, float], None] | None = None  # called during load
+        self.results: list[ModeResult] = []  # the modes finished so far
 
     # -- the whole run -------------------------------------------------------------------
     def run(self) -> list[ModeResult]:
@@ -165,7 +166,7 @@ class Harness:
         }
         write_manifest(self.run_dir, manifest)
         self._start_fake()
-        results = []
+        results = self.results
         for mode in cfg.modes:
             queue_url = None
             if cfg.target is None and mode in QUEUED_MODES:

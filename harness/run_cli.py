@@ -22,7 +22,7 @@ from harness.run import (
     Harness,
     RunConfig,
 )
-from harness.services import Services, ServiceSettings
+from harness.services import Services, add_service_arguments, settings_from_args
 from harness.target import DEFAULT_FAKEGUN_PORT, Target
 from servers.app import MODES
 
@@ -62,6 +62,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results"), help="results root folder")
     add_tier_arguments(parser)
+    add_service_arguments(parser, dir_flag="--services-dir")
     parser.add_argument(
         "--inject-send-delay-ms",
         type=float,
@@ -237,10 +238,16 @@ def cli_main(args: argparse.Namespace) -> int:
         f"{config.load_model}, {config.duration_s:.0f} s each; API latency {config.latency}",
         flush=True,
     )
-    with Children() as children, Services(ServiceSettings()) as services:
-        queue_urls = QueueUrls(services, config.run_dir, strict_brokers())
-        harness = Harness(config, children, queue_url_for=queue_urls)
-        results = harness.run()
+    harness: Harness | None = None
+    try:
+        with Children() as children, Services(settings_from_args(args)) as services:
+            queue_urls = QueueUrls(services, config.run_dir, strict_brokers())
+            harness = Harness(config, children, queue_url_for=queue_urls)
+            results = harness.run()
+    except KeyboardInterrupt:
+        # Every child is stopped by now; what finished is kept and reported.
+        keep_partial_results(config.run_dir, harness.results if harness else [])
+        raise
     if not results:
         raise MailbenchError("no mode could run; see the messages above")
     build_report(config.run_dir)
@@ -248,3 +255,16 @@ def cli_main(args: argparse.Namespace) -> int:
     print(f"results in {config.run_dir}/ (report.md, charts/gap.png)", flush=True)
     warn_unsound(results)
     return 0
+
+
+def keep_partial_results(run_dir: Path, results: list[ModeResult]) -> None:
+    """After Ctrl-C or SIGTERM: a report of the modes that finished, if any did."""
+    from harness.report import build_report
+
+    if not results:
+        print(f"interrupted before any mode finished; logs in {run_dir}/logs", file=sys.stderr)
+        return
+    build_report(run_dir)
+    point_latest(run_dir)
+    modes = ", ".join(r.mode for r in results)
+    print(f"interrupted: the finished modes ({modes}) are in {run_dir}/", file=sys.stderr)

@@ -10,9 +10,9 @@ sent one; a permanent failure, or a job that used up its attempts, goes to the d
 letter with the reason. Every call carries the job's id as idempotency key, so a
 retry after a timeout (whose outcome is unknown) cannot send the email twice.
 
-With a render cost (``--render-ms``), each email's card is rendered in a thread before
-its API call and sent inline (see :mod:`servers.render`): CPU work per email that, unlike
-in the server's ``direct`` mode, never holds up a web request.
+With a render cost (``--render-ms``), each email's card is rendered in the worker's one
+render thread before its API call and sent inline (see :mod:`servers.render`): CPU work
+per email that, unlike in the server's ``direct`` mode, never holds up a web request.
 
 On SIGTERM/SIGINT the worker stops taking deliveries, lets the calls in flight finish
 for up to ``drain_timeout`` seconds and settles them; whatever is still unsettled goes
@@ -31,6 +31,7 @@ import random
 import signal
 import time
 from collections.abc import AsyncGenerator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,9 @@ class Worker:
         self.client = client
         # Calibrates here unless given one; run_worker calibrates before it opens the queue.
         self.renderer = renderer if renderer is not None else Renderer(settings.render_ms)
+        # One render at a time per worker process: CPU work scales with processes, not
+        # threads, and a worker never takes more than one core from its neighbours.
+        self._render_thread = ThreadPoolExecutor(1, thread_name_prefix="mailbench-render")
         self.recorder = Recorder()
         self.acked = 0
         self.retried = 0
@@ -204,6 +208,7 @@ class Worker:
             try:
                 await self._drain()
             finally:
+                self._render_thread.shutdown(wait=False)
                 self.write_metrics()
                 log.info("%s", self.summary())
                 self._stopped.set()
@@ -274,7 +279,10 @@ class Worker:
         other jobs and feeding the API calls in flight meanwhile."""
         if not self.renderer.enabled:
             return []
-        inline, seconds = await asyncio.to_thread(_timed_inline, self.renderer, job.email)
+        loop = asyncio.get_running_loop()
+        inline, seconds = await loop.run_in_executor(
+            self._render_thread, _timed_inline, self.renderer, job.email
+        )
         self.recorder.record("render", seconds)
         return inline
 
