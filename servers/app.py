@@ -12,19 +12,30 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from harness.errors import MailbenchError
 from harness.metrics import Recorder
 from queues import Queue, open_queue
 from queues.base import Email, Job
-from servers.forms import FORM_PAGE, MAX_BODY_BYTES, FormError, render_done, render_form, validate
+from servers.csrf import FIELD as CSRF_FIELD
+from servers.csrf import Csrf, CsrfError
+from servers.formdata import MAX_FIELDS, BodyError, Form, read_form
+from servers.forms import (
+    MAX_BODY_BYTES,
+    FormError,
+    empty_form,
+    render_done,
+    render_form,
+    validate,
+)
 from servers.mailgun import (
     BlockingMailgunClient,
     MailgunClient,
@@ -39,7 +50,9 @@ log = logging.getLogger(__name__)
 
 MODES = ("direct", "blocking", "rabbitmq", "redis", "sqlite", "postgres")
 QUEUED_MODES = ("rabbitmq", "redis", "sqlite", "postgres")
-FORM_CONTENT_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+# Pages that carry a form with a token (and maybe the visitor's values) are not to be
+# framed by another site, which could otherwise trick a click on its Send button.
+_HTML_HEADERS = {"X-Frame-Options": "DENY"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +65,7 @@ class ServerSettings:
     queue_name: str = "mailbench"
     metrics_out: Path | None = None  # histograms and accepted jobs, written at shutdown
     send_delay_ms: float = 0.0  # fault knob: a known extra delay on the send path
+    csrf_secret: str | None = field(default=None, repr=False)  # None: $MAILBENCH_SECRET
     render_ms: float = 0.0  # CPU work per email, a card rendered in the request (0: none)
 
     def __post_init__(self) -> None:
@@ -77,6 +91,7 @@ Dispatch = Callable[[Job], Awaitable[Handed]]
 @dataclass(slots=True)
 class ServerState:
     settings: ServerSettings
+    csrf: Csrf
     recorder: Recorder = field(default_factory=Recorder)
     accepted: list[tuple[str, float]] = field(default_factory=list)
     refused: int = 0  # valid forms the API or broker did not take
@@ -198,36 +213,84 @@ def _wants_json(request: web.Request) -> bool:
     return "application/json" in request.headers.get("Accept", "")
 
 
-def _reply(
-    request: web.Request, status: int, payload: Mapping[str, object], page: str
+def _json_dumps(payload: object) -> str:
+    """JSON with ``<``, ``>`` and ``&`` escaped: error messages quote the client's input,
+    and a reply sniffed or embedded as HTML must not turn it into markup."""
+    text = json.dumps(payload)
+    if "<" in text or ">" in text or "&" in text:
+        text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return text
+
+
+def _json(payload: Mapping[str, object], status: int) -> web.Response:
+    return web.json_response(payload, status=status, dumps=_json_dumps)
+
+
+def _visitor_token(request: web.Request) -> tuple[str, str | None]:
+    """A CSRF token for the visitor's cookie, and the cookie to set if they have none."""
+    csrf = request.app[STATE].csrf
+    cookie = csrf.cookie_in(request.headers.get(hdrs.COOKIE, ""))
+    if cookie is not None:
+        return csrf.token(cookie), None
+    cookie = csrf.new_cookie()
+    return csrf.token(cookie), cookie
+
+
+def _html(body: str | bytes, status: int, new_cookie: str | None) -> web.Response:
+    response = web.Response(
+        body=body.encode() if isinstance(body, str) else body,
+        status=status,
+        content_type="text/html",
+        charset="utf-8",
+        headers=_HTML_HEADERS,
+    )
+    if new_cookie is not None:
+        response.headers[hdrs.SET_COOKIE] = Csrf.set_cookie_header(new_cookie)
+    return response
+
+
+def _refuse(
+    request: web.Request,
+    status: int,
+    message: str,
+    field: str | None = None,
+    values: Mapping[str, object] | None = None,
 ) -> web.Response:
+    """A POST that is not taken: JSON, or the form again with the message, the values
+    the visitor typed (escaped) and a fresh token, so nothing they wrote is lost."""
     if _wants_json(request):
-        return web.json_response(payload, status=status)
-    return web.Response(text=page, status=status, content_type="text/html")
+        payload = {"error": message} if field is None else {"error": message, "field": field}
+        return _json(payload, status)
+    token, new_cookie = _visitor_token(request)
+    return _html(render_form(values, error=message, csrf_token=token), status, new_cookie)
 
 
 async def form_page(request: web.Request) -> web.Response:
-    return web.Response(text=FORM_PAGE, content_type="text/html")
+    """The benchmark's control request: a pre-rendered page plus one signed token."""
+    token, new_cookie = _visitor_token(request)
+    return _html(empty_form(token), 200, new_cookie)
+
+
+def _single(form: Form, name: str) -> str | None:
+    values = form.getall(name, [])
+    return values[0] if len(values) == 1 and isinstance(values[0], str) else None
 
 
 async def send(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    if request.content_type not in FORM_CONTENT_TYPES:
-        message = "Send the form as application/x-www-form-urlencoded or multipart/form-data."
-        return _reply(request, 400, {"error": message}, render_form(error=message))
     try:
-        data = await request.post()
-    except web.HTTPRequestEntityTooLarge:
-        message = f"The form is larger than {MAX_BODY_BYTES // 1024} KiB."
-        return _reply(request, 413, {"error": message}, render_form(error=message))
-    except ValueError as exc:  # undecodable bytes, broken multipart
-        message = f"The form could not be read: {exc}"
-        return _reply(request, 400, {"error": message}, render_form(error=message))
+        data = await read_form(request)
+    except BodyError as exc:
+        return _refuse(request, exc.status, exc.message)
+    try:
+        cookie = state.csrf.cookie_in(request.headers.get(hdrs.COOKIE, ""))
+        state.csrf.check(cookie, _single(data, CSRF_FIELD))
+    except CsrfError as exc:
+        return _refuse(request, 403, exc.message, CSRF_FIELD, data)
     try:
         form = validate(data)
     except FormError as exc:
-        payload = {"error": exc.message, "field": exc.field}
-        return _reply(request, 400, payload, render_form(data, error=exc.message))
+        return _refuse(request, 400, exc.message, exc.field, data)
 
     job = Job(
         id=uuid.uuid4().hex,
@@ -239,12 +302,15 @@ async def send(request: web.Request) -> web.Response:
     assert state.dispatch is not None
     handed = await state.dispatch(job)
     if not handed.accepted:
-        payload = {"error": handed.detail, "job_id": job.id}
-        return _reply(request, handed.status, payload, render_form(data, error=handed.detail))
+        if _wants_json(request):
+            return _json({"error": handed.detail, "job_id": job.id}, handed.status)
+        return _refuse(request, handed.status, handed.detail, values=data)
     state.accepted.append((job.id, job.enqueued_at))
+    if _wants_json(request):
+        return _json({"status": handed.state, "job_id": job.id}, handed.status)
     title = "Sent" if handed.state == "sent" else "Queued"
     page = render_done(title, f"Your email to {form.to} is {handed.state} (job {job.id}).")
-    return _reply(request, handed.status, {"status": handed.state, "job_id": job.id}, page)
+    return _html(page, handed.status, None)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -263,8 +329,9 @@ async def depth(request: web.Request) -> web.Response:
 
 
 def create_app(settings: ServerSettings) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
-    app[STATE] = ServerState(settings)
+    app = web.Application(client_max_size=MAX_BODY_BYTES, client_max_fields=MAX_FIELDS)
+    csrf = Csrf(settings.csrf_secret) if settings.csrf_secret else Csrf.from_environment(os.environ)
+    app[STATE] = ServerState(settings, csrf)
     app.cleanup_ctx.append(_write_metrics)
     if settings.mode == "direct":
         app.cleanup_ctx.append(_direct)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -43,6 +44,15 @@ async def client_for(settings: ServerSettings) -> TestClient:  # type: ignore[ty
     return client
 
 
+async def filled(client: TestClient, **changes: str) -> dict[str, str]:  # type: ignore[type-arg]
+    """The form as a browser sends it: loaded first (which sets the CSRF cookie in the
+    client's jar), then filled in, with the page's token."""
+    page = await (await client.get("/")).text()
+    token = re.search(r'name="csrf_token" value="([^"]*)"', page)
+    assert token is not None
+    return {**FORM, **changes, "csrf_token": token.group(1)}
+
+
 @pytest.fixture(params=["direct", "blocking"])
 async def client(
     request: pytest.FixtureRequest, fake: FakeMailgun, tmp_path: Path
@@ -65,10 +75,10 @@ async def test_form_page(client: TestClient) -> None:  # type: ignore[type-arg]
 
 
 async def test_send_delivers_with_job_id_as_idempotency_key(
-    client: TestClient,
-    fake: FakeMailgun,  # type: ignore[type-arg]
+    client: TestClient,  # type: ignore[type-arg]
+    fake: FakeMailgun,
 ) -> None:
-    response = await client.post("/send", data=FORM, headers=JSON)
+    response = await client.post("/send", data=await filled(client), headers=JSON)
     assert response.status == 200
     body = await response.json()
     assert body["status"] == "sent"
@@ -79,7 +89,7 @@ async def test_send_delivers_with_job_id_as_idempotency_key(
 
 
 async def test_send_as_html_confirms(client: TestClient) -> None:  # type: ignore[type-arg]
-    response = await client.post("/send", data=FORM)
+    response = await client.post("/send", data=await filled(client))
     assert response.status == 200
     assert "is sent" in await response.text()
 
@@ -93,31 +103,31 @@ async def test_send_as_html_confirms(client: TestClient) -> None:  # type: ignor
     ],
 )
 async def test_invalid_form_rerenders_with_400(
-    client: TestClient,
+    client: TestClient,  # type: ignore[type-arg]
     fake: FakeMailgun,
     change: dict[str, str],
-    message: str,  # type: ignore[type-arg]
+    message: str,
 ) -> None:
-    response = await client.post("/send", data={**FORM, **change})
+    response = await client.post("/send", data=await filled(client, **change))
     assert response.status == 400
     page = await response.text()
     assert message in page
     assert "<form" in page
-    response = await client.post("/send", data={**FORM, **change}, headers=JSON)
+    response = await client.post("/send", data=await filled(client, **change), headers=JSON)
     assert response.status == 400
     assert message in (await response.json())["error"]
     assert fake.ledger == []
 
 
 async def test_oversized_body_is_refused_not_500(client: TestClient) -> None:  # type: ignore[type-arg]
-    response = await client.post("/send", data={**FORM, "message": "x" * 200_000})
+    response = await client.post("/send", data=await filled(client, message="x" * 200_000))
     assert response.status == 413
     assert "larger than" in await response.text()
 
 
-async def test_non_form_body_is_a_400(client: TestClient) -> None:  # type: ignore[type-arg]
+async def test_non_form_body_is_a_415(client: TestClient) -> None:  # type: ignore[type-arg]
     response = await client.post("/send", json=FORM, headers=JSON)
-    assert response.status == 400
+    assert response.status == 415
     assert "x-www-form-urlencoded" in (await response.json())["error"]
 
 
@@ -136,7 +146,7 @@ async def test_metrics_written_at_shutdown(fake: FakeMailgun, tmp_path: Path) ->
         ServerSettings(mode="direct", mailgun=MailgunSettings(base_url=fake.url), metrics_out=out)
     )
     for _ in range(3):
-        assert (await client.post("/send", data=FORM, headers=JSON)).status == 200
+        assert (await client.post("/send", data=await filled(client), headers=JSON)).status == 200
     await client.close()
     snapshot = json.loads(out.read_text())
     assert len(snapshot["accepted"]) == 3
@@ -150,7 +160,7 @@ async def test_api_failure_is_not_accepted(tmp_path: Path) -> None:
         client = await client_for(
             ServerSettings(mode="direct", mailgun=MailgunSettings(base_url=failing.url))
         )
-        response = await client.post("/send", data=FORM, headers=JSON)
+        response = await client.post("/send", data=await filled(client), headers=JSON)
         assert response.status == 503
         assert "did not take it" in (await response.json())["error"]
         await client.close()
@@ -160,7 +170,7 @@ async def test_wrong_api_key_is_a_permanent_failure(fake: FakeMailgun) -> None:
     client = await client_for(
         ServerSettings(mode="direct", mailgun=MailgunSettings(base_url=fake.url, api_key="nope"))
     )
-    response = await client.post("/send", data=FORM, headers=JSON)
+    response = await client.post("/send", data=await filled(client), headers=JSON)
     assert response.status == 502
     assert "401" in (await response.json())["error"]
     await client.close()
