@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -182,13 +181,13 @@ def _short_lease(url: str | None) -> str | None:
     """The queue URL with the lease (SQL) or visibility (Redis) set to :data:`LEASE_S`."""
     if url is None:
         return None
-    parts = urlsplit(url)
+    scheme = url.partition(":")[0]
     name = {"redis": "visibility", "sqlite": "lease", "postgresql": "lease", "postgres": "lease"}
-    parameter = name.get(parts.scheme)
+    parameter = name.get(scheme)
     if parameter is None:
         return url
-    query = f"{parts.query}&" if parts.query else ""
-    return urlunsplit(parts._replace(query=f"{query}{parameter}={LEASE_S:g}"))
+    # Not urlunsplit: it would turn sqlite:////abs/path into a relative path.
+    return f"{url}{'&' if '?' in url else '?'}{parameter}={LEASE_S:g}"
 
 
 def fake_options(faults: str, rate_limit: str | None, idempotency: bool) -> tuple[str, ...]:

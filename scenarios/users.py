@@ -9,6 +9,7 @@ event; an open-model arrival puts its intended start there.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import re
 import secrets
@@ -19,9 +20,18 @@ from locust import FastHttpUser, between, events, task
 from locust.env import Environment
 
 _recipients = itertools.count()
-# Chosen once per process: Locust's --processes N runs N copies of this module, each with
-# its own counter, and the accounting needs every recipient to be unique across them.
+# Chosen once per process, and again in every child forked from it: Locust's
+# --processes N forks its workers after importing this module, and the accounting needs
+# every recipient to be unique across all of them (and across machines).
 _PROCESS_TOKEN = secrets.token_hex(4)
+
+
+def _new_process_token() -> None:
+    global _PROCESS_TOKEN
+    _PROCESS_TOKEN = secrets.token_hex(4)
+
+
+os.register_at_fork(after_in_child=_new_process_token)
 # The reference server's form carries a CSRF token bound to a cookie; other servers may
 # have neither, and then the form is posted without them.
 _CSRF_FIELD = re.compile(rb'name="csrf_token"[^>]*?value="([^"]*)"')

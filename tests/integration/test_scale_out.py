@@ -30,8 +30,8 @@ def mailbench(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 
 def test_two_processes_per_tier_and_two_locust_processes(tmp_path: Path, redis_url: str) -> None:
     done = mailbench(
-        "run", "--modes", "direct,redis", "--duration", "8", "--users", "20",
-        "--latency", "fixed:0.05", "--server-procs", "2", "--worker-procs", "2",
+        "run", "--modes", "direct,redis", "--scenario", "sender", "--duration", "8",
+        "--users", "20", "--latency", "fixed:0.05", "--server-procs", "2", "--worker-procs", "2",
         "--locust-procs", "2", "--out", str(tmp_path),
         env={"REDIS_URL": redis_url},
     )  # fmt: skip
