@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -77,6 +78,8 @@ class _Plan:
     kills: list[float]
     restart_at: float | None
     events: list[Event] = field(default_factory=list)
+    restarting: threading.Thread | None = None
+    restart_error: Exception | None = None
 
 
 class ChaosHarness(Harness):
@@ -144,7 +147,22 @@ class ChaosHarness(Harness):
             self._kill_a_worker(tiers, elapsed)
         if plan.restart_at is not None and plan.restart_at <= elapsed:
             plan.restart_at = None
-            self._restart_broker(tiers, elapsed)
+            # In its own thread: a RabbitMQ restart takes ~10 s, and the kills go on.
+            plan.restarting = threading.Thread(
+                target=self._restart_in_thread, args=(tiers, elapsed), name="chaos-restart"
+            )
+            plan.restarting.start()
+
+    def drain(self, tiers: Tiers) -> bool:
+        # What the load ended too soon for still happens, before the drain.
+        plan = self.plan
+        if plan.restarting is not None:
+            plan.restarting.join()
+            if plan.restart_error is not None:
+                raise plan.restart_error
+        while plan.kills:
+            self._kill_a_worker(tiers, plan.kills.pop(0))
+        return super().drain(tiers)
 
     def _kill_a_worker(self, tiers: Tiers, elapsed: float) -> None:
         if not tiers.workers:
@@ -155,13 +173,19 @@ class ChaosHarness(Harness):
         replacement = self.start_worker(tiers)
         self._event(elapsed, f"SIGKILL worker {victim.name}; started {replacement.name}")
 
+    def _restart_in_thread(self, tiers: Tiers, elapsed: float) -> None:
+        try:
+            self._restart_broker(tiers, elapsed)
+        except Exception as exc:  # raised again in the main thread, before the drain
+            self.plan.restart_error = exc
+
     def _restart_broker(self, tiers: Tiers, elapsed: float) -> None:
         started = time.monotonic()
         if tiers.mode == "sqlite":
             # No broker process: the processes writing the queue's file crash instead.
-            for server in tiers.servers:
+            for server in list(tiers.servers):
                 self.children.kill(server)
-            tiers.servers.clear()
+                tiers.servers.remove(server)
             for _ in range(self.config.server_procs):
                 self.start_server(tiers)
             for server in tiers.servers:
@@ -247,7 +271,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="the fake honours Idempotency-Key: a retry is not delivered twice",
     )
     add("--worker-procs", type=int, default=2, help="worker processes (default: 2)")
-    add("--concurrency", type=int, default=50, help="API calls in flight per worker")
+    add("--concurrency", type=int, default=50, help="API calls in flight per worker (default: 50)")
     add("--latency", default="uniform:0.05,0.2", help="fake Mailgun latency (default: fast)")
     add("--seed", type=int, default=1)
     add("--out", type=Path, default=Path("results"), help="results root folder")

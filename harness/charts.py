@@ -303,7 +303,7 @@ def cdf_points(histogram: HdrHistogram) -> tuple[list[int], list[float]]:
 
 
 def delivery_chart(run: Run) -> Figure:
-    """Per mode, the share of delivered emails against the time from the server's 2xx to
+    """Per mode, the share of delivered emails against the time from the send being posted to
     the API's acceptance (step CDF, log time axis)."""
     fig, ax = new_figure(4.2)
     handles, labels, values = [], [], []
@@ -326,7 +326,7 @@ def delivery_chart(run: Run) -> Figure:
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _p: f"{y:.0%}"))
     for level in (0.5, 0.99):
         ax.axhline(level, color=GREY, lw=0.8, ls=(0, (1, 3)), zorder=0)
-    ax.set_xlabel("time from POST /send's 2xx to the API accepting the email, log scale")
+    ax.set_xlabel("time from posting the form to the API accepting the email, log scale")
     ax.set_ylabel("emails delivered")
     title = "Delivery lag: how long until the email reaches the API"
     return finish(fig, caption(run), title, handles, labels, 2)

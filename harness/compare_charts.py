@@ -50,6 +50,13 @@ FIELDS: dict[str, Callable[[Run], Any]] = {
     "seed": lambda r: _config(r).get("seed"),
     "worker concurrency": lambda r: _config(r).get("worker_concurrency"),
     "send delay": lambda r: f"{_config(r).get('send_delay_ms', 0)} ms",
+    "render": lambda r: f"{float(_config(r).get('render_ms', 0)):g} ms",
+    "processes": lambda r: "servers {} workers {} locust {}".format(
+        *(
+            _config(r).get(k, d)
+            for k, d in (("server_procs", 1), ("worker_procs", 1), ("locust_processes", 0))
+        )
+    ),
 }
 
 

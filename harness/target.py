@@ -1,7 +1,7 @@
 """An external server under test: ``mailbench run --target URL``.
 
 Any web app can be measured with mailbench's scenarios, accounting and charts if it
-honours a small contract (README, "Measuring your own server"):
+honours a small contract (docs/target.md):
 
 * ``GET <form path>`` (default ``/``) answers 200 with the form page. If the page holds a
   hidden ``csrf_token`` input, its value (and the cookies set with it) is sent back.

@@ -462,7 +462,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency", type=int, default=200, help="API calls in flight at most (default: 200)"
     )
     parser.add_argument(
-        "--prefetch", type=int, help="deliveries held unsettled at most (default: the concurrency)"
+        "--prefetch",
+        type=int,
+        help="deliveries held unsettled at most (default: the concurrency plus a quarter)",
     )
     parser.add_argument(
         "--max-attempts",
