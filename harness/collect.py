@@ -104,7 +104,7 @@ def generator_notes(locust: dict[str, Any]) -> list[str]:
     return [
         f"generator-bound: the load generator's CPU reached {health['cpu_max_pct']}% "
         f"({health['seconds_above_90pct']} s above 90%), so these latencies include its own "
-        "queueing; rerun with more Locust processes (--locust-processes N) or on another host"
+        "queueing; rerun with more Locust processes (--locust-procs N) or on another host"
     ]
 
 
