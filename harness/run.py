@@ -17,6 +17,7 @@ import csv
 import datetime as dt
 import json
 import logging
+import os
 import secrets
 import sys
 import time
@@ -94,6 +95,8 @@ class RunConfig:
     send_delay_ms: float = 0.0
     fake_options: tuple[str, ...] = ()  # extra `mailbench fakegun` options (faults...)
     target: Target | None = None  # an external server instead of the reference ones
+    # Tier ("fakegun", "server", "worker", "locust") -> CPUs it may run on; absent: any.
+    cpus: tuple[tuple[str, tuple[int, ...]], ...] = ()
     run_id: str = field(default_factory=lambda: dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
     @property
@@ -111,7 +114,11 @@ class RunConfig:
         described["out"] = str(self.out)
         described["load_model"] = self.load_model
         described["target"] = self.target.describe() if self.target else None
+        described["cpus"] = {tier: list(cpus) for tier, cpus in self.cpus}
         return described
+
+    def cpus_of(self, tier: str) -> tuple[int, ...] | None:
+        return dict(self.cpus).get(tier)
 
 
 QueueUrlFor = Callable[[str], str | None]
@@ -207,6 +214,7 @@ class Harness:
             ),
             self.run_dir / "logs" / "fakegun.log",
         )
+        self._pin(fake, "fakegun")
         self.fake_url = f"http://127.0.0.1:{port}"
         fake.wait_http(f"{self.fake_url}/_mailbench/stats")
 
@@ -279,6 +287,7 @@ class Harness:
             self.run_dir / "logs" / f"{tiers.mode}-server-{index}.log",
             env={"MAILBENCH_SECRET": self.secret},
         )
+        self._pin(server, "server")
         tiers.servers.append(server)
         return server
 
@@ -297,8 +306,15 @@ class Harness:
             mailbench_command(*args),
             self.run_dir / "logs" / f"{tiers.mode}-worker-{index}.log",
         )
+        self._pin(worker, "worker")
         tiers.workers.append(worker)
         return worker
+
+    def _pin(self, child: Child, tier: str) -> None:
+        """Keep a tier on its CPUs (``--cpus``), as if it had a machine of its own."""
+        cpus = self.config.cpus_of(tier)
+        if cpus is not None:
+            os.sched_setaffinity(child.pid, cpus)
 
     def stop_tiers(self, tiers: Tiers) -> list[str]:
         """Stop workers, then servers (each writes its metrics); notes on bad exits."""
@@ -376,6 +392,7 @@ class Harness:
             self._locust_argv(tiers.base_url, raw, rate, duration),
             self.run_dir / "logs" / f"{mode}-locust.log",
         )
+        self._pin(locust, "locust")  # before it forks any --processes workers
         deadline = time.monotonic() + duration + 60
         started = time.monotonic()
         depths: dict[str, int | None] = {}

@@ -112,12 +112,47 @@ def add_tier_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency", type=int, help="API calls in flight per worker process (queued modes)"
     )
     parser.add_argument(
+        "--cpus",
+        action="append",
+        default=[],
+        metavar="TIER=CPU[,CPU...]",
+        help=f"run a tier ({', '.join(TIERS)}) on these CPUs only, as if it had a machine of "
+        "its own; repeatable, e.g. --cpus server=0 --cpus worker=1",
+    )
+    parser.add_argument(
         "--render-ms",
         type=float,
         default=0.0,
         help="render a personalised image per email costing about MS of CPU: inside the "
         "request in direct/blocking mode, in the worker otherwise (default: 0, off)",
     )
+
+
+TIERS = ("fakegun", "server", "worker", "locust")
+
+
+def parse_cpus(specs: list[str]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``TIER=CPU[,CPU...]`` options, checked against the CPUs this process may use."""
+    available = os.sched_getaffinity(0)
+    pinned: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        tier, _, listed = spec.partition("=")
+        try:
+            cpus = tuple(sorted({int(c) for c in listed.split(",") if c.strip()}))
+        except ValueError:
+            cpus = ()
+        if tier not in TIERS or not cpus:
+            raise ConfigError(
+                f"--cpus {spec!r}: use TIER=CPU[,CPU...] with TIER one of {', '.join(TIERS)}, "
+                "e.g. --cpus server=0 --cpus worker=1"
+            )
+        if missing := set(cpus) - available:
+            raise ConfigError(
+                f"--cpus {spec!r}: CPU {sorted(missing)} is not available here "
+                f"(available: {sorted(available)})"
+            )
+        pinned[tier] = cpus
+    return tuple(pinned.items())
 
 
 def check_tiers(args: argparse.Namespace) -> None:
@@ -184,6 +219,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         worker_procs=args.worker_procs,
         worker_concurrency=args.concurrency or profile.worker_concurrency,
         render_ms=args.render_ms,
+        cpus=parse_cpus(args.cpus),
         drain_timeout_s=profile.drain_timeout_s,
         send_delay_ms=args.inject_send_delay_ms,
         target=target,
