@@ -163,14 +163,24 @@ def finish(
 
 def log_time_axis(ax: Axes, which: str, values: Sequence[float]) -> None:
     """A log axis of µs values labelled in µs / ms / s: ticks at each decade, or at 1-2-5
-    (1-1.5-2-3-5-7 within one decade) when the values span two decades or less."""
-    low, high = time_limits(values)
+    (1-1.5-2-3-5-7 within one decade) when the values span two decades or less and the
+    axis is long enough for that many labels."""
+    fits = _labels_that_fit(ax, which)
+    low, high = time_limits(values, fits)
     axis: Axis = getattr(ax, f"{which}axis")
     getattr(ax, f"set_{which}scale")("log")
     getattr(ax, f"set_{which}lim")(low, high)
-    axis.set_major_locator(LogLocator(base=10, subs=_steps(values) or (1.0,)))
+    axis.set_major_locator(LogLocator(base=10, subs=_steps(values, fits) or (1.0,)))
     axis.set_major_formatter(FuncFormatter(format_us))
     axis.set_minor_formatter(NullFormatter())
+
+
+def _labels_that_fit(ax: Axes, which: str) -> int:
+    """Tick labels such as "100 ms" that fit along the axis side by side (x) or stacked (y)."""
+    width, height = ax.get_figure().get_size_inches()  # type: ignore[union-attr]
+    box = ax.get_position()
+    length = box.width * width if which == "x" else box.height * height
+    return max(3, int(length / (0.55 if which == "x" else 0.25)))
 
 
 def _span(values: Sequence[float]) -> tuple[float, float]:
@@ -178,19 +188,29 @@ def _span(values: Sequence[float]) -> tuple[float, float]:
     return min(positive), max(positive) * 1.05  # room for the max's marker
 
 
-def _steps(values: Sequence[float]) -> tuple[float, ...] | None:
-    """Tick multiples of a power of ten for values this close together; None: decades."""
+def _steps(values: Sequence[float], fits: int = 1000) -> tuple[float, ...] | None:
+    """Tick multiples of a power of ten for values this close together, if ``fits``
+    labels leave room for them; None: decades."""
     low, high = _span(values)
-    if high / low > 100:
-        return None
-    return (1.0, 2.0, 5.0) if high / low > 10 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+    candidates: list[tuple[float, ...]] = []
+    if high / low <= 10:
+        candidates.append((1.0, 1.5, 2.0, 3.0, 5.0, 7.0))
+    if high / low <= 100:
+        candidates.append((1.0, 2.0, 5.0))
+    for multiples in candidates:
+        if len(_ticks_between(values, multiples)) <= fits:
+            return multiples
+    return None
 
 
-def time_limits(values: Sequence[float]) -> tuple[float, float]:
-    """Limits on labelled ticks: whole decades around values that span decades, the
-    nearest steps of :func:`_steps` around values that do not."""
+def _ticks_between(values: Sequence[float], multiples: tuple[float, ...]) -> list[float]:
+    low, high = _limits(values, multiples)
+    steps = [m * 10.0**e for e in range(0, 9) for m in multiples]
+    return [s for s in steps if low <= s <= high]
+
+
+def _limits(values: Sequence[float], multiples: tuple[float, ...] | None) -> tuple[float, float]:
     low_value, high_value = _span(values)
-    multiples = _steps(values)
     if multiples is None:
         low = 10.0 ** math.floor(math.log10(low_value))
         return max(1.0, low), 10.0 ** math.ceil(math.log10(high_value))
@@ -198,6 +218,12 @@ def time_limits(values: Sequence[float]) -> tuple[float, float]:
     low = max((s for s in steps if s <= low_value), default=1.0)
     high = min((s for s in steps if s >= high_value), default=steps[-1])
     return low, max(high, low * 1.5)
+
+
+def time_limits(values: Sequence[float], fits: int = 1000) -> tuple[float, float]:
+    """Limits on labelled ticks: whole decades around values that span decades, the
+    nearest steps of :func:`_steps` around values that do not."""
+    return _limits(values, _steps(values, fits))
 
 
 # -- gap ---------------------------------------------------------------------------------
