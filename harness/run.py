@@ -97,6 +97,7 @@ class RunConfig:
     target: Target | None = None  # an external server instead of the reference ones
     # Tier ("fakegun", "server", "worker", "locust") -> CPUs it may run on; absent: any.
     cpus: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    nice: tuple[tuple[str, int], ...] = ()  # tier -> CPU priority (nice value); absent: 0
     run_id: str = field(default_factory=lambda: dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
     @property
@@ -115,6 +116,7 @@ class RunConfig:
         described["load_model"] = self.load_model
         described["target"] = self.target.describe() if self.target else None
         described["cpus"] = {tier: list(cpus) for tier, cpus in self.cpus}
+        described["nice"] = dict(self.nice)
         return described
 
     def cpus_of(self, tier: str) -> tuple[int, ...] | None:
@@ -311,10 +313,15 @@ class Harness:
         return worker
 
     def _pin(self, child: Child, tier: str) -> None:
-        """Keep a tier on its CPUs (``--cpus``), as if it had a machine of its own."""
+        """Keep a tier on its CPUs (``--cpus``) and at its priority (``--nice``), as if it
+        had a machine of its own, or only the CPU time the others leave."""
         cpus = self.config.cpus_of(tier)
         if cpus is not None:
             os.sched_setaffinity(child.pid, cpus)
+        nice = dict(self.config.nice).get(tier)
+        if nice is not None:
+            # Threads it starts later inherit the value (Linux keeps it per thread).
+            os.setpriority(os.PRIO_PROCESS, child.pid, nice)
 
     def stop_tiers(self, tiers: Tiers) -> list[str]:
         """Stop workers, then servers (each writes its metrics); notes on bad exits."""

@@ -120,6 +120,14 @@ def add_tier_arguments(parser: argparse.ArgumentParser) -> None:
         "its own; repeatable, e.g. --cpus server=0 --cpus worker=1",
     )
     parser.add_argument(
+        "--nice",
+        action="append",
+        default=[],
+        metavar="TIER=N",
+        help="run a tier at a lower CPU priority (0-19), so that it takes only the CPU time "
+        "the others leave, e.g. --nice worker=10 to keep workers' CPU work from the server",
+    )
+    parser.add_argument(
         "--render-ms",
         type=float,
         default=0.0,
@@ -153,6 +161,20 @@ def parse_cpus(specs: list[str]) -> tuple[tuple[str, tuple[int, ...]], ...]:
             )
         pinned[tier] = cpus
     return tuple(pinned.items())
+
+
+def parse_nice(specs: list[str]) -> tuple[tuple[str, int], ...]:
+    """``TIER=N`` options: the tier's CPU priority, 0 (normal) to 19 (only spare time)."""
+    values: dict[str, int] = {}
+    for spec in specs:
+        tier, _, text = spec.partition("=")
+        if tier not in TIERS or not text.strip().isdigit() or not 0 <= int(text) <= 19:
+            raise ConfigError(
+                f"--nice {spec!r}: use TIER=N with TIER one of {', '.join(TIERS)} and N from "
+                "0 to 19, e.g. --nice worker=10"
+            )
+        values[tier] = int(text)
+    return tuple(values.items())
 
 
 def check_tiers(args: argparse.Namespace) -> None:
@@ -220,6 +242,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         worker_concurrency=args.concurrency or profile.worker_concurrency,
         render_ms=args.render_ms,
         cpus=parse_cpus(args.cpus),
+        nice=parse_nice(args.nice),
         drain_timeout_s=profile.drain_timeout_s,
         send_delay_ms=args.inject_send_delay_ms,
         target=target,

@@ -9,7 +9,7 @@ import pytest
 
 from harness.errors import ConfigError
 from harness.run import RunConfig
-from harness.run_cli import add_cli_arguments, config_from_args, parse_cpus
+from harness.run_cli import add_cli_arguments, config_from_args, parse_cpus, parse_nice
 
 
 def config(*argv: str) -> RunConfig:
@@ -80,3 +80,14 @@ def test_target_replaces_the_modes_and_carries_its_contract() -> None:
 def test_bad_targets_are_refused(argv: tuple[str, ...]) -> None:
     with pytest.raises(ConfigError):
         config(*argv)
+
+
+def test_nice_lowers_a_tiers_priority() -> None:
+    assert parse_nice(["worker=10", "locust=0"]) == (("worker", 10), ("locust", 0))
+    assert config("--nice", "worker=19").describe()["nice"] == {"worker": 19}
+
+
+@pytest.mark.parametrize("spec", ["worker", "worker=-5", "worker=20", "db=3", "worker=x"])
+def test_bad_nice_is_refused_in_one_sentence(spec: str) -> None:
+    with pytest.raises(ConfigError, match="--nice"):
+        parse_nice([spec])
