@@ -59,14 +59,16 @@ def collect_mode(
 
 
 def client_sends(raw: Path) -> tuple[list[tuple[str, float]], list[str]]:
-    """The sends Locust saw accepted (recipient, time of the 2xx) and failed, over the
-    main phase and every sweep step under ``raw``."""
+    """The sends Locust saw accepted (recipient, when posted) and the others it attempted,
+    over the main phase and every sweep step under ``raw``."""
     accepted: list[tuple[str, float]] = []
     failed: list[str] = []
     for path in sorted(raw.rglob("locust-hdr.json")):
         locust = json.loads(path.read_text())
         accepted += [(str(r), float(at)) for r, at in locust.get("sends_ok", [])]
+        # A send started but never answered (cut short at the stop) was attempted too.
         failed += [str(r) for r in locust.get("sends_failed", [])]
+        failed += [str(r) for r in locust.get("sends_started", [])]
     return accepted, failed
 
 

@@ -50,6 +50,9 @@ class HdrRecorder:
         self.counters: defaultdict[str, int] = defaultdict(int)  # open-model start counts
         self.sends_ok: list[tuple[str, float]] = []  # (recipient, when it was posted)
         self.sends_failed: list[str] = []  # recipients of sends without a 2xx
+        # Recipients of sends started: one cut short when Locust stops never fires a
+        # request event, yet its job may have been taken (see note_send).
+        self.sends_started: list[str] = []
         environment.mailbench_counters = self.counters  # type: ignore[attr-defined]
         self.started_at = time.time()
         ev = environment.events
@@ -117,6 +120,7 @@ class HdrRecorder:
             "counters": dict(self.counters),
             "sends_ok": list(self.sends_ok),
             "sends_failed": list(self.sends_failed),
+            "sends_started": list(self.sends_started),
             "seconds": {str(s): r.encoded() for s, r in sorted(self.per_second.items())},
             "errors_per_second": {
                 str(s): dict(e) for s, e in sorted(self.errors_per_second.items())
@@ -133,6 +137,7 @@ class HdrRecorder:
             self.counters[name] += n
         self.sends_ok += [(str(r), float(t)) for r, t in data.get("sends_ok", [])]
         self.sends_failed += [str(r) for r in data.get("sends_failed", [])]
+        self.sends_started += [str(r) for r in data.get("sends_started", [])]
         for second, encoded in data.get("seconds", {}).items():
             self.per_second[int(second)].add_encoded(encoded)
         for second, errors in data.get("errors_per_second", {}).items():
@@ -149,6 +154,7 @@ class HdrRecorder:
         self.counters.clear()
         self.sends_ok.clear()
         self.sends_failed.clear()
+        self.sends_started.clear()
 
     def on_report_to_master(self, client_id: str, data: dict[str, Any]) -> None:
         # Each report carries what was recorded since the last one; the master adds it up.
@@ -182,4 +188,15 @@ def _add_arguments(parser: Any) -> None:
 
 @events.init.add_listener
 def _install(environment: Environment, **_: Any) -> None:
-    HdrRecorder(environment)
+    global _RECORDER
+    _RECORDER = HdrRecorder(environment)
+
+
+_RECORDER: HdrRecorder | None = None
+
+
+def note_send(recipient: str) -> None:
+    """Call before posting a send to ``recipient``: the accounting then knows it was
+    attempted even if the test ends before its answer (or its request event) comes."""
+    if _RECORDER is not None:
+        _RECORDER.sends_started.append(recipient)

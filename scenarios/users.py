@@ -19,6 +19,8 @@ from typing import Any
 from locust import FastHttpUser, between, events, task
 from locust.env import Environment
 
+from scenarios.recorder import note_send
+
 _recipients = itertools.count()
 # Chosen once per process, and again in every child forked from it: Locust's
 # --processes N forks its workers after importing this module, and the accounting needs
@@ -112,6 +114,7 @@ def send_email(client: Any, context: dict[str, Any] | None = None) -> None:
         cookie = _CSRF_COOKIE.search(page.headers.get("Set-Cookie") or "")
         if cookie:
             headers["Cookie"] = cookie.group(1)
+    note_send(to)
     with client.post(
         SITE.send_path,
         data=form,

@@ -1,4 +1,13 @@
-from harness.collect import generator_health, open_model_notes, timeseries_rows
+import json
+from pathlib import Path
+
+from harness.collect import (
+    client_sends,
+    dead_lettered_recipients,
+    generator_health,
+    open_model_notes,
+    timeseries_rows,
+)
 from harness.metrics import Recorder
 
 
@@ -54,3 +63,26 @@ def test_generator_bound_when_cpu_saturates() -> None:
     assert generator_health({"cpu_samples": [95, 97, 99, 50]})["bound"] is True
     assert generator_health({"cpu_samples": [20, 30, 25, 95]})["bound"] is False
     assert generator_health({"cpu_warnings": 1, "cpu_samples": [10]})["bound"] is True
+
+
+def test_client_sends_cover_the_main_phase_the_sweep_and_sends_cut_short(tmp_path: Path) -> None:
+    (tmp_path / "sweep" / "step-1").mkdir(parents=True)
+    main = {"sends_ok": [["a@x.test", 1.5]], "sends_failed": ["b@x.test"],
+            "sends_started": ["a@x.test", "b@x.test", "c@x.test"]}  # fmt: skip
+    step = {"sends_ok": [["d@x.test", 2.0]], "sends_started": ["d@x.test"]}
+    (tmp_path / "locust-hdr.json").write_text(json.dumps(main))
+    (tmp_path / "sweep" / "step-1" / "locust-hdr.json").write_text(json.dumps(step))
+    accepted, attempted = client_sends(tmp_path)
+    assert sorted(accepted) == [("a@x.test", 1.5), ("d@x.test", 2.0)]
+    # c never got an answer (the run ended first), yet it was attempted.
+    assert {"b@x.test", "c@x.test"} <= set(attempted)
+
+
+def test_dead_letter_journals_survive_a_line_cut_by_a_kill(tmp_path: Path) -> None:
+    (tmp_path / "dead-letters-0.jsonl").write_text(
+        json.dumps({"id": "1", "to": "a@x.test", "reason": "400"}) + "\n"
+    )
+    (tmp_path / "dead-letters-1.jsonl").write_text(
+        json.dumps({"id": "2", "to": "b@x.test", "reason": "gave up"}) + '\n{"id": "3", "to'
+    )
+    assert dead_lettered_recipients(tmp_path) == ["a@x.test", "b@x.test"]
