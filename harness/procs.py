@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -33,6 +34,10 @@ def _die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def free_port() -> int:
@@ -62,7 +67,10 @@ class Child:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            # The kernel ties PDEATHSIG to the thread that forks: a child started from a
+            # helper thread would get SIGTERM when that thread ends. Such children are
+            # stopped by Children.stop_all instead.
+            preexec_fn=_die_with_parent if sys.platform == "linux" and _main_thread() else None,
         )
 
     @property
