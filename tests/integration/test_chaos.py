@@ -18,6 +18,7 @@ from harness.services import ENV_VARS, ServiceSettings
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.timeout(400)  # RabbitMQ boots twice (~10 s each on a quiet machine)
 @pytest.mark.parametrize("mode", ["sqlite", "redis", "rabbitmq", "postgres"])
 def test_chaos_loses_nothing_and_idempotency_prevents_duplicates(
     mode: str, tmp_path: Path, make_service_settings: Callable[[], ServiceSettings]
@@ -29,9 +30,12 @@ def test_chaos_loses_nothing_and_idempotency_prevents_duplicates(
         for name in ("rabbitmq", "rabbitmq_dist", "epmd", "redis", "postgres")
     ]
     env = {k: v for k, v in os.environ.items() if k not in ENV_VARS.values()}
-    argv = [sys.executable, "-m", "harness.cli", "chaos", "--modes", mode, "--duration", "16",
-            "--kill-workers", "5", "--api-faults", "500:0.04,502:0.03,503:0.03",
-            "--rate-limit", "30:10", "--idempotency", "--out", str(tmp_path / "results"),
+    # Long enough for load after the broker is back: RabbitMQ restarts in ~10 s.
+    duration = 24 if mode == "rabbitmq" else 12
+    argv = [sys.executable, "-m", "harness.cli", "chaos", "--modes", mode,
+            "--duration", str(duration), "--users", "10", "--kill-workers", "5",
+            "--api-faults", "500:0.04,502:0.03,503:0.03",
+            "--rate-limit", "20:5", "--idempotency", "--out", str(tmp_path / "results"),
             "--services-dir", str(settings.base_dir), "--no-install"]  # fmt: skip
     for port in ports:
         argv += ["--port", port]
@@ -40,12 +44,16 @@ def test_chaos_loses_nothing_and_idempotency_prevents_duplicates(
 
     run_dir = tmp_path / "results" / "latest"
     [row] = load_run(run_dir).accounting
-    assert row["accepted"] > 100, row
+    assert row["accepted"] > 50, row
     assert (row["lost"], row["unexpected"], row["duplicates"]) == (0, 0, 0), row
     assert row["delivered"] + row["dead_lettered"] == row["accepted"]
 
     # The load went on after the broker restart: sends were accepted in its last seconds.
-    late = [r for r in load_run(run_dir).timeseries if r["metric"] == "send" and r["second"] >= 12]
+    late = [
+        r
+        for r in load_run(run_dir).timeseries
+        if r["metric"] == "send" and r["second"] >= duration - 3
+    ]
     assert sum(int(r["requests"] or 0) for r in late) > 0, late
 
     raw = run_dir / "raw" / mode
