@@ -51,6 +51,8 @@ FIELDS: dict[str, Callable[[Run], Any]] = {
     "worker concurrency": lambda r: _config(r).get("worker_concurrency"),
     "send delay": lambda r: f"{_config(r).get('send_delay_ms', 0)} ms",
     "render": lambda r: f"{float(_config(r).get('render_ms', 0)):g} ms",
+    "nice": lambda r: _pairs(_config(r).get("nice")),
+    "cpus": lambda r: _pairs(_config(r).get("cpus")),
     "processes": lambda r: "servers {} workers {} locust {}".format(
         *(
             _config(r).get(k, d)
@@ -58,6 +60,16 @@ FIELDS: dict[str, Callable[[Run], Any]] = {
         )
     ),
 }
+
+
+def _pairs(mapping: dict[str, Any] | None) -> str:
+    """``{"worker": 19}`` as "worker=19"; "none" when empty."""
+    if not mapping:
+        return "none"
+    return " ".join(
+        f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in sorted(mapping.items())
+    )
 
 
 def _config(run: Run) -> dict[str, Any]:
