@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import random
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -78,8 +77,6 @@ class _Plan:
     kills: list[float]
     restart_at: float | None
     events: list[Event] = field(default_factory=list)
-    restarting: threading.Thread | None = None
-    restart_error: Exception | None = None
 
 
 class ChaosHarness(Harness):
@@ -147,22 +144,14 @@ class ChaosHarness(Harness):
             self._kill_a_worker(tiers, elapsed)
         if plan.restart_at is not None and plan.restart_at <= elapsed:
             plan.restart_at = None
-            if tiers.mode == "sqlite":  # the servers restart in a second or two
-                self._restart_broker(tiers, elapsed)
-                return
-            # In its own thread: a RabbitMQ restart takes ~10 s, and the kills go on.
-            plan.restarting = threading.Thread(
-                target=self._restart_in_thread, args=(tiers, elapsed), name="chaos-restart"
-            )
-            plan.restarting.start()
+            # In this thread, though a RabbitMQ restart takes ~10 s (kills due meanwhile
+            # follow it): a broker started from a helper thread would not die with the
+            # harness, because the kernel ties PDEATHSIG to the thread that forks.
+            self._restart_broker(tiers, elapsed)
 
     def drain(self, tiers: Tiers) -> bool:
         # What the load ended too soon for still happens, before the drain.
         plan = self.plan
-        if plan.restarting is not None:
-            plan.restarting.join()
-            if plan.restart_error is not None:
-                raise plan.restart_error
         while plan.kills:
             self._kill_a_worker(tiers, plan.kills.pop(0))
         return super().drain(tiers)
@@ -175,12 +164,6 @@ class ChaosHarness(Harness):
         self.children.kill(victim)
         replacement = self.start_worker(tiers)
         self._event(elapsed, f"SIGKILL worker {victim.name}; started {replacement.name}")
-
-    def _restart_in_thread(self, tiers: Tiers, elapsed: float) -> None:
-        try:
-            self._restart_broker(tiers, elapsed)
-        except Exception as exc:  # raised again in the main thread, before the drain
-            self.plan.restart_error = exc
 
     def _restart_broker(self, tiers: Tiers, elapsed: float) -> None:
         started = time.monotonic()

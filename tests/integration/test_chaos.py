@@ -30,8 +30,9 @@ def test_chaos_loses_nothing_and_idempotency_prevents_duplicates(
         for name in ("rabbitmq", "rabbitmq_dist", "epmd", "redis", "postgres")
     ]
     env = {k: v for k, v in os.environ.items() if k not in ENV_VARS.values()}
-    # Long enough for load after the broker is back: RabbitMQ restarts in ~10 s.
-    duration = 24 if mode == "rabbitmq" else 12
+    # Long enough for load after the broker is back: RabbitMQ restarts in ~10 s, and the
+    # harness waits for it before it goes on.
+    duration = 32 if mode == "rabbitmq" else 12
     argv = [sys.executable, "-m", "harness.cli", "chaos", "--modes", mode,
             "--duration", str(duration), "--users", "10", "--kill-workers", "5",
             "--api-faults", "500:0.04,502:0.03,503:0.03",
