@@ -26,6 +26,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,14 @@ from typing import Any
 import httpx
 
 from harness.accounting import COLUMNS
-from harness.errors import ConfigError, MailbenchError
+from harness.errors import ConfigError
 from harness.procs import Children
-from harness.results import ModeResult, point_latest
+from harness.results import ModeResult
 from harness.run import Harness, RunConfig, Tiers
 from harness.run_cli import (
     QueueUrls,
-    keep_partial_results,
+    drive,
     parse_modes,
-    strict_brokers,
     warn_unsound,
 )
 from harness.services import ENV_VARS, Services, add_service_arguments, settings_from_args
@@ -64,10 +64,11 @@ class ChaosSettings:
 @dataclass
 class Event:
     at_s: float
+    kind: str  # "kill", "restart" or "crash" (a worker that exited by itself)
     what: str
 
     def as_json(self) -> dict[str, Any]:
-        return {"at_s": round(self.at_s, 2), "what": self.what}
+        return {"at_s": round(self.at_s, 2), "kind": self.kind, "what": self.what}
 
 
 @dataclass
@@ -113,9 +114,8 @@ class ChaosHarness(Harness):
         raw = self.run_dir / "raw" / mode
         events = [e.as_json() for e in self.plan.events]
         (raw / "chaos-events.json").write_text(json.dumps(events, indent=1))
-        killed = sum(1 for e in self.plan.events if e.what.startswith("SIGKILL worker"))
-        restarted = sum(1 for e in self.plan.events if e.what.startswith("restarted"))
-        crashed = sum(1 for e in self.plan.events if "exited by itself" in e.what)
+        kinds = Counter(e.kind for e in self.plan.events)
+        killed, restarted, crashed = kinds["kill"], kinds["restart"], kinds["crash"]
         result.notes.append(
             f"chaos: {killed} workers killed, broker restarted {restarted} time(s), "
             f"{crashed} workers exited by themselves"
@@ -137,7 +137,8 @@ class ChaosHarness(Harness):
             if not worker.alive():  # not one we killed: a crash worth reporting
                 tiers.workers.remove(worker)
                 code = worker.process.returncode
-                self._event(elapsed, f"{worker.name} exited by itself (code {code}); replaced")
+                what = f"{worker.name} exited by itself (code {code}); replaced"
+                self._event(elapsed, "crash", what)
                 self.start_worker(tiers)
         while plan.kills and plan.kills[0] <= elapsed:
             plan.kills.pop(0)
@@ -163,7 +164,7 @@ class ChaosHarness(Harness):
         tiers.workers.remove(victim)
         self.children.kill(victim)
         replacement = self.start_worker(tiers)
-        self._event(elapsed, f"SIGKILL worker {victim.name}; started {replacement.name}")
+        self._event(elapsed, "kill", f"SIGKILL worker {victim.name}; started {replacement.name}")
 
     def _restart_broker(self, tiers: Tiers, elapsed: float) -> None:
         started = time.monotonic()
@@ -180,10 +181,10 @@ class ChaosHarness(Harness):
         else:
             self.services.restart(tiers.mode)
             what = f"restarted {tiers.mode} (crashed, then started on its data)"
-        self._event(elapsed, f"{what} in {time.monotonic() - started:.1f} s")
+        self._event(elapsed, "restart", f"{what} in {time.monotonic() - started:.1f} s")
 
-    def _event(self, elapsed: float, what: str) -> None:
-        self.plan.events.append(Event(elapsed, what))
+    def _event(self, elapsed: float, kind: str, what: str) -> None:
+        self.plan.events.append(Event(elapsed, kind, what))
         print(f"  chaos at {elapsed:5.1f} s: {what}", flush=True)
 
 
@@ -265,8 +266,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from harness.report import build_report
-
     modes = parse_modes(args.modes)
     if unqueued := [m for m in modes if m not in QUEUED_MODES]:
         raise ConfigError(f"chaos needs queued modes; {', '.join(unqueued)} has no queue")
@@ -302,19 +301,13 @@ def cli_main(args: argparse.Namespace) -> int:
         f"idempotency {'on' if args.idempotency else 'off'}",
         flush=True,
     )
-    harness: ChaosHarness | None = None
-    try:
-        with Children() as children, Services(services_settings) as services:
-            queue_urls = QueueUrls(services, config.run_dir, strict_brokers())
-            harness = ChaosHarness(config, chaos, children, services, queue_urls)
-            results = harness.run()
-    except KeyboardInterrupt:
-        keep_partial_results(config.run_dir, harness.results if harness else [])
-        raise
-    if not results:
-        raise MailbenchError("no mode could run; see the messages above")
-    build_report(config.run_dir)
-    point_latest(config.run_dir)
+    results = drive(
+        config,
+        services_settings,
+        lambda children, services, queue_urls: ChaosHarness(
+            config, chaos, children, services, queue_urls
+        ),
+    )
     table = accounting_table(results)
     (config.run_dir / "chaos.md").write_text(
         f"# Chaos run {config.run_id}\n\n{table}\n\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from harness.errors import ConfigError, MailbenchError, ServiceUnavailable
@@ -22,7 +23,12 @@ from harness.run import (
     Harness,
     RunConfig,
 )
-from harness.services import Services, add_service_arguments, settings_from_args
+from harness.services import (
+    Services,
+    ServiceSettings,
+    add_service_arguments,
+    settings_from_args,
+)
 from harness.target import DEFAULT_FAKEGUN_PORT, Target
 from servers.app import MODES
 
@@ -288,8 +294,6 @@ def warn_unsound(results: list[ModeResult]) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from harness.report import build_report
-
     config = config_from_args(args)
     where = f"target {config.target.url}" if config.target else f"modes {', '.join(config.modes)}"
     print(
@@ -297,11 +301,28 @@ def cli_main(args: argparse.Namespace) -> int:
         f"{config.load_model}, {config.duration_s:.0f} s each; API latency {config.latency}",
         flush=True,
     )
+    results = drive(
+        config,
+        settings_from_args(args),
+        lambda children, services, queue_urls: Harness(config, children, queue_urls),
+    )
+    print(f"results in {config.run_dir}/ (report.md, charts/gap.png)", flush=True)
+    warn_unsound(results)
+    return 0
+
+
+MakeHarness = Callable[[Children, Services, QueueUrls], Harness]
+
+
+def drive(config: RunConfig, services: ServiceSettings, make: MakeHarness) -> list[ModeResult]:
+    """Run ``make``'s harness with its children and brokers, then report the run; after
+    Ctrl-C or SIGTERM, report the modes that finished and raise again."""
+    from harness.report import build_report
+
     harness: Harness | None = None
     try:
-        with Children() as children, Services(settings_from_args(args)) as services:
-            queue_urls = QueueUrls(services, config.run_dir, strict_brokers())
-            harness = Harness(config, children, queue_url_for=queue_urls)
+        with Children() as children, Services(services) as brokers:
+            harness = make(children, brokers, QueueUrls(brokers, config.run_dir, strict_brokers()))
             results = harness.run()
     except KeyboardInterrupt:
         # Every child is stopped by now; what finished is kept and reported.
@@ -311,9 +332,7 @@ def cli_main(args: argparse.Namespace) -> int:
         raise MailbenchError("no mode could run; see the messages above")
     build_report(config.run_dir)
     point_latest(config.run_dir)
-    print(f"results in {config.run_dir}/ (report.md, charts/gap.png)", flush=True)
-    warn_unsound(results)
-    return 0
+    return results
 
 
 def keep_partial_results(run_dir: Path, results: list[ModeResult]) -> None:

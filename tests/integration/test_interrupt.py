@@ -14,29 +14,14 @@ import pytest
 
 from harness.results import load_run
 from harness.services import ENV_VARS, ServiceSettings
+from harness.services_proc import Pid, family
 
 pytestmark = pytest.mark.integration
 
 
 def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
+    leader = Pid.of(pid)
+    return {p.pid for p in family(leader)} - {pid} if leader else set()
 
 
 def running(pid: int) -> bool:

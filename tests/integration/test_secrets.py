@@ -24,6 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.services_proc import Pid
+from harness.services_proc import family as process_tree
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 API_KEY = "key-Zq7uT3xW9sPrivate4b1e"
@@ -37,25 +40,6 @@ class Watched:
     listeners: dict[tuple[str, int], str] = field(default_factory=dict)  # -> command
     command_lines: set[str] = field(default_factory=set)
     csrf_secrets: set[str] = field(default_factory=set)
-
-
-def children_of(root: int) -> list[int]:
-    """``root`` and all its descendants, from /proc/<pid>/stat."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # gone already
-        # The command name in parentheses may hold spaces: the fields after it are plain.
-        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [root], [root]
-    while frontier:
-        frontier = [pid for pid, parent in parents.items() if parent in frontier]
-        found += frontier
-    return found
 
 
 def listening_sockets() -> dict[int, tuple[str, int]]:
@@ -92,7 +76,8 @@ def socket_inodes(pid: int) -> set[int]:
 
 def look(root: int, seen: Watched) -> None:
     listening = listening_sockets()
-    for pid in children_of(root):
+    leader = Pid.of(root)
+    for pid in [p.pid for p in process_tree(leader)] if leader else []:
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
