@@ -51,8 +51,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness.metrics import Summary, new_histogram, record_us  # noqa: E402
-from servers.latency import LatencyModel, parse_latency  # noqa: E402
+from servers.fakegun.latency import LatencyModel, parse_latency  # noqa: E402
+from servers.metrics import Summary, new_histogram, record_us  # noqa: E402
 
 API_KEY = "key-mailbench"
 DOMAIN = "mg.mailbench.test"
@@ -328,7 +328,7 @@ async def measure(url: str, args: argparse.Namespace, fake: psutil.Process) -> R
 
 
 def start_fake(args: argparse.Namespace, cpus: set[int]) -> tuple[subprocess.Popen[str], str]:
-    command = [sys.executable, "-m", "servers.fakegun", "--port", "0", "--domain", DOMAIN]
+    command = [sys.executable, "-m", "servers.fakegun.cli", "--port", "0", "--domain", DOMAIN]
     command += ["--latency", args.latency, "--seed", str(args.seed)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(

@@ -24,11 +24,11 @@ from typing import Any
 
 import httpx
 
-from harness.procs import Children, free_port, mailbench_command
-from harness.services import Services, ServiceSettings
+from harness.process import Children, free_port, mailbench_command
+from harness.services.manager import Services, ServiceSettings
 from queues import open_queue
 from queues.base import Email, Job
-from servers.latency import parse_latency
+from servers.fakegun.latency import parse_latency
 
 BACKENDS = ("sqlite", "redis", "rabbitmq", "postgres")
 WARMUP_S = 4.0

@@ -16,20 +16,26 @@ from harness.errors import MailbenchError
 
 # subcommand -> (module, help); each module has add_cli_arguments(parser) and cli_main(args)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("harness.run_cli", "run the benchmark matrix and write a results folder"),
-    "report": ("harness.report", "rebuild charts and report.md from results folders"),
+    "run": ("harness.run.cli", "run the benchmark matrix and write a results folder"),
+    "report": ("harness.report.build", "rebuild charts and report.md from results folders"),
     "compare": (
-        "harness.compare",
+        "harness.gate.compare",
         "CI gate: compare a run against a baseline, exit 1 on regression",
     ),
     "chaos": (
-        "harness.chaos",
+        "harness.run.chaos",
         "kill workers, restart brokers, break the API under load; prove nothing is lost",
     ),
-    "fakegun": ("servers.fakegun", "serve a fake Mailgun API with latency, faults and a ledger"),
+    "fakegun": (
+        "servers.fakegun.cli",
+        "serve a fake Mailgun API with latency, faults and a ledger",
+    ),
     "serve": ("servers.app", "serve the reference web application in one mode"),
-    "worker": ("queues.worker", "consume a queue and send through the Mailgun API"),
-    "services": ("harness.services", "start, stop or show local RabbitMQ / Redis / PostgreSQL"),
+    "worker": ("servers.worker", "consume a queue and send through the Mailgun API"),
+    "services": (
+        "harness.services.manager",
+        "start, stop or show local RabbitMQ / Redis / PostgreSQL",
+    ),
 }
 
 

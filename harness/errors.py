@@ -1,43 +1,34 @@
-"""Every error mailbench raises on purpose.
+"""The orchestrator's errors, on top of the tree every layer shares (:mod:`queues.errors`).
 
-Driver errors (aiohttp, httpx, aio-pika, redis, asyncpg, sqlite3) are translated into
-these at the boundary with ``raise ... from exc``, so a user reads one sentence that
-names what failed and what to do, not a traceback from three libraries deep.
+Harness code imports every error from here; the shared ones are the same classes as in
+:mod:`queues.errors`, so ``except MailbenchError`` at the entry point catches them all.
 """
 
 from __future__ import annotations
 
+from queues.errors import (
+    ConfigError,
+    InvalidJob,
+    MailbenchError,
+    QueueError,
+    ServiceUnavailable,
+    UnknownBackend,
+)
 
-class MailbenchError(Exception):
-    """Base class: the message is a complete sentence meant for the user."""
-
-
-class ConfigError(MailbenchError):
-    """A command-line option, environment variable or spec cannot be understood."""
-
-
-class LatencySpecError(ConfigError):
-    """A latency model spec such as ``uniform:0.5,1.0`` is malformed."""
-
-
-class ServiceUnavailable(MailbenchError):
-    """A broker (RabbitMQ, Redis, PostgreSQL) cannot be had on this machine."""
+__all__ = [
+    "ConfigError",
+    "InvalidJob",
+    "MailbenchError",
+    "ProcessFailed",
+    "QueueError",
+    "ResultsError",
+    "ServiceUnavailable",
+    "UnknownBackend",
+]
 
 
 class ProcessFailed(MailbenchError):
     """A child process (server, worker, fake Mailgun, Locust) exited or never became ready."""
-
-
-class QueueError(MailbenchError):
-    """A queue backend failed to enqueue, consume or acknowledge."""
-
-
-class UnknownBackend(QueueError, ConfigError):
-    """A queue URL has a scheme no backend is registered for."""
-
-
-class InvalidJob(QueueError):
-    """A message on a queue cannot be decoded into a job (it goes to the dead letter)."""
 
 
 class ResultsError(MailbenchError):

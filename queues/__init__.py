@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 from urllib.parse import urlsplit
 
-from harness.errors import UnknownBackend
 from queues.base import Delivery, Email, Job, Queue, decode_job, encode_job
+from queues.errors import UnknownBackend
 
 __all__ = [
     "BACKENDS",

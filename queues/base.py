@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
-from harness.errors import InvalidJob
+from queues.errors import InvalidJob
 
 JOB_FORMAT_VERSION = 1
 

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from harness.errors import InvalidJob, QueueError
 from queues.base import Delivery, Job, decode_job, encode_job
+from queues.errors import InvalidJob, QueueError
 
 
 @dataclass(frozen=True, slots=True)

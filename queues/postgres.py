@@ -20,8 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from harness.errors import QueueError, ServiceUnavailable
 from queues.base import Delivery, Job, encode_job
+from queues.errors import QueueError, ServiceUnavailable
 from queues.sql import TABLE, LeasedQueue, Settings, _Handle, parse_url
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, MessageProcessError
 
-from harness.errors import InvalidJob, QueueError, ServiceUnavailable
 from queues.base import Delivery, Job, decode_job, encode_job
+from queues.errors import InvalidJob, QueueError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from harness.errors import ConfigError, InvalidJob, QueueError, ServiceUnavailable
 from queues.base import Delivery, Job, Slots, decode_job, encode_job
+from queues.errors import ConfigError, InvalidJob, QueueError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from harness.errors import ConfigError, InvalidJob, QueueError
 from queues.base import Delivery, Slots, decode_job
+from queues.errors import ConfigError, InvalidJob, QueueError
 
 log = logging.getLogger(__name__)
 

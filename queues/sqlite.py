@@ -23,8 +23,8 @@ from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from harness.errors import ConfigError, QueueError, ServiceUnavailable
 from queues.base import Delivery, Job, encode_job
+from queues.errors import ConfigError, QueueError, ServiceUnavailable
 from queues.sql import TABLE, LeasedQueue, Settings, _Handle, parse_url
 
 T = TypeVar("T")

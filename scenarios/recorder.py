@@ -30,7 +30,7 @@ from locust import events
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
-from harness.metrics import Recorder
+from servers.metrics import Recorder
 
 OUTPUT_FILE = "locust-hdr.json"
 _MESSAGE_KEY = "mailbench_hdr"

@@ -43,7 +43,7 @@ _CSRF_COOKIE = re.compile(r"(?:^|[\s,])(mailbench_csrf=[^;,\s]*)")
 @dataclass(frozen=True, slots=True)
 class Site:
     """Where the form is and what its fields are called: the reference server's by
-    default, another app's with ``mailbench run --target`` (see :mod:`harness.target`)."""
+    default, another app's with ``mailbench run --target`` (see :mod:`harness.run.target`)."""
 
     form_path: str = "/"
     send_path: str = "/send"

@@ -21,10 +21,9 @@ from pathlib import Path
 
 from aiohttp import hdrs, web
 
-from harness.errors import MailbenchError
-from harness.metrics import Recorder
 from queues import Queue, open_queue
 from queues.base import Email, Job
+from queues.errors import MailbenchError
 from servers.csrf import FIELD as CSRF_FIELD
 from servers.csrf import Csrf, CsrfError
 from servers.formdata import MAX_FIELDS, BodyError, Form, read_form
@@ -44,6 +43,7 @@ from servers.mailgun import (
     add_mailgun_arguments,
     mailgun_settings_from_args,
 )
+from servers.metrics import Recorder
 from servers.render import Renderer
 
 log = logging.getLogger(__name__)

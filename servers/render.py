@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, PngImagePlugin
 
-from harness.errors import ConfigError
 from queues.base import Email
+from queues.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

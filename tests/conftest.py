@@ -1,6 +1,6 @@
 """Fixtures shared by every test module.
 
-Real brokers: one :class:`~harness.services.Services` per test session, each broker
+Real brokers: one :class:`~harness.services.manager.Services` per test session, each broker
 started the first time a test asks for its URL and stopped when the session ends. A
 broker that cannot be had skips its tests with the reason, except in CI (``CI=true``),
 where a silent skip would hide a broken setup: there the test fails.
@@ -17,8 +17,8 @@ from typing import NoReturn
 import pytest
 
 from harness.errors import ServiceUnavailable
-from harness.services import Services, ServiceSettings
-from harness.services_proc import port_taken
+from harness.services.manager import Services, ServiceSettings
+from harness.services.proc import port_taken
 
 # --- real brokers ---------------------------------------------------------------------
 

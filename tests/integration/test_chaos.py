@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.results import load_run
-from harness.services import ENV_VARS, ServiceSettings
+from harness.results.folder import load_run
+from harness.services.manager import ENV_VARS, ServiceSettings
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.results import load_run
-from harness.services import ENV_VARS, ServiceSettings
-from harness.services_proc import Pid, family
+from harness.results.folder import load_run
+from harness.services.manager import ENV_VARS, ServiceSettings
+from harness.services.proc import Pid, family
 
 pytestmark = pytest.mark.integration
 

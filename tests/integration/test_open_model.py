@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.results import load_run
+from harness.results.folder import load_run
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness.procs import Children, free_port, mailbench_command
-from harness.results import load_run
+from harness.process import Children, free_port, mailbench_command
+from harness.results.folder import load_run
 
 pytestmark = pytest.mark.integration
 

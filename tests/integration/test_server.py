@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from servers.app import ServerSettings, create_app
-from servers.fakegun import FakegunSettings, FakeMailgun, parse_fault
+from servers.fakegun.cli import FakegunSettings, FakeMailgun, parse_fault
 from servers.mailgun import MailgunSettings
 
 pytestmark = pytest.mark.integration

@@ -1,6 +1,6 @@
-"""Real brokers from harness.services: they start, answer, and leave no process behind.
+"""Real brokers from harness.services.manager: they start, answer, and leave no process behind.
 
-Which processes a broker has is worked out here independently of harness.services
+Which processes a broker has is worked out here independently of harness.services.manager
 (parent links and environments in /proc), so a bookkeeping bug there cannot hide a leak.
 A zombie counts as gone: PID 1 reaps orphans slowly on these machines.
 """
@@ -26,7 +26,7 @@ import redis
 from pamqp.commands import Basic
 
 from harness.errors import ServiceUnavailable
-from harness.services import (
+from harness.services.manager import (
     ENV_VARS,
     SERVICE_NAMES,
     Services,
@@ -220,7 +220,7 @@ _HOLDER = """
 import json, sys, time
 from pathlib import Path
 from harness.errors import ServiceUnavailable
-from harness.services import Services, ServiceSettings
+from harness.services.manager import Services, ServiceSettings
 
 config = json.loads(sys.argv[1])
 settings = ServiceSettings(
@@ -298,7 +298,7 @@ def test_services_up_outlives_the_command_and_down_stops_everything(
         options += ["--port", f"{key}={port}"]
     cli = (
         "import argparse, sys\n"
-        "from harness.services import add_cli_arguments, cli_main\n"
+        "from harness.services.manager import add_cli_arguments, cli_main\n"
         "parser = argparse.ArgumentParser()\n"
         "add_cli_arguments(parser)\n"
         "sys.exit(cli_main(parser.parse_args()))\n"

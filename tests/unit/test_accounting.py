@@ -1,4 +1,4 @@
-from harness.accounting import reconcile
+from harness.results.accounting import reconcile
 
 
 def entry(to: str | None, at: float, testmode: bool = False) -> dict[str, object]:

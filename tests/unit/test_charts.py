@@ -14,9 +14,9 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from PIL import Image
 
-from harness import charts
-from harness.metrics import Summary, new_histogram, record_us
-from harness.results import Run
+from harness.report import charts
+from harness.results.folder import Run
+from servers.metrics import Summary, new_histogram, record_us
 
 # (form p50, send p50) in µs per mode: the shape of a real run, in-request modes slow.
 SHAPE = {"direct": (150, 750_000), "blocking": (40_000, 800_000), "redis": (160, 420)}

@@ -1,14 +1,14 @@
 import json
 from pathlib import Path
 
-from harness.collect import (
+from harness.results.collect import (
     client_sends,
     dead_lettered_recipients,
     generator_health,
     open_model_notes,
     timeseries_rows,
 )
-from harness.metrics import Recorder
+from servers.metrics import Recorder
 
 
 def locust_data(seconds: dict[int, dict[str, float]]) -> dict[str, object]:

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import compare
-from harness.accounting import Accounting
 from harness.cli import main as mailbench
-from harness.compare import GateSettings, compare_runs, load_runs
 from harness.errors import ConfigError, ResultsError
-from harness.metrics import new_histogram, record_us
-from harness.results import ModeResult, write_manifest, write_results
+from harness.gate import compare
+from harness.gate.compare import GateSettings, compare_runs, load_runs
+from harness.results.accounting import Accounting
+from harness.results.folder import ModeResult, write_manifest, write_results
+from servers.metrics import new_histogram, record_us
 
 
 @dataclass(frozen=True)
@@ -309,7 +309,7 @@ def test_settings_out_of_range() -> None:
 
 
 def test_benchmark_json_is_custom_smaller_is_better(tmp_path: Path) -> None:
-    from harness.bench_ci import benchmark_entries, write_outputs
+    from harness.gate.bench_ci import benchmark_entries, write_outputs
 
     result = gate(tmp_path, [Mode()], [Mode(send_us=7000)])
     write_outputs(result, tmp_path / "ci")

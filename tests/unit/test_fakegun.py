@@ -21,11 +21,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-import servers.fakegun
-import servers.fakegun_validate
+import servers.fakegun.cli
+import servers.fakegun.validate
 from harness.errors import ConfigError
 from queues.base import Email
-from servers.fakegun import (
+from servers.fakegun.cli import (
     FakegunSettings,
     FakeMailgun,
     RateLimit,
@@ -34,7 +34,7 @@ from servers.fakegun import (
     parse_rate_limit,
     settings_from_args,
 )
-from servers.fakegun_faults import TokenBucket
+from servers.fakegun.faults import TokenBucket
 from servers.mailgun import (
     BlockingMailgunClient,
     Inline,
@@ -254,7 +254,7 @@ async def test_exactly_1000_recipients_are_allowed(
 async def test_attachments_count_toward_the_size_limit(
     fake: FakeMailgun, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(servers.fakegun_validate, "MAX_MESSAGE_BYTES", 10_000)
+    monkeypatch.setattr(servers.fakegun.validate, "MAX_MESSAGE_BYTES", 10_000)
     form = aiohttp.FormData(SEND)
     form.add_field("attachment", b"x" * 20_000, filename="big.bin")
     status, body = await send(http, fake, data=form)
@@ -672,7 +672,7 @@ async def test_the_client_sends_an_inline_png(
     assert entry.recipients == [EMAIL.to] and entry.subject == EMAIL.subject
     # The PNG reached the fake: it counts toward the size limit.
     text_size = sum(map(len, (EMAIL.sender, EMAIL.to, EMAIL.subject, EMAIL.text, "inline-2")))
-    monkeypatch.setattr(servers.fakegun_validate, "MAX_MESSAGE_BYTES", text_size + len(PNG) - 1)
+    monkeypatch.setattr(servers.fakegun.validate, "MAX_MESSAGE_BYTES", text_size + len(PNG) - 1)
     assert (await send(EMAIL, "inline-2")).ok
     refused = await send(EMAIL, "inline-3", inline=[("chart.png", PNG)])
     assert (refused.outcome, refused.status) == (Outcome.PERMANENT, 400)
@@ -794,13 +794,13 @@ def test_bad_options_are_one_clear_error(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Refused while reading the options, before any server starts.
-    assert servers.fakegun.main(["--port", "0", *argv]) == 2
+    assert servers.fakegun.cli.main(["--port", "0", *argv]) == 2
     assert capsys.readouterr().err.startswith(f"error: {message}")
 
 
 def test_the_server_announces_its_address_and_stops_on_sigterm() -> None:
     root = Path(__file__).resolve().parents[2]
-    command = [sys.executable, "-m", "servers.fakegun", "--port", "0", "--latency", "fixed:0.1"]
+    command = [sys.executable, "-m", "servers.fakegun.cli", "--port", "0", "--latency", "fixed:0.1"]
     proc = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import LatencySpecError
-from servers.latency import DEFAULT_LATENCY, Fixed, LogNormal, Replay, Uniform, parse_latency
+from servers.fakegun.latency import (
+    DEFAULT_LATENCY,
+    Fixed,
+    LatencySpecError,
+    LogNormal,
+    Replay,
+    Uniform,
+    parse_latency,
+)
 
 N = 20_000
 

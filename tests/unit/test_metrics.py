@@ -1,6 +1,6 @@
 import random
 
-from harness.metrics import (
+from servers.metrics import (
     HIGHEST_US,
     Recorder,
     Summary,

@@ -21,15 +21,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from harness.errors import ConfigError
-from harness.metrics import decode
 from queues import open_queue
 from queues.base import Email, Job
 from queues.memory import MemoryQueue
-from queues.worker import Worker, WorkerSettings
-from queues.worker import add_cli_arguments as add_worker_arguments
 from servers.app import ServerSettings, create_app
 from servers.app import add_cli_arguments as add_server_arguments
 from servers.mailgun import MailgunSettings, Outcome, SendResult
+from servers.metrics import decode
 from servers.render import (
     CARD_FILENAME,
     CARD_SIZE,
@@ -43,6 +41,8 @@ from servers.render import (
     recipient_name,
     render_card,
 )
+from servers.worker import Worker, WorkerSettings
+from servers.worker import add_cli_arguments as add_worker_arguments
 
 ADA = Email(to="ada@example.com", subject="Your weekly report", text="Hi")
 

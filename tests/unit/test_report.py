@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from test_charts import sweep_rows, synthetic_run
 
-from harness import report
 from harness.cli import main
-from harness.compare_charts import run_labels
-from harness.report_html import to_html
-from harness.results import Run, load_run
+from harness.report import build as report
+from harness.report.comparison import run_labels
+from harness.report.html import to_html
+from harness.results.folder import Run, load_run
 
 SAMPLE = Path(__file__).resolve().parents[2] / "results" / "sample"
 

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from harness.errors import ConfigError
-from harness.run import RunConfig
-from harness.run_cli import add_cli_arguments, config_from_args, parse_cpus, parse_nice
+from harness.run.cli import add_cli_arguments, config_from_args, parse_cpus, parse_nice
+from harness.run.driver import RunConfig
 
 
 def config(*argv: str) -> RunConfig:

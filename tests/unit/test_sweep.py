@@ -1,8 +1,8 @@
 import json
 from pathlib import Path
 
-from harness.metrics import Recorder
-from harness.sweep import SweepSettings, sweep_mode
+from harness.run.sweep import SweepSettings, sweep_mode
+from servers.metrics import Recorder
 
 
 def write_step(

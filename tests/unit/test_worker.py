@@ -21,11 +21,12 @@ import respx
 
 from harness import cli
 from harness.errors import ConfigError, QueueError, ServiceUnavailable, UnknownBackend
-from harness.metrics import decode
 from queues import open_queue
 from queues.base import Delivery, Email, Job
 from queues.memory import MemoryQueue
-from queues.worker import (
+from servers.mailgun import Outcome, SendResult
+from servers.metrics import decode
+from servers.worker import (
     Worker,
     WorkerSettings,
     add_cli_arguments,
@@ -33,7 +34,6 @@ from queues.worker import (
     cli_main,
     redact_url,
 )
-from servers.mailgun import Outcome, SendResult
 
 OK = SendResult(Outcome.SUCCESS, 200, message_id="<1@mailbench.test>")
 UNAVAILABLE = SendResult(Outcome.RETRYABLE, 503, detail="503: Service Unavailable")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.metrics import Recorder, Summary
+from servers.metrics import Recorder, Summary
 
 KNEE_FACTOR = 10.0
 KNEE_ERRORS = 0.01

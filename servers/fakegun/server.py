@@ -1,7 +1,7 @@
 """The fake Mailgun's server: settings, the send handler and its state.
 
 The HTTP contract (answers, admin paths, the stats) is documented in
-:mod:`servers.fakegun`, which is the module to import.
+:mod:`servers.fakegun.cli`, which is the module to import.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
-from harness.errors import ConfigError
-from servers.fakegun_faults import (
+from queues.errors import ConfigError
+from servers.fakegun.faults import (
     CONNECTION_KINDS,
     MALFORMED,
     Fault,
@@ -32,8 +32,9 @@ from servers.fakegun_faults import (
     malformed_body,
     retry_after_header,
 )
-from servers.fakegun_ledger import Ledger, LedgerEntry
-from servers.fakegun_validate import (
+from servers.fakegun.latency import DEFAULT_LATENCY, parse_latency
+from servers.fakegun.ledger import Ledger, LedgerEntry
+from servers.fakegun.validate import (
     MAX_MESSAGE_BYTES,
     BadRequest,
     Fields,
@@ -41,7 +42,6 @@ from servers.fakegun_validate import (
     read_fields,
     validate,
 )
-from servers.latency import DEFAULT_LATENCY, parse_latency
 
 # Longer than any sane client timeout, yet bounded so a forgotten fake still stops.
 HANG_SECONDS = 120.0
@@ -81,7 +81,7 @@ class FakeMailgun:
     ) -> None:
         self.settings = settings
         self.model = parse_latency(settings.latency, settings.seed)
-        self._rng = self.model.rng  # faults share it, see servers.latency
+        self._rng = self.model.rng  # faults share it, see servers.fakegun.latency
         self._expected_auth = (
             "Basic " + base64.b64encode(f"api:{settings.api_key}".encode()).decode()
         )

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.compare import Comparison, GateSettings, Row, compare_runs, load_runs
 from harness.errors import ConfigError, MailbenchError, ProcessFailed
-from harness.services import ENV_VARS, Services, ServiceSettings
-from harness.services_proc import port_taken
+from harness.gate.compare import Comparison, GateSettings, Row, compare_runs, load_runs
+from harness.services.manager import ENV_VARS, Services, ServiceSettings
+from harness.services.proc import port_taken
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 900.0

@@ -1,4 +1,4 @@
-"""Turn what one mode's processes wrote into a :class:`~harness.results.ModeResult`.
+"""Turn what one mode's processes wrote into a :class:`~harness.results.folder.ModeResult`.
 
 Inputs, all under ``raw/<mode>/``: ``locust-hdr.json`` (the load generator's µs
 histograms, per second too, open-model counters, its CPU), ``server*.json`` (each server
@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness.accounting import reconcile
-from harness.metrics import Recorder, Summary, decode
-from harness.results import ModeResult
+from harness.results.accounting import reconcile
+from harness.results.folder import ModeResult
+from servers.metrics import Recorder, Summary, decode
 
 GENERATOR_BOUND_CPU = 90.0  # percent of one core, as Locust's own cpu_warning
 _SERVER = frozenset({"api", "render"})  # the histograms taken from server processes

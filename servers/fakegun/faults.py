@@ -1,7 +1,7 @@
 """The fake Mailgun's faults and rate limit: what a client of the real API must survive.
 
 Faults (``--fault KIND:PROB``, repeatable) are drawn once per authenticated send from the
-latency model's seeded generator (``model.rng``, see :mod:`servers.latency`), so a run
+latency model's seeded generator (``model.rng``, see :mod:`servers.fakegun.latency`), so a run
 with ``--seed`` repeats: the n-th send gets the same latency and the same fault whatever
 the timing. At most one fault hits a send; their probabilities may add up to 1.
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from harness.errors import ConfigError
+from queues.errors import ConfigError
 
 MALFORMED = "malformed"
 CONNECTION_KINDS = frozenset({"reset", "hang"})  # the client never sees a status

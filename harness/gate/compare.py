@@ -40,8 +40,8 @@ from typing import Any
 from scipy.stats import mannwhitneyu
 
 from harness.errors import ConfigError, ResultsError
-from harness.metrics import merge
-from harness.results import Run, load_run
+from harness.results.folder import Run, load_run
+from servers.metrics import merge
 
 API_BOUND_MODES = ("direct", "blocking")  # POST /send awaits the API (servers.app)
 REGRESSION, OK, FASTER, INSUFFICIENT, INFO, MISSING = (

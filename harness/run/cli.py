@@ -1,4 +1,4 @@
-"""The ``mailbench run`` command line: options → :class:`~harness.run.RunConfig` → a run.
+"""The ``mailbench run`` command line: options → :class:`~harness.run.driver.RunConfig` → a run.
 
 Also home of what every load-driving command shares (``mailbench chaos`` too): the
 options of the tiers and of the load, and the broker URL of each queued mode.
@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness.errors import ConfigError, MailbenchError, ServiceUnavailable
-from harness.procs import Children
-from harness.results import ModeResult, point_latest
-from harness.run import (
+from harness.process import Children
+from harness.results.folder import ModeResult, point_latest
+from harness.run.driver import (
     DEFAULT_LATENCY,
     DEFAULT_MODES,
     PROFILES,
@@ -23,13 +23,13 @@ from harness.run import (
     Harness,
     RunConfig,
 )
-from harness.services import (
+from harness.run.target import DEFAULT_FAKEGUN_PORT, Target
+from harness.services.manager import (
     Services,
     ServiceSettings,
     add_service_arguments,
     settings_from_args,
 )
-from harness.target import DEFAULT_FAKEGUN_PORT, Target
 from servers.app import MODES
 
 
@@ -317,7 +317,7 @@ MakeHarness = Callable[[Children, Services, QueueUrls], Harness]
 def drive(config: RunConfig, services: ServiceSettings, make: MakeHarness) -> list[ModeResult]:
     """Run ``make``'s harness with its children and brokers, then report the run; after
     Ctrl-C or SIGTERM, report the modes that finished and raise again."""
-    from harness.report import build_report
+    from harness.report.build import build_report
 
     harness: Harness | None = None
     try:
@@ -337,7 +337,7 @@ def drive(config: RunConfig, services: ServiceSettings, make: MakeHarness) -> li
 
 def keep_partial_results(run_dir: Path, results: list[ModeResult]) -> None:
     """After Ctrl-C or SIGTERM: a report of the modes that finished, if any did."""
-    from harness.report import build_report
+    from harness.report.build import build_report
 
     if not results:
         print(f"interrupted before any mode finished; logs in {run_dir}/logs", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 ``mailbench report RUN_DIR`` redraws every chart and writes both reports into the folder;
 ``mailbench report RUN_A RUN_B …`` compares runs side by side (see
-:mod:`harness.compare_charts`). Nothing here reads anything but the folder, and the same
+:mod:`harness.report.comparison`). Nothing here reads anything but the folder, and the same
 folder always gives the same ``report.md``: no clock, no host name, no absolute path.
 """
 
@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import machine
-from harness.charts import METRIC_LABELS, caption, draw_all, format_us
-from harness.results import Run, load_run
+from harness.report.charts import METRIC_LABELS, caption, draw_all, format_us
+from harness.results import machine
+from harness.results.folder import Run, load_run
 
 IN_REQUEST_MODES = ("direct", "blocking")
 FEW_SAMPLES = 100  # below this, p99 and beyond are the few slowest requests, not a tail
@@ -338,7 +338,7 @@ def render(run: Run, charts: list[str]) -> str:
 
 def build_report(run_dir: Path) -> Path:
     """Redraw every chart and write ``report.md`` and ``report.html``; returns report.md."""
-    from harness.report_html import write_html
+    from harness.report.html import write_html
 
     run = load_run(run_dir)
     charts = draw_all(run)
@@ -369,7 +369,7 @@ def cli_main(args: argparse.Namespace) -> int:
     if len(args.runs) == 1:
         print(build_report(args.runs[0]))
         return 0
-    from harness.compare_charts import build_comparison
+    from harness.report.comparison import build_comparison
 
     out = args.out or Path("results") / dt.datetime.now().strftime("compare-%Y%m%d-%H%M%S")
     print(build_comparison(args.runs, out))

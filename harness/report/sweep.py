@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-from harness.charts import caption, finish, log_time_axis, mode_colour, mode_linestyle, new_figure
-from harness.results import Run
+from harness.report.charts import (
+    caption,
+    finish,
+    log_time_axis,
+    mode_colour,
+    mode_linestyle,
+    new_figure,
+)
+from harness.results.folder import Run
 
 
 def _knee(value: object) -> bool:

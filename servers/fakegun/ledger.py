@@ -30,7 +30,7 @@ class Ledger:
 
     Strings, floats and booleans in eight lists are objects the garbage collector does
     not track, so a ledger of millions of messages adds nothing to a collection, where
-    an object per message would (see ``servers.fakegun.cli_main`` on why that matters).
+    an object per message would (see ``servers.fakegun.cli.cli_main`` on why that matters).
     """
 
     def __init__(self) -> None:

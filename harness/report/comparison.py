@@ -21,8 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-from harness import machine
-from harness.charts import (
+from harness.report.build import table, times
+from harness.report.charts import (
     GREY,
     SCREEN_DPI,
     WIDTH_IN,
@@ -33,9 +33,9 @@ from harness.charts import (
     mode_colour,
     save,
 )
-from harness.report import table, times
-from harness.report_html import write_html
-from harness.results import Run, load_run
+from harness.report.html import write_html
+from harness.results import machine
+from harness.results.folder import Run, load_run
 
 HATCHES = ("", "////", "....", "xxxx", "\\\\\\\\", "++++")
 

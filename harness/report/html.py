@@ -1,4 +1,4 @@
-"""A self-contained ``report.html`` from the Markdown that :mod:`harness.report` writes.
+"""A self-contained ``report.html`` from the Markdown that :mod:`harness.report.build` writes.
 
 One file to mail or attach: styles inline, every chart inlined as SVG (its sibling PNG,
 base64, when no SVG exists), no script, no external asset. Only the Markdown the reports

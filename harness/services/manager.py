@@ -12,8 +12,8 @@ A broker the user already runs is used instead when its variable is set (``AMQP_
 (it records what it started in ``base_dir/state.json``); neither is ever stopped here.
 On Debian/Ubuntu as root a missing broker is installed with apt-get; otherwise, or when a
 broker will not start, :class:`~harness.errors.ServiceUnavailable` says in one sentence
-what to do. Recipes per broker live in :mod:`harness.services_brokers`, process plumbing
-in :mod:`harness.services_proc`.
+what to do. Recipes per broker live in :mod:`harness.services.brokers`, process plumbing
+in :mod:`harness.services.proc`.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from types import TracebackType
 from typing import Any, Final
 
 from harness.errors import ConfigError, ServiceUnavailable
-from harness.services_brokers import BROKERS, Broker, Launch, as_user, ensure_installed
-from harness.services_proc import (
+from harness.services.brokers import BROKERS, Broker, Launch, as_user, ensure_installed
+from harness.services.proc import (
     TAG_VAR,
     Pid,
     die_with_us,
@@ -48,7 +48,7 @@ from harness.services_proc import (
     terminate,
     with_environment,
 )
-from harness.services_state import (
+from harness.services.state import (
     entry_alive,
     read_state,
     stop_entry,

@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from harness.errors import ConfigError
-from harness.metrics import Recorder, Summary
 from queues import Queue, open_queue
 from queues.base import Delivery, Email, Job
+from queues.errors import ConfigError
 from servers.mailgun import (
     Inline,
     MailgunClient,
@@ -51,6 +50,7 @@ from servers.mailgun import (
     add_mailgun_arguments,
     mailgun_settings_from_args,
 )
+from servers.metrics import Recorder, Summary
 from servers.render import Renderer
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Process plumbing for :mod:`harness.services`: find, signal and reap broker processes.
+"""Process plumbing for :mod:`harness.services.manager`: find, signal and reap broker processes.
 
 Brokers leave processes that are not our children: RabbitMQ's Erlang VM runs under a shell
 wrapper and starts ``erl_child_setup`` and ``inet_gethost`` in sessions of their own, and

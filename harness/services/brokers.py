@@ -1,4 +1,4 @@
-"""How to run each broker from the machine's own binaries, for :mod:`harness.services`.
+"""How to run each broker from the machine's own binaries, for :mod:`harness.services.manager`.
 
 One class per broker, each knowing where its binaries live, how to lay out its private
 directory, which command line starts it in the foreground on loopback and private ports,
@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypedDict
 
 from harness.errors import ServiceUnavailable
-from harness.services_proc import port_open
+from harness.services.proc import port_open
 
 if TYPE_CHECKING:
-    from harness.services import ServiceSettings
+    from harness.services.manager import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Launch:
 
 
 class Broker(Protocol):
-    """What :class:`harness.services.Services` needs to know about one broker."""
+    """What :class:`harness.services.manager.Services` needs to know about one broker."""
 
     name: str
     title: str  # as users know it: "RabbitMQ"

@@ -33,20 +33,20 @@ from typing import Any
 
 import httpx
 
-from harness.accounting import COLUMNS
 from harness.errors import ConfigError
-from harness.procs import Children
-from harness.results import ModeResult
-from harness.run import Harness, RunConfig, Tiers
-from harness.run_cli import (
+from harness.process import Children
+from harness.results.accounting import COLUMNS
+from harness.results.folder import ModeResult
+from harness.run.cli import (
     QueueUrls,
     drive,
     parse_modes,
     warn_unsound,
 )
-from harness.services import ENV_VARS, Services, add_service_arguments, settings_from_args
+from harness.run.driver import Harness, RunConfig, Tiers
+from harness.services.manager import ENV_VARS, Services, add_service_arguments, settings_from_args
 from servers.app import QUEUED_MODES
-from servers.fakegun import parse_fault
+from servers.fakegun.cli import parse_fault
 
 log = logging.getLogger(__name__)
 

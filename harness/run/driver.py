@@ -7,7 +7,7 @@ the fake Mailgun's ledger. With ``--target URL`` it drives a server it did not s
 instead, through the same scenarios and the same accounting. Locust runs in its own
 process because importing it monkey-patches the interpreter with gevent.
 
-The command line is in :mod:`harness.run_cli`.
+The command line is in :mod:`harness.run.cli`.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from typing import Any
 
 import httpx
 
-from harness import machine
-from harness.accounting import Accounting, reconcile
-from harness.collect import client_sends, collect_mode, dead_lettered_recipients
 from harness.errors import ProcessFailed
-from harness.procs import Child, Children, free_port, mailbench_command
-from harness.results import ModeResult, write_manifest, write_results
-from harness.sweep import SweepSettings, sweep_mode
-from harness.target import Target
+from harness.process import Child, Children, free_port, mailbench_command
+from harness.results import machine
+from harness.results.accounting import Accounting, reconcile
+from harness.results.collect import client_sends, collect_mode, dead_lettered_recipients
+from harness.results.folder import ModeResult, write_manifest, write_results
+from harness.run.sweep import SweepSettings, sweep_mode
+from harness.run.target import Target
 from queues import open_queue
 from servers.app import MODES, QUEUED_MODES
 

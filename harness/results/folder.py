@@ -17,11 +17,11 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from harness.accounting import COLUMNS as ACCOUNTING_COUNTS
-from harness.accounting import Accounting
 from harness.errors import ResultsError
-from harness.metrics import Summary, decode, encode, new_histogram
-from harness.sweep import COLUMNS as SWEEP_COLUMNS
+from harness.results.accounting import COLUMNS as ACCOUNTING_COUNTS
+from harness.results.accounting import Accounting
+from harness.run.sweep import COLUMNS as SWEEP_COLUMNS
+from servers.metrics import Summary, decode, encode, new_histogram
 
 METRICS = (
     "form",

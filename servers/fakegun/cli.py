@@ -1,21 +1,21 @@
 """A fake Mailgun HTTP API: the send endpoint, a latency model, faults and a ledger.
 
 This module is the one to import (:class:`FakeMailgun` and its settings live in
-:mod:`servers.fakegun_server`) and the command line: ``mailbench fakegun`` or
+:mod:`servers.fakegun.server`) and the command line: ``mailbench fakegun`` or
 ``python -m servers.fakegun``.
 
 ``POST /v3/{domain}/messages`` answers as Mailgun does (401 plain ``Forbidden``, 404 for
 an unknown domain, 400 JSON ``{"message": ...}``, 200 ``Queued. Thank you.``), after the
 latency the model draws. The wait is measured from the request's arrival, so the time
 spent parsing the body is absorbed and the achieved latency matches the model. Faults
-and the rate limit are described in :mod:`servers.fakegun_faults`, the checks of a send
-in :mod:`servers.fakegun_validate`.
+and the rate limit are described in :mod:`servers.fakegun.faults`, the checks of a send
+in :mod:`servers.fakegun.validate`.
 
 With ``idempotency`` on (``--idempotency``; off by default, as Mailgun has no such key) a
 send whose ``Idempotency-Key`` header (else ``v:idempotency_key`` variable) was already
 accepted gets the first answer again and is not delivered twice.
 
-Every accepted message goes into the ledger (:mod:`servers.fakegun_ledger`), the ground
+Every accepted message goes into the ledger (:mod:`servers.fakegun.ledger`), the ground
 truth the harness counts deliveries, duplicates and loss against. Admin paths, without
 auth (a contract the harness relies on):
 
@@ -47,11 +47,11 @@ import signal
 import sys
 from collections.abc import Callable
 
-from harness.errors import MailbenchError
-from servers.fakegun_faults import Fault, RateLimit, parse_fault, parse_rate_limit
-from servers.fakegun_ledger import LedgerEntry
-from servers.fakegun_server import FakegunSettings, FakeMailgun
-from servers.latency import DEFAULT_LATENCY
+from queues.errors import MailbenchError
+from servers.fakegun.faults import Fault, RateLimit, parse_fault, parse_rate_limit
+from servers.fakegun.latency import DEFAULT_LATENCY
+from servers.fakegun.ledger import LedgerEntry
+from servers.fakegun.server import FakegunSettings, FakeMailgun
 
 __all__ = [
     "FakeMailgun",

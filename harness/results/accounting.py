@@ -27,7 +27,7 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from harness.metrics import new_histogram, record_us
+from servers.metrics import new_histogram, record_us
 
 COLUMNS = (
     "accepted",

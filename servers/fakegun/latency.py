@@ -28,9 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
 
-from harness.errors import LatencySpecError
+from queues.errors import ConfigError
 
 DEFAULT_LATENCY = "uniform:0.5,1.0"
+
+
+class LatencySpecError(ConfigError):
+    """A latency model spec such as ``uniform:0.5,1.0`` is malformed."""
+
 
 FORMS = (
     "a latency spec is one of 'fixed:0.75', 'uniform:0.5,1.0', "

@@ -39,8 +39,8 @@ from matplotlib.ticker import (
 )
 from PIL import Image
 
-from harness import machine
-from harness.results import Run
+from harness.results import machine
+from harness.results.folder import Run
 
 WIDTH_IN = 7.0
 SCREEN_DPI = 100  # 7 in × 100 = 700 px
@@ -431,7 +431,7 @@ def draw_all(run: Run) -> dict[str, list[Path]]:
     if any(_number(r.get("p99_us")) is not None for r in run.timeseries):
         drawn["timeline"] = save(timeline_chart(run), charts_dir, "timeline")
     if getattr(run, "sweep", None):
-        from harness.charts_sweep import sweep_chart  # it builds on this module
+        from harness.report.sweep import sweep_chart  # it builds on this module
 
         drawn["sweep"] = save(sweep_chart(run), charts_dir, "sweep")
     return drawn

@@ -1,0 +1,1 @@
+"""The CI gate: compare runs, and measure baseline and candidate side by side."""

@@ -1,0 +1,1 @@
+"""The results folder: its contract, what is collected into it, the accounting."""

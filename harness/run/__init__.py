@@ -1,0 +1,1 @@
+"""Driving a run: configuration, tiers, Locust, the drain, chaos, the sweep."""

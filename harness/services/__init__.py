@@ -1,0 +1,1 @@
+"""Local brokers (RabbitMQ, Redis, PostgreSQL) started as child processes."""

@@ -1,0 +1,1 @@
+"""The fake Mailgun: its HTTP server, latency models, faults, ledger and command line."""
