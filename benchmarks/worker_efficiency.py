@@ -25,7 +25,8 @@ from typing import Any
 import httpx
 
 from harness.process import Children, free_port, mailbench_command
-from harness.services.manager import Services, ServiceSettings
+from harness.services.manager import Services
+from harness.services.settings import ServiceSettings
 from queues import open_queue
 from queues.base import Email, Job
 from servers.fakegun.latency import parse_latency

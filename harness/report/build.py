@@ -1,345 +1,53 @@
-"""``report.md``, ``report.html`` and the charts, rebuilt from a results folder alone.
+"""``mailbench report``: ``report.md``, ``report.html`` and the charts, rebuilt from a
+results folder alone.
 
 ``mailbench report RUN_DIR`` redraws every chart and writes both reports into the folder;
 ``mailbench report RUN_A RUN_B …`` compares runs side by side (see
-:mod:`harness.report.comparison`). Nothing here reads anything but the folder, and the same
-folder always gives the same ``report.md``: no clock, no host name, no absolute path.
+:mod:`harness.report.comparison`). Nothing here reads anything but the folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
-from harness.report.charts import METRIC_LABELS, caption, draw_all, format_us
-from harness.results import machine
+from harness.report.charts import (
+    SPECTRUM_ORDER,
+    delivery_chart,
+    gap_chart,
+    number,
+    save,
+    spectrum_chart,
+    timeline_chart,
+)
+from harness.report.comparison import build_comparison
+from harness.report.html import write_html
+from harness.report.markdown import render
+from harness.report.sweep import sweep_chart
 from harness.results.folder import Run, load_run
 
-IN_REQUEST_MODES = ("direct", "blocking")
-FEW_SAMPLES = 100  # below this, p99 and beyond are the few slowest requests, not a tail
 
-MODE_EXPLAINED = {
-    "direct": "POST /send awaits the Mailgun API call (async HTTP client).",
-    "blocking": "POST /send calls the API with a blocking client inside the async handler.",
-    "rabbitmq": "POST /send publishes a persistent message and waits for the publisher confirm.",
-    "redis": "POST /send pushes the job to Redis (AOF on) and waits for the reply.",
-    "sqlite": "POST /send commits a row to a jobs table in one SQLite file (WAL).",
-    "postgres": "POST /send commits a row; workers claim with FOR UPDATE SKIP LOCKED.",
-}
-
-# How a sentence names each mode's broker.
-MODE_NAMES = {
-    "rabbitmq": "RabbitMQ",
-    "redis": "Redis",
-    "sqlite": "SQLite",
-    "postgres": "PostgreSQL",
-}
-
-CHART_EXPLAINED = {
-    "gap": "Median (bar) and p99 (black tick) of the form page, POST /send and one Mailgun "
-    "API call in each mode, on a log scale; on the right, the gap (send p50 ÷ form p50).",
-    "spectrum": "Latency at every percentile, HdrHistogram style: the x axis stretches the "
-    "tail (90%, 99%, 99.9% …) so the slowest requests get as much room as the median; each "
-    "line ends at its max (the dot).",
-    "delivery": "Share of accepted emails that had reached the Mailgun API after a given "
-    "time, from the moment it was posted: the cost of the queue, paid by the email instead "
-    "of the user.",
-    "sweep": "An open-model load raised step by step until each mode's knee (ringed): "
-    "visits served per second against the p99 from each visit's intended start.",
-    "timeline": "Each second of each mode's run: the form page's p99 (gaps are seconds in "
-    "which no form page was answered) and the requests answered. The first and last "
-    "seconds are partial.",
-}
-
-US_COLUMNS = ("mean_us", "p50_us", "p90_us", "p99_us", "p999_us", "max_us")
-SUMMARY_HEADERS = {
-    "mode": "mode",
-    "metric": "metric",
-    "count": "count",
-    "errors": "errors",
-    "rate_per_s": "per s",
-    "mean_us": "mean",
-    "p50_us": "p50",
-    "p90_us": "p90",
-    "p99_us": "p99",
-    "p999_us": "p99.9",
-    "max_us": "max",
-}
-
-
-def times(factor: float) -> str:
-    """A ratio as readers say it: ``1,900×``, ``12×``, ``2.4×``, ``0.023×``."""
-    if factor >= 10:
-        return f"{factor:,.0f}×"
-    return f"{factor:.1f}×" if factor >= 1 else f"{factor:.2g}×"
-
-
-def headline(run: Run) -> str:
-    """One sentence with the gap, e.g. "Queued with Redis, POST /send answered in 0.4 ms —
-    1,900× faster than calling Mailgun in the request"."""
-    inline = next((m for m in IN_REQUEST_MODES if run.row(m, "send")), None)
-    queued = [m for m in run.modes if m not in IN_REQUEST_MODES and _p50(run, m, "send")]
-    if inline and queued:
-        best = min(queued, key=lambda m: _p50(run, m, "send"))
-        fast, slow = _p50(run, best, "send"), _p50(run, inline, "send")
-        how = "calling Mailgun in the request" + ("" if inline == "direct" else " (blocking)")
-        return (
-            f"Queued with {MODE_NAMES.get(best, best)}, POST /send answered in "
-            f"{format_us(fast)} (p50) — "
-            f"{times(slow / max(1.0, fast))} faster than {how} ({format_us(slow)})."
-        )
-    parts = []
-    for mode in run.modes:
-        gap, send = run.gap(mode), run.row(mode, "send")
-        if gap is not None and send:
-            parts.append(
-                f"{mode}: POST /send p50 {format_us(send['p50_us'])}, {times(gap)} the form page"
-            )
-    return ("POST /send, " + "; ".join(parts) + ".") if parts else "No sends were measured."
-
-
-def blocking_sentence(run: Run) -> str | None:
-    """What the blocking client did to everyone else's form page, if both were run."""
-    calm, stalled = _p50(run, "direct", "form"), _p50(run, "blocking", "form")
-    if not calm or not stalled:
-        return None
-    return (
-        f"With a blocking client in the handler, the form page — which sends nothing — took "
-        f"{format_us(stalled)} (p50) instead of {format_us(calm)} with the async client."
-    )
-
-
-def _p50(run: Run, mode: str, metric: str) -> float:
-    row = run.row(mode, metric)
-    return float(row["p50_us"]) if row and row["count"] else 0.0
-
-
-def table(
-    rows: Iterable[dict[str, Any]],
-    columns: Sequence[str],
-    formats: dict[str, Callable[[Any], str]] | None = None,
-    headers: dict[str, str] | None = None,
-    left: Sequence[str] = ("mode", "metric"),
-) -> str:
-    """A Markdown table; numbers right-aligned, the ``left`` columns (names) left."""
-    formats, headers = formats or {}, headers or {}
-    lines = [
-        "| " + " | ".join(headers.get(c, c) for c in columns) + " |",
-        "|" + "|".join("---" if c in left else "---:" for c in columns) + "|",
-    ]
-    for row in rows:
-        cells = [formats[c](row[c]) if c in formats else str(row[c]) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _us(value: Any) -> str:
-    return "–" if value in ("", None) else format_us(float(value))
-
-
-def gap_table(run: Run) -> str:
-    direct = _p50(run, "direct", "send")
-    rows = []
-    for mode in run.modes:
-        form, send = run.row(mode, "form"), run.row(mode, "send")
-        if not form or not send:
-            continue
-        gap = run.gap(mode)
-        fast = float(send["p50_us"])
-        rows.append(
-            {
-                "mode": mode,
-                "form": _us(form["p50_us"]),
-                "send": _us(send["p50_us"]),
-                "send99": _us(send["p99_us"]),
-                "gap": times(gap) if gap is not None else "–",
-                "direct": times(direct / fast) if direct and fast and mode != "direct" else "–",
-            }
-        )
-    headers = {
-        "form": "form p50",
-        "send": "send p50",
-        "send99": "send p99",
-        "gap": "gap (send ÷ form)",
-        "direct": "send vs direct",
-    }
-    return table(rows, ["mode", "form", "send", "send99", "gap", "direct"], headers=headers)
-
-
-def summary_table(run: Run) -> str:
-    formats: dict[str, Callable[[Any], str]] = dict.fromkeys(US_COLUMNS, _us)
-    formats["rate_per_s"] = lambda v: f"{float(v):,.1f}"
-    formats["count"] = formats["errors"] = lambda v: f"{int(v):,}"
-    return table(run.summary, list(SUMMARY_HEADERS), formats, SUMMARY_HEADERS)
-
-
-def sweep_table(run: Run) -> str:
-    rows = [{**r, "knee": "**knee**" if str(r["knee"]).lower() in ("true", "1") else ""}
-            for r in getattr(run, "sweep", [])]  # fmt: skip
-    formats: dict[str, Callable[[Any], str]] = {
-        "offered_per_s": lambda v: f"{float(v):,.0f}",
-        "throughput_per_s": lambda v: f"{float(v):,.0f}",
-        "errors_pct": lambda v: f"{float(v):.1f}%",
-        "form_p99_us": _us,
-        "send_p99_us": _us,
-    }
-    headers = {"offered_per_s": "offered /s", "throughput_per_s": "served /s",
-               "errors_pct": "errors", "form_p99_us": "form p99",
-               "send_p99_us": "send p99"}  # fmt: skip
-    return table(rows, ["mode", *formats, "knee"], formats, headers)
-
-
-def accounting_table(run: Run) -> str:
-    if not run.accounting:
-        return "(no accounting: no mode finished)"
-    rows = [{**r, "verdict": _verdict(r)} for r in run.accounting]
-    columns = ["mode", *[c for c in run.accounting[0] if c != "mode"], "verdict"]
-    headers = {"dead_lettered": "dead-lettered"}
-    return table(rows, columns, {c: str for c in columns}, headers)
-
-
-def _verdict(row: dict[str, Any]) -> str:
-    if row.get("lost") or row.get("unexpected"):
-        return "**FAILED**"
-    return "duplicates" if row.get("duplicates") else "ok"
-
-
-def _explain_mode(run: Run, mode: str) -> str:
-    target = run.manifest.get("config", {}).get("target")
-    if target and mode == target.get("name"):
-        return f"a server mailbench did not start, at {target.get('url')} (`--target`)."
-    return MODE_EXPLAINED.get(mode, "")
-
-
-def warnings(run: Run) -> list[str]:
-    """What a reader must know before quoting a figure, one sentence each."""
-    found: list[str] = []
-    planned = run.manifest.get("config", {}).get("modes", [])
-    modes_info: dict[str, Any] = run.manifest.get("modes", {})
-    for mode in planned:
-        info = modes_info.get(mode)
-        if info is None:
-            found.append(f"**{mode}** was planned but did not run (the run was cut short).")
-        elif "skipped" in info:
-            found.append(f"**{mode}** was skipped: {info['skipped']}.")
-    for mode, info in modes_info.items():
-        found += [f"**{mode}**: {note}." for note in info.get("notes", [])]
-    for r in run.accounting:
-        mode = r["mode"]
-        if r.get("lost"):
-            found.append(
-                f"**{mode}**: {r['lost']:,} accepted emails were never delivered (lost) — "
-                "each was promised by a 2xx."
-            )
-        if r.get("unexpected"):
-            found.append(
-                f"**{mode}**: {r['unexpected']:,} deliveries of no send the load generator made."
-            )
-        if r.get("duplicates"):
-            found.append(f"**{mode}**: {r['duplicates']:,} duplicate deliveries (same send).")
-        if r.get("dead_lettered"):
-            found.append(f"**{mode}**: {r['dead_lettered']:,} emails dead-lettered.")
-    for r in run.summary:
-        total = int(r["count"]) + int(r["errors"])
-        if r["errors"]:
-            found.append(
-                f"**{r['mode']}**: {int(r['errors']):,} of {total:,} `{r['metric']}` requests "
-                f"failed ({int(r['errors']) / total:.1%}); latencies count only successes."
-            )
-    few = [
-        f"{r['mode']} ({int(r['count'])})"
-        for r in run.summary
-        if r["metric"] == "send" and int(r["count"]) < FEW_SAMPLES
-    ]
-    if few:
-        found.append(
-            f"POST /send has fewer than {FEW_SAMPLES} samples in {', '.join(few)}: "
-            "its p99 and beyond are the few slowest requests, not a stable tail."
-        )
-    return found
-
-
-def configuration(run: Run) -> str:
-    m = run.manifest
-    info = m.get("machine", {})
-    lines = [
-        f"- run: `{m.get('run_id', run.path.name)}`, "
-        f"{m.get('started_at', '?')} → {m.get('finished_at', '?')}",
-        f"- commit: `{m.get('git_commit', '?')}`",
-        f"- machine: {machine.describe(info)}; {info.get('cpu', '?')}; "
-        f"kernel {info.get('kernel', '?')}; Python {info.get('python', '?')}",
-    ]
-    cfg = {k: v for k, v in m.get("config", {}).items() if k not in ("out", "run_id")}
-    lines += [f"- {k}: `{_plain(v)}`" for k, v in sorted(cfg.items())]
-    versions = m.get("versions", {})
-    if versions:
-        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
-    return "\n".join(lines)
-
-
-def _plain(value: Any) -> str:
-    return ", ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
-
-
-def _capital(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
-def chart_section(name: str) -> str:
-    kind = name.split("-", 1)[0]
-    return f"![{name}](charts/{name}.png)\n\n{CHART_EXPLAINED.get(kind, '')}".rstrip()
-
-
-def render(run: Run, charts: list[str]) -> str:
-    spectra = [c for c in charts if c.startswith("spectrum-")]
-    spectra_text = "\n\n".join(
-        f"### {_capital(METRIC_LABELS.get(c.split('-', 1)[1], c))}\n\n![{c}](charts/{c}.png)"
-        for c in spectra
-    )
-    extra = [blocking_sentence(run)]
-    watch = warnings(run) or ["Nothing was lost, nothing unexpected delivered, no warnings."]
-    sections = [
-        f"# mailbench run {run.manifest.get('run_id', run.path.name)}",
-        " ".join(s for s in [f"**{headline(run)}**", *extra] if s),
-        f"*{caption(run)}*",
-        "## The gap\n\n"
-        + gap_table(run)
-        + ("\n\n" + chart_section("gap") if "gap" in charts else ""),
-        "## What to watch\n\n" + "\n".join(f"- {w}" for w in watch),
-        "## Latency by percentile\n\n" + CHART_EXPLAINED["spectrum"] + "\n\n" + spectra_text
-        if spectra
-        else "",
-        "## Delivery lag\n\n" + chart_section("delivery") if "delivery" in charts else "",
-        "## Second by second\n\n" + chart_section("timeline") if "timeline" in charts else "",
-        "## Load sweep\n\n" + chart_section("sweep") + "\n\n" + sweep_table(run)
-        if "sweep" in charts
-        else "",
-        "## Latency\n\nTimes recorded in µs into HdrHistograms (1 µs … 60 s, 3 significant "
-        "digits) and shown in the unit that reads best. `form` and `send` are measured by the "
-        "load generator, `api` by the caller of the API (the handler or a worker), `delivery` "
-        "from the send being posted to the API's acceptance, `queue_wait` from "
-        "the server's acceptance to a worker's claim, `render` (with `--render-ms`) the CPU "
-        "work of one email's card, in the handler (`direct`, `blocking`) or the worker. "
-        "`per s` is successful requests per second of the mode's run.\n\n" + summary_table(run),
-        "## Accounting\n\nEvery send goes to an address of its own, which the fake Mailgun's "
-        "ledger records. Every accepted (2xx) email must be delivered: `lost` (accepted − "
-        "delivered − dead-lettered) and `unexpected` (delivered, but no send made it) must be "
-        "0; `duplicates` counts extra deliveries of one send; `unacknowledged` counts sends "
-        "delivered although their client saw no 2xx (a reply cut off at the end or by a "
-        "crash), which is not an error.\n\n" + accounting_table(run),
-        "## Modes\n\n" + "\n".join(f"- `{m}` — {_explain_mode(run, m)}" for m in run.modes),
-        "## Configuration\n\n" + configuration(run),
-    ]
-    return "\n\n".join(s for s in sections if s) + "\n"
+def draw_all(run: Run) -> dict[str, list[Path]]:
+    """Every chart the folder's data allows, in reading order: ``{name: [png, svg]}``."""
+    charts_dir = run.path / "charts"
+    drawn = {"gap": save(gap_chart(run), charts_dir, "gap")}
+    present = {metric for (_mode, metric) in run.histograms}
+    order = {m: i for i, m in enumerate(SPECTRUM_ORDER)}
+    for metric in sorted(present, key=lambda m: (order.get(m, len(order)), m)):
+        name = f"spectrum-{metric}"
+        drawn[name] = save(spectrum_chart(run, metric), charts_dir, name)
+    if "delivery" in present:
+        drawn["delivery"] = save(delivery_chart(run), charts_dir, "delivery")
+    if any(number(r.get("p99_us")) is not None for r in run.timeseries):
+        drawn["timeline"] = save(timeline_chart(run), charts_dir, "timeline")
+    if getattr(run, "sweep", None):
+        drawn["sweep"] = save(sweep_chart(run), charts_dir, "sweep")
+    return drawn
 
 
 def build_report(run_dir: Path) -> Path:
     """Redraw every chart and write ``report.md`` and ``report.html``; returns report.md."""
-    from harness.report.html import write_html
-
     run = load_run(run_dir)
     charts = draw_all(run)
     path = run.path / "report.md"
@@ -369,8 +77,6 @@ def cli_main(args: argparse.Namespace) -> int:
     if len(args.runs) == 1:
         print(build_report(args.runs[0]))
         return 0
-    from harness.report.comparison import build_comparison
-
     out = args.out or Path("results") / dt.datetime.now().strftime("compare-%Y%m%d-%H%M%S")
     print(build_comparison(args.runs, out))
     return 0

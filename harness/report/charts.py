@@ -359,7 +359,7 @@ def delivery_chart(run: Run) -> Figure:
 
 
 # -- per second --------------------------------------------------------------------------
-def _number(value: Any) -> float | None:
+def number(value: Any) -> float | None:
     return None if value in ("", None) else float(value)
 
 
@@ -367,7 +367,7 @@ def timeline_chart(run: Run) -> Figure:
     """Per second and mode: the form page's p99 (log), the requests answered and, when it
     was sampled, the queue's depth. Open-model runs show the p99 from intended start."""
     rows = run.timeseries
-    queued = any(_number(r.get("queue_depth")) is not None for r in rows)
+    queued = any(number(r.get("queue_depth")) is not None for r in rows)
     fig, axes = new_figure(7.2 if queued else 5.4, rows=3 if queued else 2, sharex=True)
     intended = any(r["metric"] == "form_intended" for r in rows)
     form = "form_intended" if intended else "form"
@@ -381,10 +381,10 @@ def timeline_chart(run: Run) -> Figure:
         seconds = list(range(int(mine[0]["second"]), max(int(r["second"]) for r in mine) + 1))
         series: dict[str, dict[int, float]] = {k: {} for k in ("p99", "answered", "depth")}
         for r in mine:
-            second, p99, depth = int(r["second"]), _number(r["p99_us"]), _number(r["queue_depth"])
+            second, p99, depth = int(r["second"]), number(r["p99_us"]), number(r["queue_depth"])
             if r["metric"] in ("form", "send"):
                 answered = series["answered"].get(second, 0.0)
-                series["answered"][second] = answered + (_number(r["requests"]) or 0.0)
+                series["answered"][second] = answered + (number(r["requests"]) or 0.0)
             if r["metric"] == form and p99 is not None:
                 series["p99"][second] = p99
                 values.append(p99)
@@ -415,23 +415,3 @@ def timeline_chart(run: Run) -> Figure:
     axes[-1].set_xlabel("seconds since the load started (each mode runs on its own)")
     labels = [str(h.get_label()) for h in handles]
     return finish(fig, caption(run), "Second by second", handles, labels, 6)
-
-
-def draw_all(run: Run) -> dict[str, list[Path]]:
-    """Every chart the folder's data allows, in reading order: ``{name: [png, svg]}``."""
-    charts_dir = run.path / "charts"
-    drawn = {"gap": save(gap_chart(run), charts_dir, "gap")}
-    present = {metric for (_mode, metric) in run.histograms}
-    order = {m: i for i, m in enumerate(SPECTRUM_ORDER)}
-    for metric in sorted(present, key=lambda m: (order.get(m, len(order)), m)):
-        name = f"spectrum-{metric}"
-        drawn[name] = save(spectrum_chart(run, metric), charts_dir, name)
-    if "delivery" in present:
-        drawn["delivery"] = save(delivery_chart(run), charts_dir, "delivery")
-    if any(_number(r.get("p99_us")) is not None for r in run.timeseries):
-        drawn["timeline"] = save(timeline_chart(run), charts_dir, "timeline")
-    if getattr(run, "sweep", None):
-        from harness.report.sweep import sweep_chart  # it builds on this module
-
-        drawn["sweep"] = save(sweep_chart(run), charts_dir, "sweep")
-    return drawn

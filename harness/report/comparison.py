@@ -21,7 +21,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-from harness.report.build import table, times
 from harness.report.charts import (
     GREY,
     SCREEN_DPI,
@@ -34,6 +33,7 @@ from harness.report.charts import (
     save,
 )
 from harness.report.html import write_html
+from harness.report.markdown import table, times
 from harness.results import machine
 from harness.results.folder import Run, load_run
 

@@ -20,7 +20,6 @@ from hdrh.histogram import HdrHistogram
 from harness.errors import ResultsError
 from harness.results.accounting import COLUMNS as ACCOUNTING_COUNTS
 from harness.results.accounting import Accounting
-from harness.run.sweep import COLUMNS as SWEEP_COLUMNS
 from servers.metrics import Summary, decode, encode, new_histogram
 
 METRICS = (
@@ -47,6 +46,12 @@ SUMMARY_COLUMNS = (
     "max_us",
 )
 ACCOUNTING_COLUMNS = ("mode", *ACCOUNTING_COUNTS)
+# One row per step of a load sweep (``--profile full``), in sweep.csv.
+SWEEP_COLUMNS = (
+    "mode", "step", "offered_per_s", "throughput_per_s", "errors_pct",
+    "form_p50_us", "form_p99_us", "send_p50_us", "send_p99_us",
+    "form_service_p99_us", "send_service_p99_us", "late_starts", "dropped_starts", "knee",
+)  # fmt: skip
 TIMESERIES_COLUMNS = (
     "mode",
     "second",

@@ -44,7 +44,8 @@ from harness.run.cli import (
     warn_unsound,
 )
 from harness.run.driver import Harness, RunConfig, Tiers
-from harness.services.manager import ENV_VARS, Services, add_service_arguments, settings_from_args
+from harness.services.manager import Services, add_service_arguments, settings_from_args
+from harness.services.settings import ENV_VARS
 from servers.app import QUEUED_MODES
 from servers.fakegun.cli import parse_fault
 

@@ -24,12 +24,8 @@ from harness.run.driver import (
     RunConfig,
 )
 from harness.run.target import DEFAULT_FAKEGUN_PORT, Target
-from harness.services.manager import (
-    Services,
-    ServiceSettings,
-    add_service_arguments,
-    settings_from_args,
-)
+from harness.services.manager import Services, add_service_arguments, settings_from_args
+from harness.services.settings import ServiceSettings
 from servers.app import MODES
 
 

@@ -21,11 +21,6 @@ KNEE_FACTOR = 10.0
 KNEE_ERRORS = 0.01
 KNEE_SERVED = 0.9
 RATES = (25.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0)
-COLUMNS = (
-    "mode", "step", "offered_per_s", "throughput_per_s", "errors_pct",
-    "form_p50_us", "form_p99_us", "send_p50_us", "send_p99_us",
-    "form_service_p99_us", "send_service_p99_us", "late_starts", "dropped_starts", "knee",
-)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

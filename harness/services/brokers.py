@@ -20,13 +20,11 @@ import subprocess
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypedDict
+from typing import Protocol, TypedDict
 
 from harness.errors import ServiceUnavailable
 from harness.services.proc import port_open
-
-if TYPE_CHECKING:
-    from harness.services.manager import ServiceSettings
+from harness.services.settings import ENV_VARS, ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +77,7 @@ class Redis:
     name = "redis"
     title = "Redis"
     package = "redis-server"
-    env_var = "REDIS_URL"
+    env_var = ENV_VARS["redis"]
     stop_signal: int = signal.SIGTERM  # Redis flushes the AOF and exits
     crash_signal: int = signal.SIGKILL  # replies follow the AOF write, so nothing acked is lost
 
@@ -119,7 +117,7 @@ class RabbitMQ:
     name = "rabbitmq"
     title = "RabbitMQ"
     package = "rabbitmq-server"
-    env_var = "AMQP_URL"
+    env_var = ENV_VARS["rabbitmq"]
     # The start script traps SIGTERM and stops the Erlang VM cleanly.
     stop_signal: int = signal.SIGTERM
     crash_signal: int = signal.SIGKILL  # confirms follow the disk write of persistent messages
@@ -196,7 +194,7 @@ class Postgres:
     name = "postgres"
     title = "PostgreSQL"
     package = "postgresql"
-    env_var = "DATABASE_URL"
+    env_var = ENV_VARS["postgres"]
     # SIGINT is the "fast" shutdown; SIGTERM ("smart") waits for every client to leave.
     stop_signal: int = signal.SIGINT
     # "Immediate" shutdown: no checkpoint, crash recovery from the WAL on the next start.

@@ -21,18 +21,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any
 
 from harness.errors import ConfigError, ServiceUnavailable
 from harness.services.brokers import BROKERS, Broker, Launch, as_user, ensure_installed
@@ -48,6 +46,7 @@ from harness.services.proc import (
     terminate,
     with_environment,
 )
+from harness.services.settings import ENV_VARS, SERVICE_NAMES, ServiceSettings
 from harness.services.state import (
     entry_alive,
     read_state,
@@ -57,50 +56,15 @@ from harness.services.state import (
 )
 
 __all__ = [
-    "ENV_VARS",
-    "SERVICE_NAMES",
-    "ServiceSettings",
     "ServiceStatus",
     "Services",
     "add_cli_arguments",
     "add_service_arguments",
     "cli_main",
     "settings_from_args",
-    "urls_from_state",
 ]
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAMES: Final = ("rabbitmq", "redis", "postgres")
-ENV_VARS: Final[Mapping[str, str]] = {name: BROKERS[name].env_var for name in SERVICE_NAMES}
-
-
-def _apt_allowed() -> bool:
-    debian = Path("/etc/debian_version").exists()
-    return os.geteuid() == 0 and debian and shutil.which("apt-get") is not None
-
-
-@dataclass(frozen=True)
-class ServiceSettings:
-    """Where the brokers live and listen. Ports are private so a system broker is untouched."""
-
-    base_dir: Path = field(default_factory=lambda: Path.cwd() / ".mailbench" / "services")
-    # Below Linux's ephemeral range (32768-60999), where any outgoing connection may
-    # hold a port for a minute, and clear of the brokers' own defaults.
-    rabbitmq_port: int = 28672
-    rabbitmq_dist_port: int = 28673  # Erlang distribution, for rabbitmqctl
-    epmd_port: int = 28369  # a private epmd, not the machine's 4369
-    redis_port: int = 28379
-    postgres_port: int = 28432
-    install: bool = field(default_factory=_apt_allowed)  # may apt-get install a missing broker
-    start_timeout: float = 60.0  # RabbitMQ needs ~5 s alone, far more on a busy 2-core box
-    stop_timeout: float = 10.0
-    # The caller's environment, taken once when the settings are made (at the entry
-    # point); nothing here reads os.environ later.
-    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), hash=False)
-
-    def url_from_env(self, name: str) -> str | None:
-        return self.env.get(ENV_VARS[name]) or None
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from harness.results.folder import load_run
-from harness.services.manager import ENV_VARS, ServiceSettings
 from harness.services.proc import Pid, family
+from harness.services.settings import ENV_VARS, ServiceSettings
 
 pytestmark = pytest.mark.integration
 

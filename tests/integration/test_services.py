@@ -26,15 +26,9 @@ import redis
 from pamqp.commands import Basic
 
 from harness.errors import ServiceUnavailable
-from harness.services.manager import (
-    ENV_VARS,
-    SERVICE_NAMES,
-    Services,
-    ServiceSettings,
-    add_cli_arguments,
-    cli_main,
-    urls_from_state,
-)
+from harness.services.manager import Services, add_cli_arguments, cli_main
+from harness.services.settings import ENV_VARS, SERVICE_NAMES, ServiceSettings
+from harness.services.state import urls_from_state
 
 pytestmark = pytest.mark.integration
 
@@ -220,7 +214,8 @@ _HOLDER = """
 import json, sys, time
 from pathlib import Path
 from harness.errors import ServiceUnavailable
-from harness.services.manager import Services, ServiceSettings
+from harness.services.manager import Services
+from harness.services.settings import ServiceSettings
 
 config = json.loads(sys.argv[1])
 settings = ServiceSettings(

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from harness.report import charts
+from harness.report.build import draw_all
 from harness.results.folder import Run
 from servers.metrics import Summary, new_histogram, record_us
 
@@ -193,7 +194,7 @@ def sweep_rows(mode: str, knee_at: int) -> list[dict[str, Any]]:
 
 def test_draw_all_draws_every_chart_the_data_allows(run: Run) -> None:
     run.sweep = sweep_rows("direct", 2) + sweep_rows("redis", 3)
-    drawn = charts.draw_all(run)
+    drawn = draw_all(run)
     spectra = ["spectrum-send", "spectrum-form", "spectrum-api", "spectrum-delivery"]
     assert list(drawn) == ["gap", *spectra, "delivery", "timeline", "sweep"]
     for png, svg in drawn.values():

@@ -15,7 +15,8 @@ import pytest
 from test_charts import sweep_rows, synthetic_run
 
 from harness.cli import main
-from harness.report import build as report
+from harness.report import markdown
+from harness.report.build import build_report
 from harness.report.comparison import run_labels
 from harness.report.html import to_html
 from harness.results.folder import Run, load_run
@@ -37,7 +38,7 @@ def svg_texts(path: Path) -> list[str]:
 
 def test_report_of_the_sample_reproduces_the_committed_one(sample: Path) -> None:
     committed = {p.name: p.read_bytes() for p in sample.glob("*.csv")}
-    report.build_report(sample)
+    build_report(sample)
     assert (sample / "report.md").read_text() == (SAMPLE / "report.md").read_text()
     assert {p.name: p.read_bytes() for p in sample.glob("*.csv")} == committed
     assert sorted(p.name for p in (sample / "charts").iterdir()) == sorted(
@@ -60,7 +61,7 @@ def test_a_changed_figure_changes_the_report(sample: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    text = report.render(load_run(sample), ["gap"])
+    text = markdown.render(load_run(sample), ["gap"])
     assert text != (SAMPLE / "report.md").read_text()
 
 
@@ -68,22 +69,22 @@ def test_headline_names_the_fastest_queue_and_the_factor(tmp_path: Path) -> None
     run = synthetic_run(tmp_path, {"direct": (150, 760_000), "redis": (160, 400)})
     send = {r["mode"]: r["p50_us"] for r in run.summary if r["metric"] == "send"}
     factor = send["direct"] / send["redis"]
-    line = report.headline(run)
+    line = markdown.headline(run)
     assert line.startswith("Queued with Redis, POST /send answered in ")
     assert f"{factor:,.0f}× faster than calling Mailgun in the request" in line
 
 
 def test_headline_without_a_queue_gives_each_gap(tmp_path: Path) -> None:
     run = synthetic_run(tmp_path, {"direct": (150, 760_000), "blocking": (9_000, 800_000)})
-    line = report.headline(run)
+    line = markdown.headline(run)
     assert line.startswith("POST /send, direct: POST /send p50 ")
     assert "blocking: " in line and "the form page" in line
 
 
 def test_a_clean_run_says_so(tmp_path: Path) -> None:
     run = synthetic_run(tmp_path, n=800)
-    assert report.warnings(run) == []
-    assert "Nothing was lost" in report.render(run, [])
+    assert markdown.warnings(run) == []
+    assert "Nothing was lost" in markdown.render(run, [])
 
 
 def test_what_to_watch_names_every_problem(tmp_path: Path) -> None:
@@ -93,7 +94,7 @@ def test_what_to_watch_names_every_problem(tmp_path: Path) -> None:
     run.manifest["modes"]["redis"]["notes"] = ["generator-bound: the CPU reached 99%"]
     run.accounting[2].update(lost=3, duplicates=2, dead_lettered=1, unexpected=1)
     run.summary[1]["errors"] = 4
-    text = "\n".join(report.warnings(run))
+    text = "\n".join(markdown.warnings(run))
     assert "**postgres** was skipped: broker unavailable." in text
     assert "**rabbitmq** was planned but did not run" in text
     assert "generator-bound" in text
@@ -103,20 +104,20 @@ def test_what_to_watch_names_every_problem(tmp_path: Path) -> None:
     assert "**redis**: 1 deliveries of no send the load generator made." in text
     assert "4 of " in text and "`send` requests failed" in text
     assert "fewer than 100 samples in direct (99), blocking (99), redis (99)" in text
-    assert "| redis | 99 | 99 | 2 | 1 | 3 | 1 | **FAILED** |" in report.accounting_table(run)
+    assert "| redis | 99 | 99 | 2 | 1 | 3 | 1 | **FAILED** |" in markdown.accounting_table(run)
 
 
 def test_a_load_sweep_gets_its_table(tmp_path: Path) -> None:
     run = synthetic_run(tmp_path)
     run.sweep = sweep_rows("redis", 2)
-    text = report.render(run, ["gap", "sweep"])
+    text = markdown.render(run, ["gap", "sweep"])
     assert "## Load sweep" in text and "![sweep](charts/sweep.png)" in text
     assert "| redis | 100 | 60 | 0.0% | 200 ms | 400 ms | **knee** |" in text
 
 
 def test_tables_show_human_units(tmp_path: Path) -> None:
     run = synthetic_run(tmp_path)
-    table = report.summary_table(run)
+    table = markdown.summary_table(run)
     assert "| mode | metric | count | errors | per s | mean | p50 |" in table
     assert " µs |" in table and " ms |" in table
     assert "_us" not in table
@@ -158,14 +159,14 @@ def test_report_command_compares_two_runs(sample: Path, tmp_path: Path) -> None:
     for mode in run.modes:
         gap = run.gap(mode)
         if gap is not None:
-            assert f"| {mode} | {report.times(gap)} | {report.times(gap)} |" in text
+            assert f"| {mode} | {markdown.times(gap)} | {markdown.times(gap)} |" in text
 
 
 def test_readme_embeds_the_sample_gap_chart_and_quotes_its_headline() -> None:
     readme = (SAMPLE.parents[1] / "README.md").read_text()
     assert "](results/sample/charts/gap.png)" in readme
     assert (SAMPLE / "charts" / "gap.png").is_file()
-    headline = report.headline(load_run(SAMPLE))  # "Queued with X, … in 2.57 ms (p50) — 284× …"
+    headline = markdown.headline(load_run(SAMPLE))  # "Queued with X, … in 2.57 ms (p50) — 284× …"
     quoted = re.search(
         r"Queued with (\w+), POST /send answered in ([^ ]+ \w+) \(p50\) — (\S+)", headline
     )

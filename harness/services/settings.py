@@ -1,0 +1,46 @@
+"""Where the local brokers live and listen, read once at the entry point."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+SERVICE_NAMES: Final = ("rabbitmq", "redis", "postgres")
+# The variable naming a broker the user runs: with it set, mailbench starts none.
+ENV_VARS: Final[Mapping[str, str]] = {
+    "rabbitmq": "AMQP_URL",
+    "redis": "REDIS_URL",
+    "postgres": "DATABASE_URL",
+}
+
+
+def _apt_allowed() -> bool:
+    debian = Path("/etc/debian_version").exists()
+    return os.geteuid() == 0 and debian and shutil.which("apt-get") is not None
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Where the brokers live and listen. Ports are private so a system broker is untouched."""
+
+    base_dir: Path = field(default_factory=lambda: Path.cwd() / ".mailbench" / "services")
+    # Below Linux's ephemeral range (32768-60999), where any outgoing connection may
+    # hold a port for a minute, and clear of the brokers' own defaults.
+    rabbitmq_port: int = 28672
+    rabbitmq_dist_port: int = 28673  # Erlang distribution, for rabbitmqctl
+    epmd_port: int = 28369  # a private epmd, not the machine's 4369
+    redis_port: int = 28379
+    postgres_port: int = 28432
+    install: bool = field(default_factory=_apt_allowed)  # may apt-get install a missing broker
+    start_timeout: float = 60.0  # RabbitMQ needs ~5 s alone, far more on a busy 2-core box
+    stop_timeout: float = 10.0
+    # The caller's environment, taken once when the settings are made (at the entry
+    # point); nothing here reads os.environ later.
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), hash=False)
+
+    def url_from_env(self, name: str) -> str | None:
+        return self.env.get(ENV_VARS[name]) or None
