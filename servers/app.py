@@ -1,7 +1,8 @@
-"""The reference web application: one form, one POST handler, six ways to send.
+"""The reference web application: one form, one POST handler, a sender per mode.
 
 Every mode serves the identical form page; only how ``POST /send`` lets the email leave
-differs (see :data:`MODES`). A 2xx from ``POST /send`` is a promise that the email will be
+differs: the mode's sender (declared in :mod:`servers.modes`, implemented in
+:mod:`servers.senders`). A 2xx from ``POST /send`` is a promise that the email will be
 delivered: in ``direct``/``blocking`` mode the API has accepted it, in a queued mode the
 broker has durably accepted the job.
 """
@@ -15,13 +16,12 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import hdrs, web
 
-from queues import Queue, open_queue
 from queues.base import Email, Job
 from queues.errors import MailbenchError
 from servers.csrf import FIELD as CSRF_FIELD
@@ -35,21 +35,13 @@ from servers.forms import (
     render_form,
     validate,
 )
-from servers.mailgun import (
-    BlockingMailgunClient,
-    MailgunClient,
-    MailgunSettings,
-    Outcome,
-    add_mailgun_arguments,
-    mailgun_settings_from_args,
-)
+from servers.mailgun import MailgunSettings, add_mailgun_arguments, mailgun_settings_from_args
 from servers.metrics import Recorder
-from servers.render import Renderer
+from servers.modes import MODES, mode
+from servers.senders.base import Sender, SenderContext
 
 log = logging.getLogger(__name__)
 
-MODES = ("direct", "blocking", "rabbitmq", "redis", "sqlite", "postgres")
-QUEUED_MODES = ("rabbitmq", "redis", "sqlite", "postgres")
 # Pages that carry a form with a token (and maybe the visitor's values) are not to be
 # framed by another site, which could otherwise trick a click on its Send button.
 _HTML_HEADERS = {"X-Frame-Options": "DENY"}
@@ -69,23 +61,8 @@ class ServerSettings:
     render_ms: float = 0.0  # CPU work per email, a card rendered in the request (0: none)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise MailbenchError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.mode in QUEUED_MODES and not self.queue_url:
+        if mode(self.mode).queued and not self.queue_url:
             raise MailbenchError(f"mode {self.mode!r} needs a queue URL (--queue-url)")
-
-
-@dataclass(frozen=True, slots=True)
-class Handed:
-    """What happened to an email the handler tried to hand on."""
-
-    accepted: bool
-    status: int
-    state: str  # "sent", "queued" or "failed"
-    detail: str = ""
-
-
-Dispatch = Callable[[Job], Awaitable[Handed]]
 
 
 @dataclass(slots=True)
@@ -95,9 +72,7 @@ class ServerState:
     recorder: Recorder = field(default_factory=Recorder)
     accepted: list[tuple[str, float]] = field(default_factory=list)
     refused: int = 0  # valid forms the API or broker did not take
-    dispatch: Dispatch | None = None
-    queue: Queue | None = None
-    renderer: Renderer | None = None  # direct and blocking modes with --render-ms
+    sender: Sender | None = None  # opened with the app, closed after it
 
     def snapshot(self) -> dict[str, object]:
         snapshot: dict[str, object] = {
@@ -106,98 +81,28 @@ class ServerState:
             "accepted": self.accepted,
             "refused": self.refused,
         }
-        if self.renderer is not None:  # what the render cost was calibrated to
-            snapshot["render"] = self.renderer.describe()
+        if self.sender is not None and self.sender.renderer is not None:
+            snapshot["render"] = self.sender.renderer.describe()  # what it was calibrated to
         return snapshot
 
 
 STATE = web.AppKey("state", ServerState)
 
 
-def _start_renderer(state: ServerState) -> None:
-    """Calibrate the per-email render (``--render-ms``) before the server takes requests."""
-    if state.settings.render_ms > 0:
-        state.renderer = Renderer(state.settings.render_ms)
-
-
-def _render_inline(state: ServerState, email: Email) -> list[tuple[str, bytes]]:
-    """The email's card, rendered right here, synchronously, on the event loop.
-
-    Deliberately so: this is the naive app the benchmark shows. While one card renders,
-    no other request of this process is served, the form page included; async I/O does
-    not hide CPU work. (The queued modes leave the render to the worker.)
-    """
-    if state.renderer is None:
-        return []
-    started = time.perf_counter()
-    inline = state.renderer.inline(email)
-    state.recorder.record("render", time.perf_counter() - started)
-    return inline
-
-
-def _api_result(state: ServerState, ok: bool, outcome: Outcome, detail: str) -> Handed:
-    if ok:
-        return Handed(True, 200, "sent")
-    state.refused += 1
-    status = 503 if outcome is Outcome.RETRYABLE else 502
-    return Handed(False, status, "failed", f"The email service did not take it ({detail}).")
-
-
-async def _direct(app: web.Application) -> AsyncIterator[None]:
+async def _sender(app: web.Application) -> AsyncIterator[None]:
+    """Open the mode's sender before the first request; close it after the last."""
     state = app[STATE]
-    client = MailgunClient(state.settings.mailgun)
-    _start_renderer(state)
-
-    async def dispatch(job: Job) -> Handed:
-        inline = _render_inline(state, job.email)
-        started = time.perf_counter()
-        result = await client.send(job.email, job.id, inline=inline)
-        state.recorder.record("api", time.perf_counter() - started)
-        return _api_result(state, result.ok, result.outcome, result.detail)
-
-    state.dispatch = dispatch
+    settings = state.settings
+    context = SenderContext(
+        mailgun=settings.mailgun,
+        recorder=state.recorder,
+        queue_url=settings.queue_url,
+        queue_name=settings.queue_name,
+        render_ms=settings.render_ms,
+    )
+    state.sender = await mode(settings.mode).open_sender(context)
     yield
-    await client.aclose()
-
-
-async def _blocking(app: web.Application) -> AsyncIterator[None]:
-    state = app[STATE]
-    client = BlockingMailgunClient(state.settings.mailgun)
-    _start_renderer(state)
-
-    async def dispatch(job: Job) -> Handed:
-        inline = _render_inline(state, job.email)
-        started = time.perf_counter()
-        # Deliberately synchronous: the event loop stops for the whole API call.
-        result = client.send(job.email, job.id, inline=inline)
-        state.recorder.record("api", time.perf_counter() - started)
-        return _api_result(state, result.ok, result.outcome, result.detail)
-
-    state.dispatch = dispatch
-    yield
-    client.close()
-
-
-async def _queued(app: web.Application) -> AsyncIterator[None]:
-    state = app[STATE]
-    assert state.settings.queue_url is not None
-    queue: Queue = await open_queue(state.settings.queue_url, state.settings.queue_name)
-
-    async def dispatch(job: Job) -> Handed:
-        started = time.perf_counter()
-        try:
-            await queue.enqueue(job)
-        except MailbenchError as exc:
-            state.refused += 1
-            log.warning("enqueue failed: %s", exc)
-            return Handed(False, 503, "failed", "The mail queue is unavailable; try again.")
-        state.recorder.record("enqueue", time.perf_counter() - started)
-        return Handed(True, 202, "queued")
-
-    state.dispatch = dispatch
-    state.queue = queue
-    yield
-    await queue.close()
+    await state.sender.aclose()
 
 
 async def _write_metrics(app: web.Application) -> AsyncIterator[None]:
@@ -299,9 +204,10 @@ async def send(request: web.Request) -> web.Response:
     )
     if state.settings.send_delay_ms:
         await asyncio.sleep(state.settings.send_delay_ms / 1000)
-    assert state.dispatch is not None
-    handed = await state.dispatch(job)
+    assert state.sender is not None
+    handed = await state.sender.hand(job)
     if not handed.accepted:
+        state.refused += 1
         if _wants_json(request):
             return _json({"error": handed.detail, "job_id": job.id}, handed.status)
         return _refuse(request, handed.status, handed.detail, values=data)
@@ -319,7 +225,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def depth(request: web.Request) -> web.Response:
     """Jobs waiting in the queue, as the broker counts them (queued modes only)."""
-    queue = request.app[STATE].queue
+    sender = request.app[STATE].sender
+    queue = sender.queue if sender is not None else None
     if queue is None:
         return web.json_response({"error": "this mode has no queue"}, status=404)
     try:
@@ -333,12 +240,7 @@ def create_app(settings: ServerSettings) -> web.Application:
     csrf = Csrf(settings.csrf_secret) if settings.csrf_secret else Csrf.from_environment(os.environ)
     app[STATE] = ServerState(settings, csrf)
     app.cleanup_ctx.append(_write_metrics)
-    if settings.mode == "direct":
-        app.cleanup_ctx.append(_direct)
-    elif settings.mode == "blocking":
-        app.cleanup_ctx.append(_blocking)
-    else:
-        app.cleanup_ctx.append(_queued)
+    app.cleanup_ctx.append(_sender)
     app.router.add_get("/", form_page)
     app.router.add_post("/send", send)
     app.router.add_get("/_mailbench/metrics", metrics)
@@ -347,7 +249,7 @@ def create_app(settings: ServerSettings) -> web.Application:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--mode", choices=list(MODES), required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     add_mailgun_arguments(parser)

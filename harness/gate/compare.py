@@ -42,8 +42,8 @@ from scipy.stats import mannwhitneyu
 from harness.errors import ConfigError, ResultsError
 from harness.results.folder import Run, load_run
 from servers.metrics import merge
+from servers.modes import MODES
 
-API_BOUND_MODES = ("direct", "blocking")  # POST /send awaits the API (servers.app)
 REGRESSION, OK, FASTER, INSUFFICIENT, INFO, MISSING = (
     "regression",
     "ok",
@@ -267,7 +267,8 @@ def _mode_rows(
             current, mode, metric, column, w
         )
 
-    api_bound = mode in API_BOUND_MODES
+    known = MODES.get(mode)  # a --target's server is judged as a queued one
+    api_bound = known is not None and not known.queued  # POST /send awaits the API
     send, form = both("send"), both("form")
     gap = _ratio(send[50.0][0], form[50.0][0]), _ratio(send[50.0][1], form[50.0][1])
     gap_rule = "info" if api_bound else "min-change"

@@ -41,6 +41,7 @@ from PIL import Image
 
 from harness.results import machine
 from harness.results.folder import Run
+from servers.modes import MODES
 
 WIDTH_IN = 7.0
 SCREEN_DPI = 100  # 7 in × 100 = 700 px
@@ -51,11 +52,6 @@ CAPTION_CHARS = 118  # one caption line at 7.5 pt across 7 in
 # Okabe & Ito, "Color Universal Design".
 METRIC_COLOURS = {"form": "#0072B2", "send": "#D55E00", "api": "#999999",
                   "delivery": "#009E73", "queue_wait": "#CC79A7", "render": "#E69F00"}
-MODE_COLOURS = {"direct": "#E69F00", "blocking": "#D55E00", "rabbitmq": "#CC79A7",
-                "redis": "#0072B2", "sqlite": "#009E73", "postgres": "#56B4E9"}
-# The two modes that send inside the request are dashed / dotted, queued modes solid, so
-# lines stay apart even where two colours look alike.
-MODE_LINESTYLES = {"direct": "--", "blocking": ":"}
 METRIC_LABELS = {"form": "GET / (form page)", "send": "POST /send", "api": "Mailgun API call",
                  "delivery": "delivery lag", "queue_wait": "queue wait",
                  "render": "card render (CPU work)",
@@ -104,11 +100,16 @@ def caption(run: Run) -> str:
 
 
 def mode_colour(mode: str) -> str:
-    return MODE_COLOURS.get(mode, "#000000")
+    """The mode's colour in the registry (:mod:`servers.modes`); black for a ``--target``."""
+    known = MODES.get(mode)
+    return known.colour if known is not None else "#000000"
 
 
 def mode_linestyle(mode: str) -> str:
-    return MODE_LINESTYLES.get(mode, "-")
+    """Modes that send inside the request are dashed or dotted, queued modes solid, so
+    lines stay apart even where two colours look alike."""
+    known = MODES.get(mode)
+    return known.linestyle if known is not None else "-"
 
 
 def save(figure: Figure, charts_dir: Path, name: str) -> list[Path]:

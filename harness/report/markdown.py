@@ -10,26 +10,9 @@ from typing import Any
 from harness.report.charts import METRIC_LABELS, caption, format_us
 from harness.results import machine
 from harness.results.folder import Run
+from servers.modes import IN_REQUEST, MODES
 
-IN_REQUEST_MODES = ("direct", "blocking")
 FEW_SAMPLES = 100  # below this, p99 and beyond are the few slowest requests, not a tail
-
-MODE_EXPLAINED = {
-    "direct": "POST /send awaits the Mailgun API call (async HTTP client).",
-    "blocking": "POST /send calls the API with a blocking client inside the async handler.",
-    "rabbitmq": "POST /send publishes a persistent message and waits for the publisher confirm.",
-    "redis": "POST /send pushes the job to Redis (AOF on) and waits for the reply.",
-    "sqlite": "POST /send commits a row to a jobs table in one SQLite file (WAL).",
-    "postgres": "POST /send commits a row; workers claim with FOR UPDATE SKIP LOCKED.",
-}
-
-# How a sentence names each mode's broker.
-MODE_NAMES = {
-    "rabbitmq": "RabbitMQ",
-    "redis": "Redis",
-    "sqlite": "SQLite",
-    "postgres": "PostgreSQL",
-}
 
 CHART_EXPLAINED = {
     "gap": "Median (bar) and p99 (black tick) of the form page, POST /send and one Mailgun "
@@ -73,14 +56,15 @@ def times(factor: float) -> str:
 def headline(run: Run) -> str:
     """One sentence with the gap, e.g. "Queued with Redis, POST /send answered in 0.4 ms —
     1,900× faster than calling Mailgun in the request"."""
-    inline = next((m for m in IN_REQUEST_MODES if run.row(m, "send")), None)
-    queued = [m for m in run.modes if m not in IN_REQUEST_MODES and _p50(run, m, "send")]
+    inline = next((m for m in IN_REQUEST if run.row(m, "send")), None)
+    queued = [m for m in run.modes if m not in IN_REQUEST and _p50(run, m, "send")]
     if inline and queued:
         best = min(queued, key=lambda m: _p50(run, m, "send"))
         fast, slow = _p50(run, best, "send"), _p50(run, inline, "send")
-        how = "calling Mailgun in the request" + ("" if inline == "direct" else " (blocking)")
+        blocking = MODES[inline].blocks_event_loop
+        how = "calling Mailgun in the request" + (" (blocking)" if blocking else "")
         return (
-            f"Queued with {MODE_NAMES.get(best, best)}, POST /send answered in "
+            f"Queued with {_title(best)}, POST /send answered in "
             f"{format_us(fast)} (p50) — "
             f"{times(slow / max(1.0, fast))} faster than {how} ({format_us(slow)})."
         )
@@ -96,13 +80,24 @@ def headline(run: Run) -> str:
 
 def blocking_sentence(run: Run) -> str | None:
     """What the blocking client did to everyone else's form page, if both were run."""
-    calm, stalled = _p50(run, "direct", "form"), _p50(run, "blocking", "form")
+    calm = next((_p50(run, m, "form") for m in _in_request(run, blocks=False)), 0.0)
+    stalled = next((_p50(run, m, "form") for m in _in_request(run, blocks=True)), 0.0)
     if not calm or not stalled:
         return None
     return (
         f"With a blocking client in the handler, the form page — which sends nothing — took "
         f"{format_us(stalled)} (p50) instead of {format_us(calm)} with the async client."
     )
+
+
+def _title(mode: str) -> str:
+    known = MODES.get(mode)
+    return known.title if known is not None else mode
+
+
+def _in_request(run: Run, blocks: bool) -> list[str]:
+    """The run's in-request modes whose client blocks the event loop, or does not."""
+    return [m for m in IN_REQUEST if MODES[m].blocks_event_loop == blocks and run.row(m, "form")]
 
 
 def _p50(run: Run, mode: str, metric: str) -> float:
@@ -134,7 +129,9 @@ def _us(value: Any) -> str:
 
 
 def gap_table(run: Run) -> str:
-    direct = _p50(run, "direct", "send")
+    # Every send time against the plain way: the async client in the request.
+    reference = next(iter(_in_request(run, blocks=False)), IN_REQUEST[0])
+    direct = _p50(run, reference, "send")
     rows = []
     for mode in run.modes:
         form, send = run.row(mode, "form"), run.row(mode, "send")
@@ -149,7 +146,7 @@ def gap_table(run: Run) -> str:
                 "send": _us(send["p50_us"]),
                 "send99": _us(send["p99_us"]),
                 "gap": times(gap) if gap is not None else "–",
-                "direct": times(direct / fast) if direct and fast and mode != "direct" else "–",
+                "direct": times(direct / fast) if direct and fast and mode != reference else "–",
             }
         )
     headers = {
@@ -157,7 +154,7 @@ def gap_table(run: Run) -> str:
         "send": "send p50",
         "send99": "send p99",
         "gap": "gap (send ÷ form)",
-        "direct": "send vs direct",
+        "direct": f"send vs {reference}",
     }
     return table(rows, ["mode", "form", "send", "send99", "gap", "direct"], headers=headers)
 
@@ -204,7 +201,8 @@ def _explain_mode(run: Run, mode: str) -> str:
     target = run.manifest.get("config", {}).get("target")
     if target and mode == target.get("name"):
         return f"a server mailbench did not start, at {target.get('url')} (`--target`)."
-    return MODE_EXPLAINED.get(mode, "")
+    known = MODES.get(mode)
+    return known.explanation if known is not None else ""
 
 
 def warnings(run: Run) -> list[str]:

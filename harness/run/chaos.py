@@ -31,23 +31,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from harness.errors import ConfigError
-from harness.process import Children
 from harness.results.accounting import COLUMNS
 from harness.results.folder import ModeResult
 from harness.run.cli import (
-    QueueUrls,
     drive,
-    parse_modes,
     warn_unsound,
 )
-from harness.run.driver import Harness, RunConfig, Tiers
+from harness.run.config import RunConfig
+from harness.run.driver import Hooks
+from harness.run.tiers import Tiers, TierStarter
 from harness.services.manager import Services, add_service_arguments, settings_from_args
 from harness.services.settings import ENV_VARS
-from servers.app import QUEUED_MODES
+from servers.fakegun.admin import FakegunAdmin
 from servers.fakegun.cli import parse_fault
+from servers.modes import QUEUED, parse_modes
+from servers.modes import mode as mode_named
 
 log = logging.getLogger(__name__)
 
@@ -81,66 +80,45 @@ class _Plan:
     events: list[Event] = field(default_factory=list)
 
 
-class ChaosHarness(Harness):
-    def __init__(
-        self,
-        config: RunConfig,
-        chaos: ChaosSettings,
-        children: Children,
-        services: Services,
-        queue_urls: QueueUrls,
-    ) -> None:
-        super().__init__(
-            config, children, queue_url_for=lambda mode: _short_lease(queue_urls(mode))
-        )
-        self.chaos = chaos
+class Chaos(Hooks):
+    """The run's hooks that break things: planned per mode, carried out while the load
+    runs, written down with the mode's results."""
+
+    def __init__(self, settings: ChaosSettings, config: RunConfig, services: Services) -> None:
+        self.settings = settings
+        self.config = config
         self.services = services
-        self.rng = random.Random(chaos.seed)
+        self.rng = random.Random(settings.seed)
         self.plan = _Plan([], None)
-        self.on_tick = self._tick
+        self._starter: TierStarter | None = None
 
-    @property
-    def drain_timeout(self) -> float:
+    def queue_url(self, url: str, mode: str) -> str:
+        return short_lease(url, mode_named(mode).lease_parameter)
+
+    def drain_timeout(self, configured: float) -> float:
         # Retries of hung calls (the client's timeout each), backoff and leases add up.
-        return max(self.config.drain_timeout_s, 300.0)
+        return max(configured, 300.0)
 
-    def run_mode(self, mode: str, queue_url: str | None) -> ModeResult:
+    def before_load(self, tiers: Tiers, starter: TierStarter) -> None:
         duration = self.config.duration_s
         kills = sorted(
-            self.rng.uniform(0.1, 0.85) * duration for _ in range(self.chaos.kill_workers)
+            self.rng.uniform(0.1, 0.85) * duration for _ in range(self.settings.kill_workers)
         )
-        restart_at = 0.5 * duration if self.chaos.restart_broker else None
+        restart_at = 0.5 * duration if self.settings.restart_broker else None
         self.plan = _Plan(kills, restart_at)
-        result = super().run_mode(mode, queue_url)
-        raw = self.run_dir / "raw" / mode
-        events = [e.as_json() for e in self.plan.events]
-        (raw / "chaos-events.json").write_text(json.dumps(events, indent=1))
-        kinds = Counter(e.kind for e in self.plan.events)
-        killed, restarted, crashed = kinds["kill"], kinds["restart"], kinds["crash"]
-        result.notes.append(
-            f"chaos: {killed} workers killed, broker restarted {restarted} time(s), "
-            f"{crashed} workers exited by themselves"
-        )
-        stats = httpx.get(f"{self.fake_url}/_mailbench/stats", timeout=30).json()
-        (raw / "fakegun-stats.json").write_text(json.dumps(stats, indent=1))
-        faults = ", ".join(f"{n} × {kind}" for kind, n in sorted(stats["faults"].items()))
-        result.notes.append(
-            f"API: {stats['received']} calls, faults injected: {faults or 'none'}, "
-            f"rate-limited {stats.get('rate_limited', 0)}, idempotent replays "
-            f"{stats.get('replayed', 0)}"
-        )
-        return result
+        self._starter = starter
 
     # -- called every 0.2 s while the load runs ----------------------------------------
-    def _tick(self, tiers: Tiers, elapsed: float) -> None:
-        plan = self.plan
+    def tick(self, tiers: Tiers, elapsed: float) -> None:
+        plan, starter = self.plan, self._starter
+        assert starter is not None
         for worker in list(tiers.workers):
             if not worker.alive():  # not one we killed: a crash worth reporting
                 tiers.workers.remove(worker)
                 code = worker.process.returncode
                 what = f"{worker.name} exited by itself (code {code}); replaced"
                 self._event(elapsed, "crash", what)
-                self.start_worker(tiers)
+                starter.start_worker(tiers)
         while plan.kills and plan.kills[0] <= elapsed:
             plan.kills.pop(0)
             self._kill_a_worker(tiers, elapsed)
@@ -151,37 +129,54 @@ class ChaosHarness(Harness):
             # harness, because the kernel ties PDEATHSIG to the thread that forks.
             self._restart_broker(tiers, elapsed)
 
-    def drain(self, tiers: Tiers) -> bool:
+    def before_drain(self, tiers: Tiers) -> None:
         # What the load ended too soon for still happens, before the drain.
         plan = self.plan
         while plan.kills:
             self._kill_a_worker(tiers, plan.kills.pop(0))
-        return super().drain(tiers)
+
+    def after_mode(self, result: ModeResult, raw: Path, fake: FakegunAdmin) -> None:
+        events = [e.as_json() for e in self.plan.events]
+        (raw / "chaos-events.json").write_text(json.dumps(events, indent=1))
+        kinds = Counter(e.kind for e in self.plan.events)
+        killed, restarted, crashed = kinds["kill"], kinds["restart"], kinds["crash"]
+        result.notes.append(
+            f"chaos: {killed} workers killed, broker restarted {restarted} time(s), "
+            f"{crashed} workers exited by themselves"
+        )
+        stats = fake.stats()
+        (raw / "fakegun-stats.json").write_text(json.dumps(stats, indent=1))
+        faults = ", ".join(f"{n} × {kind}" for kind, n in sorted(stats["faults"].items()))
+        result.notes.append(
+            f"API: {stats['received']} calls, faults injected: {faults or 'none'}, "
+            f"rate-limited {stats.get('rate_limited', 0)}, idempotent replays "
+            f"{stats.get('replayed', 0)}"
+        )
 
     def _kill_a_worker(self, tiers: Tiers, elapsed: float) -> None:
-        if not tiers.workers:
+        starter = self._starter
+        if not tiers.workers or starter is None:
             return
         victim = self.rng.choice(tiers.workers)
         tiers.workers.remove(victim)
-        self.children.kill(victim)
-        replacement = self.start_worker(tiers)
+        starter.children.kill(victim)
+        replacement = starter.start_worker(tiers)
         self._event(elapsed, "kill", f"SIGKILL worker {victim.name}; started {replacement.name}")
 
     def _restart_broker(self, tiers: Tiers, elapsed: float) -> None:
+        starter, mode = self._starter, tiers.mode
+        assert starter is not None and mode is not None
         started = time.monotonic()
-        if tiers.mode == "sqlite":
+        if mode.service is None:
             # No broker process: the processes writing the queue's file crash instead.
             for server in list(tiers.servers):
-                self.children.kill(server)
+                starter.children.kill(server)
                 tiers.servers.remove(server)
-            for _ in range(self.config.server_procs):
-                self.start_server(tiers)
-            for server in tiers.servers:
-                server.wait_http(f"{tiers.base_url}/")
-            what = "restarted the sqlite servers (SIGKILL, then started again)"
+            starter.start_servers(tiers)
+            what = f"restarted the {mode.name} servers (SIGKILL, then started again)"
         else:
-            self.services.restart(tiers.mode)
-            what = f"restarted {tiers.mode} (crashed, then started on its data)"
+            self.services.restart(mode.service)
+            what = f"restarted {mode.service} (crashed, then started on its data)"
         self._event(elapsed, "restart", f"{what} in {time.monotonic() - started:.1f} s")
 
     def _event(self, elapsed: float, kind: str, what: str) -> None:
@@ -189,14 +184,9 @@ class ChaosHarness(Harness):
         print(f"  chaos at {elapsed:5.1f} s: {what}", flush=True)
 
 
-def _short_lease(url: str | None) -> str | None:
-    """The queue URL with the lease (SQL) or visibility (Redis) set to :data:`LEASE_S`."""
-    if url is None:
-        return None
-    scheme = url.partition(":")[0]
-    name = {"redis": "visibility", "sqlite": "lease", "postgresql": "lease", "postgres": "lease"}
-    parameter = name.get(scheme)
-    if parameter is None:
+def short_lease(url: str, parameter: str | None) -> str:
+    """The queue URL with its lease or visibility ``parameter`` set to :data:`LEASE_S`."""
+    if parameter is None:  # the broker notices a dead worker at once
         return url
     # Not urlunsplit: it would turn sqlite:////abs/path into a relative path.
     return f"{url}{'&' if '?' in url else '?'}{parameter}={LEASE_S:g}"
@@ -228,8 +218,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add(
         "--modes",
-        default=",".join(QUEUED_MODES),
-        help=f"queued modes to break (default: {','.join(QUEUED_MODES)})",
+        default=",".join(QUEUED),
+        help=f"queued modes to break (default: {','.join(QUEUED)})",
     )
     add("--duration", type=float, default=60, help="seconds of load per mode (default: 60)")
     add("--users", type=int, default=20, help="Locust users posting the form (default: 20)")
@@ -268,7 +258,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     modes = parse_modes(args.modes)
-    if unqueued := [m for m in modes if m not in QUEUED_MODES]:
+    if unqueued := [m for m in modes if not mode_named(m).queued]:
         raise ConfigError(f"chaos needs queued modes; {', '.join(unqueued)} has no queue")
     if args.kill_workers < 0 or args.worker_procs < 1 or args.duration < 10:
         raise ConfigError("--kill-workers ≥ 0, --worker-procs ≥ 1 and --duration ≥ 10 s")
@@ -289,10 +279,11 @@ def cli_main(args: argparse.Namespace) -> int:
     services_settings = settings_from_args(args)
     if args.restart_broker:
         for mode in modes:
-            if mode in ENV_VARS and services_settings.url_from_env(mode):
+            service = mode_named(mode).service
+            if service is not None and services_settings.url_from_env(service):
                 raise ConfigError(
-                    f"chaos restarts the {mode} broker, so it must start its own: unset "
-                    f"{ENV_VARS[mode]} (or pass --no-restart-broker)."
+                    f"chaos restarts the {service} broker, so it must start its own: unset "
+                    f"{ENV_VARS[service]} (or pass --no-restart-broker)."
                 )
     chaos = ChaosSettings(args.kill_workers, args.restart_broker, args.seed)
     print(
@@ -302,13 +293,7 @@ def cli_main(args: argparse.Namespace) -> int:
         f"idempotency {'on' if args.idempotency else 'off'}",
         flush=True,
     )
-    results = drive(
-        config,
-        services_settings,
-        lambda children, services, queue_urls: ChaosHarness(
-            config, chaos, children, services, queue_urls
-        ),
-    )
+    results = drive(config, services_settings, lambda services: Chaos(chaos, config, services))
     table = accounting_table(results)
     (config.run_dir / "chaos.md").write_text(
         f"# Chaos run {config.run_id}\n\n{table}\n\n"

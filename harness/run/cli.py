@@ -1,4 +1,4 @@
-"""The ``mailbench run`` command line: options → :class:`~harness.run.driver.RunConfig` → a run.
+"""The ``mailbench run`` command line: options → :class:`~harness.run.config.RunConfig` → a run.
 
 Also home of what every load-driving command shares (``mailbench chaos`` too): the
 options of the tiers and of the load, and the broker URL of each queued mode.
@@ -14,19 +14,21 @@ from pathlib import Path
 
 from harness.errors import ConfigError, MailbenchError, ServiceUnavailable
 from harness.process import Children
+from harness.report.build import build_report
 from harness.results.folder import ModeResult, point_latest
-from harness.run.driver import (
+from harness.run.config import (
     DEFAULT_LATENCY,
     DEFAULT_MODES,
     PROFILES,
     SCENARIOS,
-    Harness,
     RunConfig,
 )
+from harness.run.driver import Driver, Hooks
 from harness.run.target import DEFAULT_FAKEGUN_PORT, Target
 from harness.services.manager import Services, add_service_arguments, settings_from_args
 from harness.services.settings import ServiceSettings
-from servers.app import MODES
+from servers.modes import mode as mode_named
+from servers.modes import parse_modes
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,16 +191,6 @@ def check_tiers(args: argparse.Namespace) -> None:
         raise ConfigError("--concurrency must be at least 1")
 
 
-def parse_modes(text: str) -> tuple[str, ...]:
-    modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise ConfigError(
-            f"unknown mode(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODES)}"
-        )
-    return modes
-
-
 def target_from_args(args: argparse.Namespace) -> Target | None:
     if not args.target:
         return None
@@ -252,25 +244,28 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 class QueueUrls:
-    """The queue URL of each queued mode: SQLite needs nothing; the others need a broker,
-    started on first use (or taken from AMQP_URL / REDIS_URL / DATABASE_URL)."""
+    """The queue URL of each queued mode: a file in the run's folder (SQLite) needs
+    nothing; the others need their broker, started on first use (or taken from AMQP_URL /
+    REDIS_URL / DATABASE_URL)."""
 
     def __init__(self, services: Services, run_dir: Path, strict: bool) -> None:
         self.services = services
         self.run_dir = run_dir
         self.strict = strict  # under CI a missing broker fails the run instead of skipping
 
-    def __call__(self, mode: str) -> str | None:
-        if mode == "sqlite":
-            path = (self.run_dir / "queue" / "jobs.db").resolve()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return f"sqlite:///{path}"
+    def __call__(self, name: str) -> str | None:
+        mode = mode_named(name)
+        if mode.queue_file is not None:
+            folder = (self.run_dir / "queue").resolve()
+            folder.mkdir(parents=True, exist_ok=True)
+            return mode.queue_file.format(dir=folder)
+        assert mode.service is not None
         try:
-            return self.services.start(mode)  # the broker services are named after the modes
+            return self.services.start(mode.service)
         except ServiceUnavailable as exc:
             if self.strict:
                 raise
-            print(f"skipping mode {mode}: {exc}", file=sys.stderr, flush=True)
+            print(f"skipping mode {name}: {exc}", file=sys.stderr, flush=True)
             return None
 
 
@@ -297,32 +292,31 @@ def cli_main(args: argparse.Namespace) -> int:
         f"{config.load_model}, {config.duration_s:.0f} s each; API latency {config.latency}",
         flush=True,
     )
-    results = drive(
-        config,
-        settings_from_args(args),
-        lambda children, services, queue_urls: Harness(config, children, queue_urls),
-    )
+    results = drive(config, settings_from_args(args))
     print(f"results in {config.run_dir}/ (report.md, charts/gap.png)", flush=True)
     warn_unsound(results)
     return 0
 
 
-MakeHarness = Callable[[Children, Services, QueueUrls], Harness]
+MakeHooks = Callable[[Services], Hooks]
 
 
-def drive(config: RunConfig, services: ServiceSettings, make: MakeHarness) -> list[ModeResult]:
-    """Run ``make``'s harness with its children and brokers, then report the run; after
-    Ctrl-C or SIGTERM, report the modes that finished and raise again."""
-    from harness.report.build import build_report
-
-    harness: Harness | None = None
+def drive(
+    config: RunConfig, services: ServiceSettings, make_hooks: MakeHooks | None = None
+) -> list[ModeResult]:
+    """Run the modes with their children and brokers (and the hooks ``make_hooks`` gives,
+    e.g. chaos), then report the run; after Ctrl-C or SIGTERM, report the modes that
+    finished and raise again."""
+    driver: Driver | None = None
     try:
         with Children() as children, Services(services) as brokers:
-            harness = make(children, brokers, QueueUrls(brokers, config.run_dir, strict_brokers()))
-            results = harness.run()
+            queue_urls = QueueUrls(brokers, config.run_dir, strict_brokers())
+            hooks = make_hooks(brokers) if make_hooks is not None else None
+            driver = Driver(config, children, queue_urls, hooks)
+            results = driver.run()
     except KeyboardInterrupt:
         # Every child is stopped by now; what finished is kept and reported.
-        keep_partial_results(config.run_dir, harness.results if harness else [])
+        keep_partial_results(config.run_dir, driver.results if driver else [])
         raise
     if not results:
         raise MailbenchError("no mode could run; see the messages above")
@@ -333,8 +327,6 @@ def drive(config: RunConfig, services: ServiceSettings, make: MakeHarness) -> li
 
 def keep_partial_results(run_dir: Path, results: list[ModeResult]) -> None:
     """After Ctrl-C or SIGTERM: a report of the modes that finished, if any did."""
-    from harness.report.build import build_report
-
     if not results:
         print(f"interrupted before any mode finished; logs in {run_dir}/logs", file=sys.stderr)
         return

@@ -18,6 +18,7 @@ from harness.report import charts
 from harness.report.build import draw_all
 from harness.results.folder import Run
 from servers.metrics import Summary, new_histogram, record_us
+from servers.modes import MODES
 
 # (form p50, send p50) in µs per mode: the shape of a real run, in-request modes slow.
 SHAPE = {"direct": (150, 750_000), "blocking": (40_000, 800_000), "redis": (160, 420)}
@@ -112,7 +113,7 @@ def test_cdf_reaches_everything_at_the_max() -> None:
 def test_each_mode_keeps_its_colour_and_each_metric_its_colour(run: Run) -> None:
     spectrum = charts.spectrum_chart(run, "send")
     lines = [line for line in spectrum.axes[0].get_lines() if line.get_linestyle() != "None"]
-    assert [line.get_color() for line in lines] == [charts.MODE_COLOURS[m] for m in SHAPE]
+    assert [line.get_color() for line in lines] == [MODES[m].colour for m in SHAPE]
     gap = charts.gap_chart(run)
     bar_colours = {to_hex(p.get_facecolor()).upper() for p in gap.axes[0].patches}
     assert bar_colours == {charts.METRIC_COLOURS[m] for m in ("form", "send", "api")}
@@ -123,7 +124,8 @@ OKABE_ITO = {"#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "
 
 
 def test_palette_is_okabe_ito_one_colour_per_mode_and_the_same_in_every_chart(run: Run) -> None:
-    for palette in (charts.MODE_COLOURS, charts.METRIC_COLOURS):
+    mode_colours = {name: mode.colour for name, mode in MODES.items()}
+    for palette in (mode_colours, charts.METRIC_COLOURS):
         assert set(palette.values()) <= OKABE_ITO
         assert len(set(palette.values())) == len(palette)
     figures = [charts.spectrum_chart(run, "form"), charts.delivery_chart(run)]
@@ -132,8 +134,8 @@ def test_palette_is_okabe_ito_one_colour_per_mode_and_the_same_in_every_chart(ru
         handles = figure.legends[0].legend_handles
         texts = [t.get_text().split(" ")[0] for t in figure.legends[0].get_texts()]
         for mode, handle in zip(texts, handles, strict=True):
-            if mode in charts.MODE_COLOURS:
-                assert handle.get_color() == charts.MODE_COLOURS[mode]  # type: ignore[union-attr]
+            if mode in mode_colours:
+                assert handle.get_color() == mode_colours[mode]  # type: ignore[union-attr]
 
 
 def all_figures(run: Run) -> dict[str, Figure]:

@@ -9,7 +9,7 @@ import pytest
 
 from harness.errors import ConfigError
 from harness.run.cli import add_cli_arguments, config_from_args, parse_cpus, parse_nice
-from harness.run.driver import RunConfig
+from harness.run.config import RunConfig
 
 
 def config(*argv: str) -> RunConfig:

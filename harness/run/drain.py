@@ -1,0 +1,66 @@
+"""After the load: wait, bounded, until every accepted send has an outcome.
+
+An outcome is a delivery in the fake's ledger or a worker's dead letter. With a queue
+(ours, or maybe a target's) the drain also waits until the queue is quiet twice in a row,
+so that late redeliveries, and their duplicates, are counted too. Not the queue's depth
+alone: a broker may not count what another process holds unacknowledged (RabbitMQ);
+only outcomes prove the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from harness.results.accounting import Accounting, reconcile
+from harness.results.collect import client_sends, dead_lettered_recipients
+from harness.run.tiers import Tiers
+from queues import open_queue
+from servers.fakegun.admin import FakegunAdmin
+
+
+def drain(tiers: Tiers, fake: FakegunAdmin, timeout_s: float, quiet_polls: int) -> bool:
+    """True once drained; False if ``timeout_s`` passed first. ``quiet_polls``: how many
+    polls in a row must find nothing left (1 where every email is sent in the request)."""
+    return asyncio.run(_drain(tiers, fake, timeout_s, quiet_polls))
+
+
+async def _drain(tiers: Tiers, fake: FakegunAdmin, timeout_s: float, quiet_polls: int) -> bool:
+    accepted, failed = client_sends(tiers.raw)
+    deadline = time.monotonic() + timeout_s
+    queue = await open_queue(tiers.queue_url, tiers.queue_name) if tiers.queue_url else None
+    settled_polls = 0
+    previous_ledger = -1
+    try:
+        async with httpx.AsyncClient() as http:
+            while True:
+                ledger = await fake.ledger_async(http)
+                dead = dead_lettered_recipients(tiers.raw)
+                counts, _ = reconcile(accepted, ledger, dead, failed)
+                depth = await queue.depth() if queue is not None else None
+                if queue is not None:
+                    quiet = depth == 0
+                else:  # nothing to ask: the ledger has stopped growing
+                    quiet = quiet_polls == 1 or len(ledger) == previous_ledger
+                previous_ledger = len(ledger)
+                settled_polls = settled_polls + 1 if counts.lost == 0 and quiet else 0
+                if settled_polls >= quiet_polls:
+                    return True
+                if time.monotonic() > deadline:
+                    return False
+                _progress(tiers.name, counts, depth)
+                await asyncio.sleep(1.0)
+    finally:
+        if queue is not None:
+            await queue.close()
+
+
+def _progress(name: str, counts: Accounting, depth: int | None) -> None:
+    queued = f"{depth} jobs queued, " if depth is not None else ""
+    print(
+        f"[{name:>8}] draining: {queued}{counts.delivered + counts.dead_lettered}"
+        f"/{counts.accepted} delivered or dead-lettered",
+        flush=True,
+    )

@@ -1,0 +1,156 @@
+"""One Locust run against one mode's server, headless, in a process of its own (importing
+Locust monkey-patches the interpreter with gevent).
+
+While it runs, the harness prints progress once a second, samples the queue depth the
+server reports, and calls the run's hook every 0.2 s (chaos breaks things from there).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from harness.errors import ProcessFailed
+from harness.process import Children
+from harness.run.config import CLOSED_USERS, SCENARIOS_DIR, RunConfig
+from harness.run.tiers import Tiers, pin
+
+Tick = Callable[[Tiers, float], None]  # (tiers, seconds into the load)
+
+
+def locust_argv(
+    config: RunConfig, base_url: str, raw: Path, rate: float | None, duration: float
+) -> list[str]:
+    cfg = config
+    argv = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(SCENARIOS_DIR / f"{cfg.scenario}.py"),
+        "--headless",
+        "--only-summary",
+        "--host",
+        base_url,
+        "--run-time",
+        f"{int(duration)}s",
+        "--stop-timeout",
+        # Closed users finish their visit, so every accepted send is counted; an open
+        # schedule never finishes and counts what it leaves unfinished instead.
+        "2" if rate else "5",
+        "--hdr-out",
+        str(raw),
+        "--csv",
+        str(raw / "locust"),
+        "--json-file",
+        str(raw / "locust-final"),
+        "--exit-code-on-error",
+        "0",
+        "--loglevel",
+        "WARNING",
+    ]
+    if cfg.target is not None:
+        argv += cfg.target.locust_options()
+    if rate:
+        argv += ["Arrivals", "--users", "1", "--spawn-rate", "1"]
+        argv += ["--arrival-rate", f"{rate:g}", "--arrival-process", cfg.arrivals]
+        argv += ["--arrival-seed", str(cfg.seed), "--max-in-flight", str(cfg.max_in_flight)]
+    else:
+        argv += [*CLOSED_USERS[cfg.scenario], "--users", str(cfg.users)]
+        argv += ["--spawn-rate", f"{cfg.spawn_rate:g}"]
+        if cfg.locust_processes:
+            # The master listens for its workers on loopback only.
+            argv += ["--processes", str(cfg.locust_processes)]
+            argv += ["--master-bind-host", "127.0.0.1"]
+    return argv
+
+
+class LocustRun:
+    def __init__(self, config: RunConfig, children: Children, on_tick: Tick) -> None:
+        self.config = config
+        self.children = children
+        self.on_tick = on_tick
+        self.show_progress = sys.stdout.isatty()
+
+    def run(
+        self,
+        tiers: Tiers,
+        raw: Path,
+        rate: float | None = None,
+        duration: float | None = None,
+        sample_depth: bool = True,
+    ) -> None:
+        """Drive ``tiers`` for ``duration`` seconds (the configured load unless given);
+        Locust's histograms and send lists land in ``raw``."""
+        cfg = self.config
+        name = tiers.name
+        rate = cfg.rate if rate is None else rate
+        duration = cfg.duration_s if duration is None else duration
+        raw.mkdir(parents=True, exist_ok=True)
+        locust = self.children.start(
+            f"locust ({name})",
+            locust_argv(cfg, tiers.base_url, raw, rate, duration),
+            cfg.run_dir / "logs" / f"{name}-locust.log",
+        )
+        pin(cfg, locust, "locust")  # before it forks any --processes workers
+        deadline = time.monotonic() + duration + 60
+        started = time.monotonic()
+        depths: dict[str, int | None] = {}
+        next_second = started
+        while locust.alive():
+            if time.monotonic() > deadline:
+                self.children.stop(locust)
+                raise ProcessFailed(
+                    f"Locust did not finish the {name} run in time; see {locust.log_path}"
+                )
+            time.sleep(0.2)
+            elapsed = time.monotonic() - started
+            self.on_tick(tiers, elapsed)
+            if time.monotonic() < next_second:
+                continue
+            next_second += 1.0
+            self._progress(name, duration - elapsed, raw)
+            if sample_depth and tiers.queue_url:
+                depths[str(int(time.time()))] = _depth(tiers.base_url)
+        if self.show_progress:
+            print(flush=True)
+        if depths:
+            (raw / "depth.json").write_text(json.dumps(depths))
+        code = self.children.stop(locust)
+        if code not in (0, None) or not (raw / "locust-hdr.json").is_file():
+            raise ProcessFailed(
+                f"Locust failed in mode {name} (exit code {code}); "
+                f"its log ends with:\n{locust.tail()}"
+            )
+
+    def _progress(self, name: str, left: float, raw: Path) -> None:
+        rate, failures = _locust_rate(raw / "locust_stats.csv")
+        line = f"[{name:>8}] {max(0, left):4.0f} s left · {rate:7.0f} req/s · {failures} failures"
+        if self.show_progress:
+            print(f"\r{line}", end="", flush=True)
+        elif int(left) % 5 == 0:
+            print(line, flush=True)
+
+
+def _depth(base_url: str) -> int | None:
+    try:
+        return int(httpx.get(f"{base_url}/_mailbench/depth", timeout=2).json()["depth"])
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+
+
+def _locust_rate(stats_csv: Path) -> tuple[float, int]:
+    try:
+        with stats_csv.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("Name") == "Aggregated":
+                    return float(row.get("Requests/s") or 0), int(row.get("Failure Count") or 0)
+    except (OSError, ValueError):
+        pass
+    return 0.0, 0

@@ -1,0 +1,140 @@
+"""The processes that serve one mode: server processes behind one port, and workers.
+
+:class:`TierStarter` knows the command lines: ``mailbench serve`` for the servers (with
+``--reuse-port`` when there are several) and the mode's worker command for the workers
+(see :mod:`servers.modes`), each with its files under the mode's ``raw/`` folder and a
+number per process started, so a replacement (chaos) never overwrites a file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.process import Child, Children, free_port, mailbench_command
+from harness.run.config import RunConfig
+from servers.modes import Mode
+
+
+@dataclass
+class Tiers:
+    """The processes serving one mode, and where they write."""
+
+    mode: Mode | None  # None: a server mailbench did not start (``--target``)
+    name: str
+    raw: Path
+    base_url: str
+    port: int
+    queue_url: str | None
+    queue_name: str
+    servers: list[Child] = field(default_factory=list)
+    workers: list[Child] = field(default_factory=list)
+    started: dict[str, int] = field(default_factory=lambda: {"server": 0, "worker": 0})
+
+    def next_index(self, kind: str) -> int:
+        index = self.started[kind]
+        self.started[kind] += 1
+        return index
+
+
+class TierStarter:
+    def __init__(self, config: RunConfig, children: Children, fake_url: str, secret: str) -> None:
+        self.config = config
+        self.children = children
+        self.fake_url = fake_url
+        # Several server processes check each other's CSRF tokens: one secret for all.
+        self.secret = secret
+
+    def start(self, mode: Mode, queue_url: str | None, raw: Path) -> Tiers:
+        """Servers (ready to answer) and, with a queue, workers."""
+        cfg = self.config
+        port = free_port()
+        # A queue of its own per run and mode: jobs left on a shared broker by an earlier,
+        # interrupted run can never be counted in this one.
+        queue_name = f"mailbench-{cfg.run_id}-{mode.name}"
+        base_url = f"http://127.0.0.1:{port}"
+        tiers = Tiers(mode, mode.name, raw, base_url, port, queue_url, queue_name)
+        self.start_servers(tiers)
+        if queue_url:
+            for _ in range(cfg.worker_procs):
+                self.start_worker(tiers)
+        return tiers
+
+    def external(self, name: str, url: str, raw: Path) -> Tiers:
+        """A server someone else runs: nothing to start or stop."""
+        return Tiers(None, name, raw, url.rstrip("/"), 0, None, "")
+
+    def start_servers(self, tiers: Tiers) -> None:
+        for _ in range(self.config.server_procs):
+            self.start_server(tiers)
+        for server in tiers.servers:
+            server.wait_http(f"{tiers.base_url}/")
+
+    def start_server(self, tiers: Tiers) -> Child:
+        cfg, mode = self.config, tiers.mode
+        assert mode is not None
+        index = tiers.next_index("server")
+        args = ["serve", "--mode", mode.name, "--port", str(tiers.port)]
+        args += ["--mailgun-url", self.fake_url]
+        args += ["--metrics-out", str(tiers.raw / f"server-{index}.json")]
+        if cfg.server_procs > 1:
+            args.append("--reuse-port")
+        if tiers.queue_url:
+            args += ["--queue-url", tiers.queue_url, "--queue-name", tiers.queue_name]
+        if cfg.send_delay_ms:
+            args += ["--inject-send-delay-ms", str(cfg.send_delay_ms)]
+        if cfg.render_ms and not mode.queued:  # queued modes render in the worker
+            args += ["--render-ms", f"{cfg.render_ms:g}"]
+        server = self.children.start(
+            f"server {index} ({mode.name})",
+            mailbench_command(*args),
+            self.config.run_dir / "logs" / f"{mode.name}-server-{index}.log",
+            env={"MAILBENCH_SECRET": self.secret},
+        )
+        pin(cfg, server, "server")
+        tiers.servers.append(server)
+        return server
+
+    def start_worker(self, tiers: Tiers) -> Child:
+        cfg, mode = self.config, tiers.mode
+        assert mode is not None and mode.worker is not None and tiers.queue_url is not None
+        index = tiers.next_index("worker")
+        args = [mode.worker, "--backend", tiers.queue_url, "--queue-name", tiers.queue_name]
+        args += ["--concurrency", str(cfg.worker_concurrency), "--mailgun-url", self.fake_url]
+        args += ["--metrics-out", str(tiers.raw / f"worker-{index}.json")]
+        args += ["--dead-letters-out", str(tiers.raw / f"dead-letters-{index}.jsonl")]
+        if cfg.render_ms:
+            args += ["--render-ms", f"{cfg.render_ms:g}"]
+        worker = self.children.start(
+            f"worker {index} ({mode.name})",
+            mailbench_command(*args),
+            self.config.run_dir / "logs" / f"{mode.name}-worker-{index}.log",
+        )
+        pin(cfg, worker, "worker")
+        tiers.workers.append(worker)
+        return worker
+
+    def stop(self, tiers: Tiers) -> list[str]:
+        """Stop workers, then servers (each writes its metrics); notes on bad exits."""
+        notes = []
+        for worker in tiers.workers:
+            if self.children.stop(worker, timeout=30) not in (0, None):
+                notes.append(f"{worker.name} exited with code {worker.process.returncode}")
+        for server in tiers.servers:
+            self.children.stop(server, timeout=30)
+        tiers.workers.clear()
+        tiers.servers.clear()
+        return notes
+
+
+def pin(config: RunConfig, child: Child, tier: str) -> None:
+    """Keep a tier on its CPUs (``--cpus``) and at its priority (``--nice``), as if it had
+    a machine of its own, or only the CPU time the others leave."""
+    cpus = config.cpus_of(tier)
+    if cpus is not None:
+        os.sched_setaffinity(child.pid, cpus)
+    nice = config.nice_of(tier)
+    if nice is not None:
+        # Threads it starts later inherit the value (Linux keeps it per thread).
+        os.setpriority(os.PRIO_PROCESS, child.pid, nice)

@@ -1,0 +1,169 @@
+"""The modes of the reference server: one declaration each, and nothing else knows them.
+
+A mode is one way for ``POST /send`` to let an email leave. Its entry here holds all
+that the server, the harness, the report, the gate, chaos and the tests need to know:
+
+* ``kind`` — :attr:`Kind.IN_REQUEST` (the handler calls the API and answers after it)
+  or :attr:`Kind.QUEUED` (the handler hands a job to a broker; workers send it);
+* ``sender`` — ``"module:Class"`` of the code that sends or enqueues in the handler
+  (a :class:`servers.senders.base.Sender`), imported only when the mode is served, so
+  serving one mode never needs another's driver;
+* ``service`` — the broker :mod:`harness.services` starts for it (``None``: none), or
+  ``queue_file`` — the URL of a queue kept in a file of the run's folder (``{dir}``);
+* ``worker`` — the ``mailbench`` subcommand that runs its workers (``None``: no workers);
+* ``lease_parameter`` — the queue URL's parameter that sets how soon a dead worker's
+  jobs come back (chaos shortens it; ``None``: the broker notices at once);
+* how reports show it: ``title`` (in a sentence), ``colour`` and ``linestyle`` (in
+  charts, the Okabe–Ito palette), ``explanation`` (one line in the report).
+
+Adding a mode is one file that implements it (a sender here, or a queue backend in
+``queues/``) plus one entry below; ``docs/adding-a-mode.md`` has the steps.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from queues.errors import ConfigError
+
+if TYPE_CHECKING:
+    from servers.senders.base import Sender, SenderContext
+
+
+class Kind(enum.Enum):
+    IN_REQUEST = "in-request"  # the reply waits for the API: send time ≈ API latency
+    QUEUED = "queued"  # the reply waits for the broker; workers call the API
+
+
+@dataclass(frozen=True, slots=True)
+class Mode:
+    name: str
+    kind: Kind
+    sender: str
+    title: str
+    explanation: str
+    colour: str
+    linestyle: str = "-"
+    service: str | None = None
+    queue_file: str | None = None
+    worker: str | None = None
+    lease_parameter: str | None = None
+    blocks_event_loop: bool = False  # one slow call stalls every request of the process
+
+    def __post_init__(self) -> None:
+        queued = self.kind is Kind.QUEUED
+        if queued != (self.worker is not None) or queued != bool(self.service or self.queue_file):
+            raise ValueError(f"mode {self.name}: a queued mode has a queue and workers, no other")
+
+    @property
+    def queued(self) -> bool:
+        return self.kind is Kind.QUEUED
+
+    @property
+    def has_broker_process(self) -> bool:
+        """False where the queue is a file that the servers write (a crash of the broker
+        is then a crash of those servers)."""
+        return self.service is not None
+
+    async def open_sender(self, context: SenderContext) -> Sender:
+        module_name, _, class_name = self.sender.partition(":")
+        sender_class = getattr(importlib.import_module(module_name), class_name)
+        sender: Sender = await sender_class.open(context)
+        return sender
+
+
+_QUEUED = "servers.senders.queued:QueuedSender"
+
+MODES: dict[str, Mode] = {
+    mode.name: mode
+    for mode in (
+        Mode(
+            "direct",
+            Kind.IN_REQUEST,
+            "servers.senders.direct:DirectSender",
+            title="the async client in the request",
+            explanation="POST /send awaits the Mailgun API call (async HTTP client).",
+            colour="#E69F00",
+            linestyle="--",
+        ),
+        Mode(
+            "blocking",
+            Kind.IN_REQUEST,
+            "servers.senders.blocking:BlockingSender",
+            title="a blocking client in the request",
+            explanation="POST /send calls the API with a blocking client inside the async handler.",
+            colour="#D55E00",
+            linestyle=":",
+            blocks_event_loop=True,
+        ),
+        Mode(
+            "rabbitmq",
+            Kind.QUEUED,
+            _QUEUED,
+            title="RabbitMQ",
+            explanation="POST /send publishes a persistent message and waits for the "
+            "publisher confirm.",
+            colour="#CC79A7",
+            service="rabbitmq",
+            worker="worker",
+        ),
+        Mode(
+            "redis",
+            Kind.QUEUED,
+            _QUEUED,
+            title="Redis",
+            explanation="POST /send pushes the job to Redis (AOF on) and waits for the reply.",
+            colour="#0072B2",
+            service="redis",
+            worker="worker",
+            lease_parameter="visibility",
+        ),
+        Mode(
+            "sqlite",
+            Kind.QUEUED,
+            _QUEUED,
+            title="SQLite",
+            explanation="POST /send commits a row to a jobs table in one SQLite file (WAL).",
+            colour="#009E73",
+            queue_file="sqlite:///{dir}/jobs.db",
+            worker="worker",
+            lease_parameter="lease",
+        ),
+        Mode(
+            "postgres",
+            Kind.QUEUED,
+            _QUEUED,
+            title="PostgreSQL",
+            explanation="POST /send commits a row; workers claim with FOR UPDATE SKIP LOCKED.",
+            colour="#56B4E9",
+            service="postgres",
+            worker="worker",
+            lease_parameter="lease",
+        ),
+    )
+}
+
+IN_REQUEST = tuple(name for name, mode in MODES.items() if not mode.queued)
+QUEUED = tuple(name for name, mode in MODES.items() if mode.queued)
+
+
+def mode(name: str) -> Mode:
+    """The mode called ``name``, or a one-sentence error that lists the known ones."""
+    try:
+        return MODES[name]
+    except KeyError:
+        raise ConfigError(f"unknown mode {name!r}; choose one of {', '.join(MODES)}") from None
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    """``direct,redis`` → the modes named, in order; unknown names are one error."""
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in names if m not in MODES]
+    if unknown or not names:
+        raise ConfigError(
+            f"unknown mode(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODES)}"
+        )
+    return names

@@ -1,0 +1,48 @@
+"""The queued modes: the handler enqueues a job and answers once the broker took it.
+
+The backend is the one the queue URL's scheme names (:func:`queues.open_queue`), so one
+sender serves RabbitMQ, Redis, SQLite and PostgreSQL alike; each backend's promise (a
+publisher confirm, a command reply, a commit) is kept before :meth:`enqueue` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from queues import Queue, open_queue
+from queues.base import Job
+from queues.errors import ConfigError, MailbenchError
+from servers.metrics import Recorder
+from servers.render import Renderer
+from servers.senders.base import Handed, SenderContext
+
+log = logging.getLogger(__name__)
+
+
+class QueuedSender:
+    renderer: Renderer | None = None  # workers render, never the request
+
+    def __init__(self, queue: Queue, recorder: Recorder) -> None:
+        self.queue: Queue | None = queue
+        self._queue = queue
+        self.recorder = recorder
+
+    @classmethod
+    async def open(cls, context: SenderContext) -> QueuedSender:
+        if not context.queue_url:
+            raise ConfigError("a queued mode needs a queue URL (--queue-url)")
+        return cls(await open_queue(context.queue_url, context.queue_name), context.recorder)
+
+    async def hand(self, job: Job) -> Handed:
+        started = time.perf_counter()
+        try:
+            await self._queue.enqueue(job)
+        except MailbenchError as exc:
+            log.warning("enqueue failed: %s", exc)
+            return Handed(False, 503, "failed", "The mail queue is unavailable; try again.")
+        self.recorder.record("enqueue", time.perf_counter() - started)
+        return Handed(True, 202, "queued")
+
+    async def aclose(self) -> None:
+        await self._queue.close()
