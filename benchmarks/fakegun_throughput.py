@@ -51,6 +51,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from servers.fakegun.admin import FakegunAdmin  # noqa: E402
 from servers.fakegun.latency import LatencyModel, parse_latency  # noqa: E402
 from servers.metrics import Summary, new_histogram, record_us  # noqa: E402
 
@@ -226,11 +227,7 @@ async def held_latencies(url: str, start: float, end: float) -> list[float]:
     Beside the client-observed latency this tells the fake's own lateness apart from
     the client's and the network's.
     """
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{url}/_mailbench/ledger", timeout=aiohttp.ClientTimeout(60)) as response,
-    ):
-        entries = (await response.json())["entries"]
+    entries = await asyncio.to_thread(FakegunAdmin(url).ledger)
     return [e["accepted_at"] - e["received_at"] for e in entries if start <= e["accepted_at"] < end]
 
 

@@ -22,13 +22,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from harness.process import Children, free_port, mailbench_command
 from harness.services.manager import Services
 from harness.services.settings import ServiceSettings
 from queues import open_queue
 from queues.base import Email, Job
+from servers.fakegun.admin import FakegunAdmin
 from servers.fakegun.latency import parse_latency
 
 BACKENDS = ("sqlite", "redis", "rabbitmq", "postgres")
@@ -52,8 +51,7 @@ async def fill(url: str, jobs: int, concurrency: int = 64) -> float:
 
 
 def delivered(fake_url: str) -> tuple[float, int]:
-    stats = httpx.get(f"{fake_url}/_mailbench/stats", timeout=10).json()
-    return time.monotonic(), int(stats["accepted"])
+    return time.monotonic(), int(FakegunAdmin(fake_url).stats()["accepted"])
 
 
 def measure(
