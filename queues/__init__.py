@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 from queues.base import Delivery, Email, Job, Queue, decode_job, encode_job
 from queues.errors import UnknownBackend
+from queues.urls import redact_url
 
 __all__ = [
     "BACKENDS",
@@ -40,7 +41,7 @@ async def open_queue(url: str, name: str = "mailbench") -> Queue:
     target = BACKENDS.get(scheme)
     if target is None:
         known = ", ".join(f"{s}://" for s in sorted(BACKENDS))
-        raise UnknownBackend(f"no queue backend for {url!r}; known schemes: {known}")
+        raise UnknownBackend(f"no queue backend for {redact_url(url)!r}; known schemes: {known}")
     module_name, factory_name = target.split(":")
     factory = getattr(importlib.import_module(module_name), factory_name)
     queue: Queue = await factory(url, name)

@@ -14,20 +14,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from queues.base import Delivery, Job, encode_job
-from queues.errors import QueueError, ServiceUnavailable
-from queues.sql import TABLE, LeasedQueue, Settings, _Handle, parse_url
+from queues.errors import ConfigError, MailbenchError, QueueError, ServiceUnavailable
+from queues.sql import TABLE, LeasedQueue, Settings, _Handle
+from queues.urls import redact_url, split_settings
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "mailbench_jobs"
 # InternalClientError: seen when the server ends a connection in the middle of a query.
+# OSError includes TimeoutError (the pool's, and wait_for's).
 _ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 # A restart or a lost connection: the pool reconnects on the next query.
 _TRANSIENT = (
@@ -101,17 +103,21 @@ class PostgresSettings(Settings):
     pool: int = 10
 
 
-def _safe(url: str) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=netloc, query=""))
+@contextlib.contextmanager
+def _errors(sentence: str, error: type[MailbenchError] = QueueError) -> Iterator[None]:
+    """Where asyncpg's errors become ours: one raised in the block comes out as
+    ``error(f"{sentence}: {exc}")``, caused by it."""
+    try:
+        yield
+    except _ERRORS as exc:
+        raise error(f"{sentence}: {exc}") from exc
 
 
 class PostgresQueue(LeasedQueue):
     def __init__(self, dsn: str, name: str, settings: PostgresSettings, pool: Any) -> None:
         super().__init__(settings)
         self._dsn = dsn
-        self._url = _safe(dsn)
+        self._url = redact_url(dsn)
         self._name = name
         self._pool = pool
         self._listener: Any = None
@@ -119,10 +125,8 @@ class PostgresQueue(LeasedQueue):
         self._notifier: asyncio.Task[None] | None = None
 
     async def _call(self, action: str, method: str, sql: str, *args: Any) -> Any:
-        try:
+        with _errors(f"PostgreSQL at {self._url} failed to {action}"):
             return await getattr(self._pool, method)(sql, *args)
-        except _ERRORS as exc:
-            raise QueueError(f"PostgreSQL at {self._url} failed to {action}: {exc}") from exc
 
     async def _start(self) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -146,9 +150,10 @@ class PostgresQueue(LeasedQueue):
             while self._notify_pending:
                 self._notify_pending = False
                 try:
-                    await self._pool.execute(NOTIFY, self._name)
-                except _ERRORS as exc:  # consumers poll as well
-                    log.warning("NOTIFY on PostgreSQL at %s failed: %s", self._url, exc)
+                    with _errors(f"NOTIFY on PostgreSQL at {self._url} failed"):
+                        await self._pool.execute(NOTIFY, self._name)
+                except QueueError as exc:  # consumers poll as well
+                    log.warning("%s", exc)
                 await asyncio.sleep(NOTIFY_EVERY)
         finally:
             self._notifier = None
@@ -157,11 +162,12 @@ class PostgresQueue(LeasedQueue):
         if self._listener is not None and not self._listener.is_closed():
             return
         try:
-            self._listener = await asyncpg.connect(self._dsn)
-            await self._listener.add_listener(CHANNEL, self._on_notify)
-        except _ERRORS as exc:
+            with _errors(f"LISTEN on PostgreSQL at {self._url} failed, polling only"):
+                self._listener = await asyncpg.connect(self._dsn)
+                await self._listener.add_listener(CHANNEL, self._on_notify)
+        except QueueError as exc:
             self._listener = None
-            log.warning("LISTEN on PostgreSQL at %s failed, polling only: %s", self._url, exc)
+            log.warning("%s", exc)
 
     def _is_transient(self, error: BaseException | None) -> bool:
         return isinstance(error, _TRANSIENT)
@@ -229,24 +235,28 @@ class PostgresQueue(LeasedQueue):
         if self._notifier is not None:
             await self._notifier
         if self._listener is not None:
-            with contextlib.suppress(*_ERRORS):
+            with contextlib.suppress(QueueError), _errors("closing the listener failed"):
                 await self._listener.close()
         try:
-            await asyncio.wait_for(self._pool.close(), timeout=10)
-        except (TimeoutError, *_ERRORS):
+            with _errors("closing the pool failed"):
+                await asyncio.wait_for(self._pool.close(), timeout=10)
+        except QueueError:
             self._pool.terminate()
 
 
 async def open_postgres(url: str, name: str) -> PostgresQueue:
-    dsn, settings = parse_url(url, PostgresSettings())
+    dsn, settings = split_settings(url, PostgresSettings())
+    shown = redact_url(dsn)
     try:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=settings.pool, timeout=10)
-    except (*_ERRORS, TimeoutError) as exc:
-        raise ServiceUnavailable(f"cannot connect to PostgreSQL at {_safe(dsn)}: {exc}") from exc
+        with _errors(f"cannot connect to PostgreSQL at {shown}", ServiceUnavailable):
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=settings.pool, timeout=10)
+    except ValueError as exc:  # a port or parameter that does not parse
+        raise ConfigError(f"the PostgreSQL URL {shown} cannot be used: {exc}") from exc
     queue = PostgresQueue(dsn, name, settings, pool)
     try:
-        await queue._start()
-    except _ERRORS as exc:
+        with _errors(f"cannot create the jobs table on {shown}", ServiceUnavailable):
+            await queue._start()
+    except ServiceUnavailable:
         pool.terminate()
-        raise ServiceUnavailable(f"cannot create the jobs table on {_safe(dsn)}: {exc}") from exc
+        raise
     return queue

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 from aio_pika.abc import (
@@ -25,7 +25,8 @@ from aio_pika.abc import (
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, MessageProcessError
 
 from queues.base import Delivery, Job, decode_job, encode_job
-from queues.errors import InvalidJob, QueueError, ServiceUnavailable
+from queues.errors import ConfigError, InvalidJob, MailbenchError, QueueError, ServiceUnavailable
+from queues.urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,19 @@ def _wait_queue_args(name: str, ttl_ms: int) -> dict[str, Any]:
     }
 
 
-def _safe(url: str) -> str:
-    """``url`` without credentials, for messages."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+@contextlib.contextmanager
+def _errors(
+    sentence: str,
+    error: type[MailbenchError] = QueueError,
+    detail: Callable[[BaseException], str] = repr,
+) -> Iterator[None]:
+    """Where aio-pika's errors become ours: one raised in the block comes out as
+    ``error(f"{sentence}: {detail(exc)}")``, caused by it. The repr by default, as many
+    of them say nothing on their own (``ChannelInvalidStateError()``)."""
+    try:
+        yield
+    except _ERRORS as exc:
+        raise error(f"{sentence}: {detail(exc)}") from exc
 
 
 class RabbitMQQueue:
@@ -82,8 +92,8 @@ class RabbitMQQueue:
             for ms in RETRY_LADDER_MS
         ]
 
-    def _fail(self, action: str, exc: BaseException) -> QueueError:
-        return QueueError(f"RabbitMQ at {self._url} failed to {action}: {exc!r}")
+    def _errors(self, action: str) -> contextlib.AbstractContextManager[None]:
+        return _errors(f"RabbitMQ at {self._url} failed to {action}")
 
     async def _publish(self, body: bytes, routing_key: str, **props: Any) -> None:
         assert self._exchange is not None
@@ -97,10 +107,8 @@ class RabbitMQQueue:
         await self._exchange.publish(message, routing_key=routing_key)
 
     async def enqueue(self, job: Job) -> None:
-        try:
+        with self._errors(f"publish job {job.id}"):
             await self._publish(encode_job(job), self._name, message_id=job.id)
-        except _ERRORS as exc:
-            raise self._fail(f"publish job {job.id}", exc) from exc
 
     async def consume(self, prefetch: int) -> AsyncIterator[Delivery]:
         if prefetch < 1:
@@ -113,13 +121,11 @@ class RabbitMQQueue:
             self._unacked += 1
             inbox.put_nowait(message)
 
-        try:
+        with self._errors(f"start consuming {self._name!r}"):
             channel = await self._connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=prefetch)
             queue = await channel.declare_queue(self._name, durable=True)
             consumer_tag = await queue.consume(on_message)
-        except _ERRORS as exc:
-            raise self._fail(f"start consuming {self._name!r}", exc) from exc
         self._inboxes.add(inbox)
         try:
             while (message := await inbox.get()) is not None:
@@ -135,19 +141,18 @@ class RabbitMQQueue:
                 # Deliveries already yielded stay ours to settle; the rest go back now
                 # (or when the channel closes, should this fail).
                 try:
-                    await queue.cancel(consumer_tag)
-                    while not inbox.empty():
-                        if (left := inbox.get_nowait()) is not None:
-                            await self._settle(left, left.nack(requeue=True))
-                except (*_ERRORS, QueueError) as exc:
-                    log.warning("RabbitMQ at %s: stopping a consumer failed: %r", self._url, exc)
+                    with self._errors("stop a consumer"):
+                        await queue.cancel(consumer_tag)
+                        while not inbox.empty():
+                            if (left := inbox.get_nowait()) is not None:
+                                await self._settle(left, left.nack(requeue=True))
+                except QueueError as exc:
+                    log.warning("%s", exc)
 
     async def _settle(self, message: AbstractIncomingMessage, action: Awaitable[None]) -> None:
         self._unacked -= 1
-        try:
+        with self._errors(f"settle message {message.message_id}"):
             await action
-        except _ERRORS as exc:
-            raise self._fail(f"settle message {message.message_id}", exc) from exc
 
     async def ack(self, delivery: Delivery) -> None:
         message: AbstractIncomingMessage = delivery.handle
@@ -155,14 +160,12 @@ class RabbitMQQueue:
 
     async def retry(self, delivery: Delivery, delay: float) -> None:
         job = delivery.job.next_attempt()
-        try:
+        with self._errors(f"schedule the retry of job {job.id}"):
             if delay <= 0:
                 routing_key = self._name
             else:
                 routing_key = await self._declare_wait_queue(delay)
             await self._publish(encode_job(job), routing_key, message_id=job.id)
-        except _ERRORS as exc:
-            raise self._fail(f"schedule the retry of job {job.id}", exc) from exc
         await self.ack(delivery)
 
     async def _declare_wait_queue(self, delay: float) -> str:
@@ -185,15 +188,13 @@ class RabbitMQQueue:
         await self._dead_letter(delivery.handle, reason)
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
-        try:
+        with self._errors(f"dead-letter message {message.message_id}"):
             await self._publish(
                 message.body,
                 f"{self._name}.dead",
                 message_id=message.message_id,
                 headers={REASON_HEADER: reason},
             )
-        except _ERRORS as exc:
-            raise self._fail(f"dead-letter message {message.message_id}", exc) from exc
         await self._settle(message, message.ack())
 
     async def depth(self) -> int:
@@ -211,7 +212,7 @@ class RabbitMQQueue:
     async def _declare_counts(self, queues: list[tuple[str, dict[str, Any] | None]]) -> list[int]:
         # A fresh, non-robust channel: a robust channel answers a passive declare from
         # its cache, with a stale message count.
-        try:
+        with self._errors("count messages"):
             transport = self._connection.transport
             if transport is None:
                 raise ConnectionError("not connected")
@@ -227,8 +228,6 @@ class RabbitMQQueue:
                 return counts
             finally:
                 await channel.close()
-        except _ERRORS as exc:
-            raise self._fail("count messages", exc) from exc
 
     async def close(self) -> None:
         if self._closed:
@@ -240,22 +239,26 @@ class RabbitMQQueue:
         # delivery that was not acked.
         self._unacked = 0
         try:
-            await self._connection.close()
-        except _ERRORS as exc:
-            log.warning("closing the RabbitMQ connection to %s failed: %r", self._url, exc)
+            with self._errors("close the connection"):
+                await self._connection.close()
+        except QueueError as exc:
+            log.warning("%s", exc)
 
 
 async def open_rabbitmq(url: str, name: str) -> RabbitMQQueue:
+    shown = redact_url(url)
     try:
-        connection = await aio_pika.connect_robust(url, timeout=CONNECT_TIMEOUT)
-    except _ERRORS as exc:
-        raise ServiceUnavailable(f"cannot connect to RabbitMQ at {_safe(url)}: {exc}") from exc
-    queue = RabbitMQQueue(_safe(url), name, connection)
+        with _errors(f"cannot connect to RabbitMQ at {shown}", ServiceUnavailable, str):
+            connection = await aio_pika.connect_robust(url, timeout=CONNECT_TIMEOUT)
+    except ValueError as exc:  # a port or parameter that does not parse
+        raise ConfigError(f"the RabbitMQ URL {shown} cannot be used: {exc}") from exc
+    queue = RabbitMQQueue(shown, name, connection)
     try:
-        await queue._start()
-    except _ERRORS as exc:
+        with _errors(
+            f"cannot declare queue {name!r} on RabbitMQ at {shown}", ServiceUnavailable, str
+        ):
+            await queue._start()
+    except ServiceUnavailable:
         await connection.close()
-        raise ServiceUnavailable(
-            f"cannot declare queue {name!r} on RabbitMQ at {_safe(url)}: {exc}"
-        ) from exc
+        raise
     return queue

@@ -19,10 +19,9 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,7 +29,8 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from queues.base import Delivery, Job, Slots, decode_job, encode_job
-from queues.errors import ConfigError, InvalidJob, QueueError, ServiceUnavailable
+from queues.errors import ConfigError, InvalidJob, MailbenchError, QueueError, ServiceUnavailable
+from queues.urls import redact_url, split_settings
 
 log = logging.getLogger(__name__)
 
@@ -62,27 +62,14 @@ class Settings:
     poll: float = 1.0
 
 
-def parse_url(url: str) -> tuple[str, Settings]:
-    """Split the mailbench parameters off a ``redis://`` URL."""
-    parts = urlsplit(url)
-    ours, theirs = {}, []
-    for key, value in parse_qsl(parts.query):
-        if key in Settings.__dataclass_fields__:
-            try:
-                ours[key] = float(value)
-            except ValueError:
-                raise ConfigError(f"{key}={value!r} in the Redis URL is not a number") from None
-            if ours[key] <= 0:
-                raise ConfigError(f"{key} in the Redis URL must be positive, not {value}")
-        else:
-            theirs.append((key, value))
-    return urlunsplit(parts._replace(query=urlencode(theirs))), Settings(**ours)
-
-
-def _safe(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
+@contextlib.contextmanager
+def _errors(sentence: str, error: type[MailbenchError] = QueueError) -> Iterator[None]:
+    """Where redis-py's errors become ours: one raised in the block comes out as
+    ``error(f"{sentence}: {exc}")``, caused by it."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise error(f"{sentence}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,16 +98,14 @@ class RedisQueue:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: another process made it
             await self._client.xgroup_create(self._jobs, GROUP, id="0", mkstream=True)
 
-    def _fail(self, action: str, exc: BaseException) -> QueueError:
-        return QueueError(f"Redis at {self._url} failed to {action}: {exc}")
+    def _errors(self, action: str) -> contextlib.AbstractContextManager[None]:
+        return _errors(f"Redis at {self._url} failed to {action}")
 
     async def enqueue(self, job: Job) -> None:
         if self._closed.is_set():
             raise QueueError(f"the Redis queue on {self._url} is closed")
-        try:
+        with self._errors(f"add job {job.id}"):
             await self._client.xadd(self._jobs, {"job": encode_job(job)})
-        except RedisError as exc:
-            raise self._fail(f"add job {job.id}", exc) from exc
 
     async def consume(self, prefetch: int) -> AsyncIterator[Delivery]:
         if prefetch < 1:
@@ -169,54 +154,55 @@ class RedisQueue:
         backoff = 0.0
         while not self._closed.is_set():
             try:
-                entries: list[tuple[bytes, Any]] = []
-                now = time.time()
-                if now >= next_upkeep:
-                    next_due = await self._promote(
-                        keys=[self._delayed, self._jobs], args=[now, 100]
-                    )
-                    cursor, entries, *_ = await self._client.xautoclaim(
-                        self._jobs,
-                        GROUP,
-                        self._consumer,
-                        int(self._settings.visibility * 1000),
-                        start_id=cursor,
-                        count=slots.free,
-                    )
-                    next_upkeep = now + min(self._settings.poll, self._settings.visibility / 3)
-                    if next_due:
-                        next_upkeep = min(next_upkeep, float(next_due))
-                if not entries:
-                    block = max(1, int((next_upkeep - time.time()) * 1000))
-                    reply = await self._until_closed(
-                        self._client.xreadgroup(
-                            GROUP, self._consumer, {self._jobs: ">"}, count=slots.free, block=block
-                        )
-                    )
-                    entries = reply[0][1] if reply else []
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                if self._closed.is_set():
+                with self._errors(f"read from {self._jobs}"):
+                    cursor, entries, next_upkeep = await self._read(slots, cursor, next_upkeep)
+            except QueueError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, ResponseError) and "NOGROUP" in str(cause):
+                    # Restarted without its data: the stream and group must be made again.
+                    with self._errors(f"recreate group {GROUP}"):
+                        await self._start()
+                    continue
+                if self._closed.is_set() and not isinstance(cause, ResponseError):
                     return
+                if not isinstance(cause, RedisConnectionError | RedisTimeoutError):
+                    raise
                 # Redis restarting: redis-py reconnects on the next command.
                 backoff = min(5.0, backoff * 2 or 0.1)
-                log.warning("Redis at %s: %s; trying again in %.1f s", self._url, exc, backoff)
+                log.warning("%s; trying again in %.1f s", exc, backoff)
                 await self._until_closed(asyncio.sleep(backoff))
                 continue
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise self._fail(f"read from {self._jobs}", exc) from exc
-                # Restarted without its data: the stream and group must be made again.
-                try:
-                    await self._start()
-                except RedisError as again:
-                    raise self._fail(f"recreate group {GROUP}", again) from again
-                continue
-            except RedisError as exc:
-                if self._closed.is_set():
-                    return
-                raise self._fail(f"read from {self._jobs}", exc) from exc
             backoff = 0.0
             yield entries
+
+    async def _read(
+        self, slots: Slots, cursor: bytes | str, next_upkeep: float
+    ) -> tuple[bytes | str, list[tuple[bytes, Any]], float]:
+        """One batch for :meth:`_reader`, with the cursor and upkeep time to go on with."""
+        entries: list[tuple[bytes, Any]] = []
+        now = time.time()
+        if now >= next_upkeep:
+            next_due = await self._promote(keys=[self._delayed, self._jobs], args=[now, 100])
+            cursor, entries, *_ = await self._client.xautoclaim(
+                self._jobs,
+                GROUP,
+                self._consumer,
+                int(self._settings.visibility * 1000),
+                start_id=cursor,
+                count=slots.free,
+            )
+            next_upkeep = now + min(self._settings.poll, self._settings.visibility / 3)
+            if next_due:
+                next_upkeep = min(next_upkeep, float(next_due))
+        if not entries:
+            block = max(1, int((next_upkeep - time.time()) * 1000))
+            reply = await self._until_closed(
+                self._client.xreadgroup(
+                    GROUP, self._consumer, {self._jobs: ">"}, count=slots.free, block=block
+                )
+            )
+            entries = reply[0][1] if reply else []
+        return cursor, entries, next_upkeep
 
     async def _hand_back(self, entry_ids: list[bytes]) -> None:
         """Put entries read but never yielded back as new entries, at once."""
@@ -226,11 +212,10 @@ class RedisQueue:
             pipe.xack(self._jobs, GROUP, entry_id)
             pipe.xdel(self._jobs, entry_id)
         try:
-            await pipe.execute()
-        except RedisError as exc:  # they come back after the visibility timeout instead
-            log.warning(
-                "Redis at %s: handing back %d entries failed: %s", self._url, len(entry_ids), exc
-            )
+            with self._errors(f"hand back {len(entry_ids)} entries"):
+                await pipe.execute()
+        except QueueError as exc:
+            log.warning("%s; they come back after the visibility timeout", exc)
 
     async def _until_closed(self, aw: Any) -> Any:
         """Await ``aw`` unless the queue closes first (then return ``None``)."""
@@ -254,11 +239,12 @@ class RedisQueue:
             ids: list[Any] = list(self._in_flight)
             if ids:
                 try:
-                    await self._client.xclaim(
-                        self._jobs, GROUP, self._consumer, 0, ids, justid=True
-                    )
-                except RedisError as exc:
-                    log.warning("Redis at %s: refreshing claims failed: %s", self._url, exc)
+                    with self._errors("refresh claims"):
+                        await self._client.xclaim(
+                            self._jobs, GROUP, self._consumer, 0, ids, justid=True
+                        )
+                except QueueError as exc:
+                    log.warning("%s", exc)
 
     async def _settle(
         self, entry_id: bytes, stream: str | None = None, fields: dict[Any, Any] | None = None
@@ -269,10 +255,8 @@ class RedisQueue:
             pipe.xadd(stream, fields)
         pipe.xack(self._jobs, GROUP, entry_id)
         pipe.xdel(self._jobs, entry_id)
-        try:
+        with self._errors(f"settle entry {entry_id!r}"):
             await pipe.execute()
-        except RedisError as exc:
-            raise self._fail(f"settle entry {entry_id!r}", exc) from exc
 
     def _release(self, delivery: Delivery) -> bytes:
         handle: _Handle = delivery.handle
@@ -293,30 +277,24 @@ class RedisQueue:
         pipe.zadd(self._delayed, {payload: time.time() + delay})
         pipe.xack(self._jobs, GROUP, entry_id)
         pipe.xdel(self._jobs, entry_id)
-        try:
+        with self._errors(f"schedule the retry of job {delivery.job.id}"):
             await pipe.execute()
-        except RedisError as exc:
-            raise self._fail(f"schedule the retry of job {delivery.job.id}", exc) from exc
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         fields = {"job": encode_job(delivery.job), "reason": reason}
         await self._settle(self._release(delivery), self._dead, fields)
 
     async def depth(self) -> int:
-        try:
+        with self._errors("count jobs"):
             pipe = self._client.pipeline(transaction=True)  # atomic with the retry mover
             pipe.xlen(self._jobs)
             pipe.zcard(self._delayed)
             waiting, delayed = await pipe.execute()
-        except RedisError as exc:
-            raise self._fail("count jobs", exc) from exc
         return int(waiting) + int(delayed)
 
     async def dead_letters(self) -> int:
-        try:
+        with self._errors("count dead letters"):
             return int(await self._client.xlen(self._dead))
-        except RedisError as exc:
-            raise self._fail("count dead letters", exc) from exc
 
     async def close(self) -> None:
         if self._closed.is_set():
@@ -330,24 +308,30 @@ class RedisQueue:
             await self._hand_back(list(self._unyielded))
         try:
             if self._heartbeat is not None:
-                await self._forget(keys=[self._jobs], args=[GROUP, self._consumer])
-        except RedisError as exc:
-            log.warning("Redis at %s: removing consumer failed: %s", self._url, exc)
+                with self._errors(f"remove consumer {self._consumer}"):
+                    await self._forget(keys=[self._jobs], args=[GROUP, self._consumer])
+        except QueueError as exc:
+            log.warning("%s", exc)
         finally:
             await self._client.aclose()
 
 
 async def open_redis(url: str, name: str) -> RedisQueue:
-    redis_url, settings = parse_url(url)
+    redis_url, settings = split_settings(url, Settings(), "Redis")
+    shown = redact_url(url)
     # A blocking pool makes a burst of enqueues wait for a connection instead of failing;
     # redis-py reads its size from the URL (``max_connections``, default 50).
-    pool = aioredis.BlockingConnectionPool.from_url(redis_url, timeout=20)
-    client = aioredis.Redis.from_pool(pool)
-    queue = RedisQueue(_safe(url), name, client, settings)
     try:
-        await client.ping()
-        await queue._start()
-    except (RedisError, OSError) as exc:
+        pool = aioredis.BlockingConnectionPool.from_url(redis_url, timeout=20)
+    except ValueError as exc:  # a port or parameter that does not parse
+        raise ConfigError(f"the Redis URL {shown} cannot be used: {exc}") from exc
+    client = aioredis.Redis.from_pool(pool)
+    queue = RedisQueue(shown, name, client, settings)
+    try:
+        with _errors(f"cannot connect to Redis at {shown}", ServiceUnavailable):
+            await client.ping()
+            await queue._start()
+    except ServiceUnavailable:
         await client.aclose()
-        raise ServiceUnavailable(f"cannot connect to Redis at {_safe(url)}: {exc}") from exc
+        raise
     return queue

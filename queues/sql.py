@@ -8,8 +8,8 @@ by ``locked_by``, so a consumer whose lease was rescued cannot settle someone el
 claim. While it runs, a consumer extends its own leases every third of the lease and
 makes expired leases available again (a dead consumer's, or a claim whose reply was lost).
 
-URL query parameters: ``lease`` (seconds, default 30) and ``poll`` (seconds between
-looks at an idle table).
+URL query parameters (:func:`queues.urls.split_settings`): ``lease`` (seconds, default
+30) and ``poll`` (seconds between looks at an idle table).
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ import uuid
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, fields, replace
-from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from dataclasses import dataclass
 
 from queues.base import Delivery, Slots, decode_job
-from queues.errors import ConfigError, InvalidJob, QueueError
+from queues.errors import InvalidJob, QueueError
 
 log = logging.getLogger(__name__)
 
@@ -37,31 +35,6 @@ TABLE = "mailbench_jobs"
 class Settings:
     lease: float = 30.0
     poll: float = 1.0
-
-
-S = TypeVar("S", bound=Settings)
-
-
-def parse_url(url: str, defaults: S) -> tuple[str, S]:
-    """Split the fields of ``defaults`` off the query of ``url``; other parameters stay
-    for the driver."""
-    parts = urlsplit(url)
-    kinds = {f.name: type(getattr(defaults, f.name)) for f in fields(defaults)}
-    ours: dict[str, Any] = {}
-    theirs = []
-    for key, value in parse_qsl(parts.query):
-        if key not in kinds:
-            theirs.append((key, value))
-            continue
-        try:
-            ours[key] = kinds[key](value)
-        except ValueError:
-            raise ConfigError(
-                f"{key}={value!r} in the {parts.scheme} URL is not a number"
-            ) from None
-        if ours[key] <= 0:
-            raise ConfigError(f"{key} in the {parts.scheme} URL must be positive, not {value}")
-    return urlunsplit(parts._replace(query=urlencode(theirs))), replace(defaults, **ours)
 
 
 @dataclass(frozen=True, slots=True)

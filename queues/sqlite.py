@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, SimpleQueue
@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 
 from queues.base import Delivery, Job, encode_job
 from queues.errors import ConfigError, QueueError, ServiceUnavailable
-from queues.sql import TABLE, LeasedQueue, Settings, _Handle, parse_url
+from queues.sql import TABLE, LeasedQueue, Settings, _Handle
+from queues.urls import redact_url, split_settings
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
@@ -48,6 +49,17 @@ CREATE INDEX IF NOT EXISTS {TABLE}_running ON {TABLE} (queue, locked_until)
 """
 FENCE = "id = ? AND locked_by = ? AND state = 'running'"
 BURY = f"UPDATE {TABLE} SET state = 'dead', reason = ?, locked_by = NULL WHERE {FENCE}"
+
+
+@contextlib.contextmanager
+def _errors(sentence: str) -> Iterator[None]:
+    """Where sqlite3's errors become ours: one raised in the block comes out as
+    ``QueueError(f"{sentence}: {exc}")``, caused by it. The database thread hands them
+    over as they are, so they are mapped here, where the caller awaits."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise QueueError(f"{sentence}: {exc}") from exc
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -105,20 +117,16 @@ def _serve(path: str, inbox: SimpleQueue[_Op | None], loop: asyncio.AbstractEven
         except Exception as exc:  # each caller gets it, wrapped on the loop's side
             outcomes += [exc] * (len(writes) + len(reads) - len(outcomes))
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-            loop.call_soon_threadsafe(_hand_over, writes + reads, outcomes, path)
+            loop.call_soon_threadsafe(_hand_over, writes + reads, outcomes)
     if conn is not None:
         conn.close()
 
 
-def _hand_over(ops: list[_Op], outcomes: list[Any], path: str) -> None:
+def _hand_over(ops: list[_Op], outcomes: list[Any]) -> None:
     for op, outcome in zip(ops, outcomes, strict=True):
         if op.done.done():
             continue
-        if isinstance(outcome, sqlite3.Error):
-            error = QueueError(f"SQLite database {path} failed: {outcome}")
-            error.__cause__ = outcome
-            op.done.set_exception(error)
-        elif isinstance(outcome, Exception):
+        if isinstance(outcome, Exception):
             op.done.set_exception(outcome)
         else:
             op.done.set_result(outcome)
@@ -146,12 +154,13 @@ class SQLiteQueue(LeasedQueue):
         # "database is locked": another process held the write lock past busy_timeout.
         return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
 
-    def _submit(self, run: Callable[[sqlite3.Connection], T], write: bool) -> Awaitable[T]:
+    async def _submit(self, run: Callable[[sqlite3.Connection], T], write: bool) -> T:
         if not self._open:
             raise QueueError(f"the SQLite queue on {self._path} is closed")
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._inbox.put(_Op(run, done, write))
-        return done
+        with _errors(f"SQLite database {self._path} failed"):
+            return await done
 
     async def _read(self, run: Callable[[sqlite3.Connection], T]) -> T:
         return await self._submit(run, write=False)
@@ -272,12 +281,14 @@ class SQLiteQueue(LeasedQueue):
 def sqlite_path(url: str) -> str:
     path = urlsplit(url).path
     if not path.startswith("/") or len(path) < 2:
-        raise ConfigError(f"a SQLite URL names a file, as sqlite:///relative.db: {url!r}")
+        raise ConfigError(
+            f"a SQLite URL names a file, as sqlite:///relative.db: {redact_url(url)!r}"
+        )
     return path[1:]
 
 
 async def open_sqlite(url: str, name: str) -> SQLiteQueue:
-    _, settings = parse_url(url, Settings(poll=0.05))
+    _, settings = split_settings(url, Settings(poll=0.05))
     path = sqlite_path(url)
     if not Path(path).parent.is_dir():
         raise ConfigError(f"the folder of the SQLite database {path} does not exist")

@@ -36,11 +36,11 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 from queues import Queue, open_queue
 from queues.base import Delivery, Email, Job
 from queues.errors import ConfigError
+from queues.urls import redact_url
 from servers.mailgun import (
     Inline,
     MailgunClient,
@@ -111,16 +111,6 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
     calls already made before the one that failed, so the first retry waits up to base."""
     ceiling = min(cap, base * 2.0 ** min(max(attempt, 0), _MAX_BACKOFF_EXPONENT))
     return rng.uniform(0.0, ceiling)
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, fit for logs and stdout."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}@{hostport}" if user else hostport))
 
 
 def _timed_inline(renderer: Renderer, email: Email) -> tuple[list[tuple[str, bytes]], float]:

@@ -32,7 +32,6 @@ from servers.worker import (
     add_cli_arguments,
     backoff_delay,
     cli_main,
-    redact_url,
 )
 
 OK = SendResult(Outcome.SUCCESS, 200, message_id="<1@mailbench.test>")
@@ -441,20 +440,6 @@ def test_settings_defaults_and_validation() -> None:
     assert WorkerSettings(backend="memory://", concurrency=3).prefetch_count == 4
     with pytest.raises(ConfigError, match="concurrency"):
         WorkerSettings(backend="memory://", concurrency=0)
-
-
-@pytest.mark.parametrize(
-    ("url", "shown"),
-    [
-        ("amqp://guest:secret@127.0.0.1:5673/", "amqp://guest@127.0.0.1:5673/"),
-        ("redis://:secret@localhost:6380/0", "redis://localhost:6380/0"),
-        ("postgresql://bench:pw@[::1]:5433/db", "postgresql://bench@[::1]:5433/db"),
-        ("sqlite:///tmp/jobs.db", "sqlite:///tmp/jobs.db"),
-        ("memory://", "memory://"),
-    ],
-)
-def test_redact_url(url: str, shown: str) -> None:
-    assert redact_url(url) == shown
 
 
 def parse(*argv: str) -> argparse.Namespace:
