@@ -2,11 +2,17 @@
 
 Each subcommand's module is imported only when it runs, so ``mailbench fakegun`` never
 pays for pandas and ``mailbench serve`` never imports matplotlib.
+
+The signal policy is set here, once: for a command that owns children, SIGTERM raises
+``KeyboardInterrupt`` as Ctrl-C does, so either stops every child and broker it started,
+keeps what finished, and exits with 130. The servers (``serve``, ``worker``, ``fakegun``)
+handle SIGTERM themselves.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -37,6 +43,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "start, stop or show local RabbitMQ / Redis / PostgreSQL",
     ),
 }
+# Commands that start processes of their own and so must unwind on SIGTERM as on Ctrl-C.
+OWNS_CHILDREN = frozenset({"run", "chaos", "services"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,8 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "aio_pika", "aiormq", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     module = importlib.import_module(args.module_name)
+    policy: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if args.command in OWNS_CHILDREN:
+        from harness.process import sigterm_interrupts
+
+        policy = sigterm_interrupts()
     try:
-        return int(module.cli_main(args))
+        with policy:
+            return int(module.cli_main(args))
     except MailbenchError as exc:
         print(f"mailbench {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -17,8 +17,8 @@ from typing import NoReturn
 import pytest
 
 from harness.errors import ServiceUnavailable
+from harness.process import port_taken
 from harness.services.manager import Services
-from harness.services.proc import port_taken
 from harness.services.settings import ServiceSettings
 
 # --- real brokers ---------------------------------------------------------------------

@@ -39,8 +39,8 @@ from typing import Any
 
 from harness.errors import ConfigError, MailbenchError, ProcessFailed
 from harness.gate.compare import Comparison, GateSettings, Row, compare_runs, load_runs
+from harness.process import port_taken
 from harness.services.manager import Services
-from harness.services.proc import port_taken
 from harness.services.settings import ENV_VARS, ServiceSettings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol, TypedDict
 
 from harness.errors import ServiceUnavailable
-from harness.services.proc import port_open
+from harness.process import port_open
 from harness.services.settings import ENV_VARS, ServiceSettings
 
 log = logging.getLogger(__name__)

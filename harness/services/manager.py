@@ -5,7 +5,7 @@ private port, with its data, config and logs under ``base_dir/<name>/``::
 
     with Services(ServiceSettings()) as services:
         url = services.start("redis")     # redis://127.0.0.1:28379/0
-        ...                               # everything is stopped on exit, Ctrl-C, SIGTERM
+        ...                               # everything is stopped on exit and Ctrl-C
 
 A broker the user already runs is used instead when its variable is set (``AMQP_URL``,
 ``REDIS_URL``, ``DATABASE_URL``), and so is one left running by ``mailbench services up``
@@ -13,7 +13,8 @@ A broker the user already runs is used instead when its variable is set (``AMQP_
 On Debian/Ubuntu as root a missing broker is installed with apt-get; otherwise, or when a
 broker will not start, :class:`~harness.errors.ServiceUnavailable` says in one sentence
 what to do. Recipes per broker live in :mod:`harness.services.brokers`, process plumbing
-in :mod:`harness.services.proc`.
+in :mod:`harness.process`. SIGTERM stops them too where the entry point makes it unwind
+like Ctrl-C (``harness.cli`` does, with :func:`harness.process.sigterm_interrupts`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import argparse
 import dataclasses
 import logging
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -33,19 +33,17 @@ from types import TracebackType
 from typing import Any
 
 from harness.errors import ConfigError, ServiceUnavailable
-from harness.services.brokers import BROKERS, Broker, Launch, as_user, ensure_installed
-from harness.services.proc import (
+from harness.process import (
     TAG_VAR,
     Pid,
-    die_with_us,
-    exit_on_signal,
     family,
-    in_main_thread,
     port_taken,
     signals_deferred,
+    spawn,
     terminate,
     with_environment,
 )
+from harness.services.brokers import BROKERS, Broker, Launch, as_user, ensure_installed
 from harness.services.settings import ENV_VARS, SERVICE_NAMES, ServiceSettings
 from harness.services.state import (
     entry_alive,
@@ -99,13 +97,8 @@ class Services:
         self.detached = detached
         self._children: dict[str, _Child] = {}
         self._external: dict[str, str] = {}
-        self._saved_term: Any = None
 
     def __enter__(self) -> Services:
-        # SIGTERM becomes SystemExit so that __exit__ runs, as it does for Ctrl-C.
-        # An application that handles SIGTERM itself keeps its handler.
-        if in_main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            self._saved_term = signal.signal(signal.SIGTERM, exit_on_signal)
         return self
 
     def __exit__(
@@ -114,13 +107,8 @@ class Services:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            with signals_deferred():
-                self.stop_all()
-        finally:
-            if self._saved_term is not None:
-                signal.signal(signal.SIGTERM, self._saved_term)
-                self._saved_term = None
+        with signals_deferred():  # a second Ctrl-C must not leave brokers behind
+            self.stop_all()
 
     def start(self, name: str) -> str:
         """Have ``name`` running and return its URL; a no-op if it already runs."""
@@ -180,17 +168,10 @@ class Services:
         """Stop ``name`` if we started it; a broker we did not start is only forgotten."""
         _broker(name)
         self._external.pop(name, None)
-        child = self._children.pop(name, None)
+        child = self._children.get(name)
         if child is None:
             return
-        survivors = terminate(
-            child.leader,
-            sig=child.broker.stop_signal,
-            helpers=with_environment({TAG_VAR: child.tag}),
-            popen=child.popen,
-            timeout=self.settings.stop_timeout,
-        )
-        if survivors:
+        if survivors := self._terminate(child, child.broker.stop_signal):
             log.error("%s: processes %s survived SIGKILL", child.broker.title, survivors)
         else:
             log.info("%s stopped", child.broker.title)
@@ -208,15 +189,7 @@ class Services:
                 + "; leave its URL unset to have mailbench start one."
             )
         stop_signal = child.broker.crash_signal if crash else child.broker.stop_signal
-        self._children.pop(name)
-        survivors = terminate(
-            child.leader,
-            sig=stop_signal,
-            helpers=with_environment({TAG_VAR: child.tag}),
-            popen=child.popen,
-            timeout=self.settings.stop_timeout,
-        )
-        if survivors:
+        if survivors := self._terminate(child, stop_signal):
             raise ServiceUnavailable(
                 f"{broker.title} could not be stopped for a restart: pids {survivors} survived"
             )
@@ -225,6 +198,18 @@ class Services:
             return self.start(name)
         finally:
             self.fresh = fresh
+
+    def _terminate(self, child: _Child, sig: int) -> list[Pid]:
+        """Stop a broker and forget it; no signal cuts in between (it would be lost)."""
+        with signals_deferred():
+            self._children.pop(child.broker.name, None)
+            return terminate(
+                child.leader,
+                sig=sig,
+                helpers=with_environment({TAG_VAR: child.tag}),
+                popen=child.popen,
+                timeout=self.settings.stop_timeout,
+            )
 
     def stop_all(self) -> None:
         """Stop every broker we started, newest first; one failure does not stop the rest."""
@@ -278,25 +263,20 @@ class Services:
         return entries
 
     def _spawn(self, broker: Broker, launch: Launch, workdir: Path, tag: str) -> _Child:
-        attached = not self.detached and in_main_thread()
         log.debug("starting %s: %s", broker.title, " ".join(launch.argv))
-        with launch.log_path.open("ab") as out:
-            popen = subprocess.Popen(
+        # Not cut half-way by a signal: registered at once, so that stop_all finds it.
+        with signals_deferred(), launch.log_path.open("ab") as out:
+            popen = spawn(
                 launch.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=workdir,
+                out,
                 env=launch.env,
-                # Its own session: the terminal's Ctrl-C reaches us, not the broker, so
-                # we stop brokers in order; and one killpg reaches its whole group.
-                start_new_session=True,
-                preexec_fn=die_with_us if attached else None,
+                cwd=workdir,
+                attached=not self.detached,
                 **as_user(launch.user),
             )
-        leader = Pid.of(popen.pid) or Pid(popen.pid, 0)
-        child = _Child(broker, broker.url(self.settings), leader, tag, popen, launch.log_path)
-        self._children[broker.name] = child  # registered at once, so stop_all can find it
+            leader = Pid.of(popen.pid) or Pid(popen.pid, 0)
+            child = _Child(broker, broker.url(self.settings), leader, tag, popen, launch.log_path)
+            self._children[broker.name] = child
         return child
 
     def _wait_ready(self, child: _Child, launch: Launch) -> None:

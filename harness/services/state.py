@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from harness.services.proc import TAG_VAR, Pid, terminate, with_environment
+from harness.process import TAG_VAR, Pid, terminate, with_environment
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.process import Pid, family
 from harness.results.folder import load_run
-from harness.services.proc import Pid, family
 from harness.services.settings import ENV_VARS, ServiceSettings
 
 pytestmark = pytest.mark.integration

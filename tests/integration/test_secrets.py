@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.services.proc import Pid
-from harness.services.proc import family as process_tree
+from harness.process import Pid
+from harness.process import family as process_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
