@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "servers.fakegun.cli",
         "serve a fake Mailgun API with latency, faults and a ledger",
     ),
-    "serve": ("servers.app", "serve the reference web application in one mode"),
+    "serve": ("servers.web.app", "serve the reference web application in one mode"),
     "worker": ("servers.worker", "consume a queue and send through the Mailgun API"),
     "services": (
         "harness.services.manager",

@@ -6,7 +6,8 @@ that the server, the harness, the report, the gate, chaos and the tests need to 
 * ``kind`` — :attr:`Kind.IN_REQUEST` (the handler calls the API and answers after it)
   or :attr:`Kind.QUEUED` (the handler hands a job to a broker; workers send it);
 * ``sender`` — ``"module:Class"`` of the code that sends or enqueues in the handler
-  (a :class:`servers.senders.base.Sender`), imported only when the mode is served, so
+  (a :class:`servers.senders.base.Sender`, opened by
+  :func:`servers.senders.base.open_sender`), imported only when the mode is served, so
   serving one mode never needs another's driver;
 * ``service`` — the broker :mod:`harness.services` starts for it (``None``: none), or
   ``queue_file`` — the URL of a queue kept in a file of the run's folder (``{dir}``);
@@ -23,14 +24,9 @@ Adding a mode is one file that implements it (a sender here, or a queue backend 
 from __future__ import annotations
 
 import enum
-import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from queues.errors import ConfigError
-
-if TYPE_CHECKING:
-    from servers.senders.base import Sender, SenderContext
 
 
 class Kind(enum.Enum):
@@ -67,12 +63,6 @@ class Mode:
         """False where the queue is a file that the servers write (a crash of the broker
         is then a crash of those servers)."""
         return self.service is not None
-
-    async def open_sender(self, context: SenderContext) -> Sender:
-        module_name, _, class_name = self.sender.partition(":")
-        sender_class = getattr(importlib.import_module(module_name), class_name)
-        sender: Sender = await sender_class.open(context)
-        return sender
 
 
 _QUEUED = "servers.senders.queued:QueuedSender"

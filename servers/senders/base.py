@@ -9,6 +9,7 @@ Which class serves which mode is declared in :mod:`servers.modes`.
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,6 +18,7 @@ from queues import Queue
 from queues.base import Email, Job
 from servers.mailgun import MailgunSettings, Outcome
 from servers.metrics import Recorder
+from servers.modes import Mode
 from servers.render import Renderer
 
 
@@ -82,3 +84,12 @@ def api_result(ok: bool, outcome: Outcome, detail: str) -> Handed:
         return Handed(True, 200, "sent")
     status = 503 if outcome is Outcome.RETRYABLE else 502
     return Handed(False, status, "failed", f"The email service did not take it ({detail}).")
+
+
+async def open_sender(mode: Mode, context: SenderContext) -> Sender:
+    """Import the mode's sender class (only now: serving one mode never loads another's
+    driver) and open it."""
+    module_name, _, class_name = mode.sender.partition(":")
+    sender_class = getattr(importlib.import_module(module_name), class_name)
+    sender: Sender = await sender_class.open(context)
+    return sender

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from servers.app import ServerSettings, create_app
 from servers.fakegun.cli import FakegunSettings, FakeMailgun, parse_fault
 from servers.mailgun import MailgunSettings
+from servers.web.app import ServerSettings, create_app
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from servers.csrf import COOKIE, Csrf
-from servers.forms import empty_form
+from servers.web.csrf import COOKIE, Csrf
+from servers.web.forms import empty_form
 
 CSRF = Csrf("microbench-secret")
 COOKIE_VALUE = Csrf.new_cookie()

@@ -17,7 +17,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from queues.base import Email, Job, decode_job, encode_job
 from servers.fakegun.cli import FakegunSettings, FakeMailgun
-from servers.forms import EmailForm, render_form, validate
+from servers.web.forms import EmailForm, render_form, validate
 
 FORM = {
     "to": "Reader.Name+tag@example.com",

@@ -1,7 +1,7 @@
 import pytest
 from multidict import MultiDict
 
-from servers.forms import (
+from servers.web.forms import (
     MAX_MESSAGE,
     MAX_SUBJECT,
     FormError,

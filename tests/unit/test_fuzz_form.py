@@ -6,7 +6,7 @@ huge, empty, control-character and non-ASCII values, duplicate and unknown keys,
 part headers and content types — with a valid CSRF pair, without one, or with half of
 one. Each is posted to the server in a queued mode (the memory queue) and in direct mode
 (a stubbed Mailgun API). After each request, every job that reached the queue or the API
-is re-validated here, independently of :mod:`servers.forms`, and the number of new jobs
+is re-validated here, independently of :mod:`servers.web.forms`, and the number of new jobs
 must match the reply: one for a 2xx, none otherwise.
 
 Deterministic: ``derandomize=True`` and no example database, so the suite runs the same
@@ -35,9 +35,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from queues.memory import MemoryQueue, open_memory
-from servers.app import ServerSettings, create_app
-from servers.csrf import COOKIE, Csrf
 from servers.mailgun import MailgunSettings
+from servers.web.app import ServerSettings, create_app
+from servers.web.csrf import COOKIE, Csrf
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,7 +52,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-# Independent of servers.forms on purpose: the limits and character classes as the
+# Independent of servers.web.forms on purpose: the limits and character classes as the
 # product requirement states them.
 MAX_ADDRESS, MAX_SUBJECT, MAX_MESSAGE = 254, 200, 10_000
 HEADER_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")

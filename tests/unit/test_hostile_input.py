@@ -23,10 +23,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from queues import Job
 from queues.memory import MemoryQueue, open_memory
-from servers.app import STATE, ServerSettings, create_app
-from servers.csrf import COOKIE, MAX_AGE_S, Csrf, CsrfError
-from servers.forms import MAX_BODY_BYTES
 from servers.mailgun import MailgunSettings
+from servers.web.app import STATE, ServerSettings, create_app
+from servers.web.csrf import COOKIE, MAX_AGE_S, Csrf, CsrfError
+from servers.web.forms import MAX_BODY_BYTES
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -28,8 +28,8 @@ from harness.services.brokers import BROKERS
 from harness.services.settings import SERVICE_NAMES
 from queues.memory import open_memory
 from servers import modes
-from servers.app import ServerSettings, add_cli_arguments, create_app
 from servers.modes import MODES, Kind, Mode, parse_modes
+from servers.web.app import ServerSettings, add_cli_arguments, create_app
 
 OKABE_ITO = {"#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7",
              "#999999", "#000000"}  # fmt: skip

@@ -24,8 +24,6 @@ from harness.errors import ConfigError
 from queues import open_queue
 from queues.base import Email, Job
 from queues.memory import MemoryQueue
-from servers.app import ServerSettings, create_app
-from servers.app import add_cli_arguments as add_server_arguments
 from servers.mailgun import MailgunSettings, Outcome, SendResult
 from servers.metrics import decode
 from servers.render import (
@@ -41,6 +39,8 @@ from servers.render import (
     recipient_name,
     render_card,
 )
+from servers.web.app import ServerSettings, create_app
+from servers.web.app import add_cli_arguments as add_server_arguments
 from servers.worker import Worker, WorkerSettings
 from servers.worker import add_cli_arguments as add_worker_arguments
 

@@ -189,7 +189,7 @@ _FORM_HEAD, _FORM_TAIL = render_form(csrf_token=_TOKEN_SLOT).encode().split(_TOK
 def empty_form(csrf_token: str) -> bytes:
     """The empty form as UTF-8, carrying ``csrf_token``.
 
-    The token is inserted unescaped: only tokens from :mod:`servers.csrf` (URL-safe
+    The token is inserted unescaped: only tokens from :mod:`servers.web.csrf` (URL-safe
     base64 and dots) may be passed here; :func:`render_form` is for anything else.
     """
     return _FORM_HEAD + csrf_token.encode("ascii") + _FORM_TAIL

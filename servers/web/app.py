@@ -24,10 +24,14 @@ from aiohttp import hdrs, web
 
 from queues.base import Email, Job
 from queues.errors import MailbenchError
-from servers.csrf import FIELD as CSRF_FIELD
-from servers.csrf import Csrf, CsrfError
-from servers.formdata import MAX_FIELDS, BodyError, Form, read_form
-from servers.forms import (
+from servers.mailgun import MailgunSettings, add_mailgun_arguments, mailgun_settings_from_args
+from servers.metrics import Recorder
+from servers.modes import MODES, mode
+from servers.senders.base import Sender, SenderContext, open_sender
+from servers.web.csrf import FIELD as CSRF_FIELD
+from servers.web.csrf import Csrf, CsrfError
+from servers.web.formdata import MAX_FIELDS, BodyError, Form, read_form
+from servers.web.forms import (
     MAX_BODY_BYTES,
     FormError,
     empty_form,
@@ -35,10 +39,6 @@ from servers.forms import (
     render_form,
     validate,
 )
-from servers.mailgun import MailgunSettings, add_mailgun_arguments, mailgun_settings_from_args
-from servers.metrics import Recorder
-from servers.modes import MODES, mode
-from servers.senders.base import Sender, SenderContext
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ async def _sender(app: web.Application) -> AsyncIterator[None]:
         queue_name=settings.queue_name,
         render_ms=settings.render_ms,
     )
-    state.sender = await mode(settings.mode).open_sender(context)
+    state.sender = await open_sender(mode(settings.mode), context)
     yield
     await state.sender.aclose()
 

@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from servers.forms import MAX_BODY_BYTES
+from servers.web.forms import MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
 
