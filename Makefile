@@ -28,7 +28,7 @@ test: install
 # compares with folders measured before; by default both sides are this checkout.
 # Writes results/ci/compare.md and results/ci/benchmark.json; exits 1 on a regression.
 bench-ci: install
-	$(BIN)/python -m harness.gate.bench_ci \
+	$(BIN)/mailbench bench-ci \
 		$(if $(BASELINE_COMMIT),--baseline-commit $(BASELINE_COMMIT)) \
 		$(if $(BASELINE_DIR),--baseline-dir $(BASELINE_DIR)) $(BENCH_CI_ARGS)
 

@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "harness.gate.compare",
         "CI gate: compare a run against a baseline, exit 1 on regression",
     ),
+    "bench-ci": (
+        "harness.gate.bench_ci",
+        "CI gate: measure baseline and candidate side by side, then compare",
+    ),
     "chaos": (
         "harness.run.chaos",
         "kill workers, restart brokers, break the API under load; prove nothing is lost",
@@ -44,7 +48,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
 }
 # Commands that start processes of their own and so must unwind on SIGTERM as on Ctrl-C.
-OWNS_CHILDREN = frozenset({"run", "chaos", "services"})
+OWNS_CHILDREN = frozenset({"run", "chaos", "services", "bench-ci"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""``make bench-ci``: baseline and candidate measured in the same job, then the gate.
+"""``mailbench bench-ci`` (``make bench-ci``): baseline and candidate measured in the same job,
+then the gate.
 
 A comparison against a number stored from another machine and another hour either misses
 regressions or cries wolf; so both sides are measured here, now, on this machine:
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ConfigError, MailbenchError, ProcessFailed
+from harness.errors import ConfigError, ProcessFailed
 from harness.gate.compare import Comparison, GateSettings, Row, compare_runs, load_runs
 from harness.process import port_taken
 from harness.services.manager import Services
@@ -196,10 +197,9 @@ def write_outputs(comparison: Comparison, out: Path) -> None:
     (out / "benchmark.json").write_text(json.dumps(entries, indent=2, ensure_ascii=False) + "\n")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="bench-ci", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--modes", default="sqlite,redis")
     parser.add_argument("--scenario", default="sender", help="sender: every user only sends")
     parser.add_argument(
@@ -217,39 +217,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-change", type=float, default=0.10)
     parser.add_argument("--alpha", type=float, default=0.01)
     parser.add_argument("--abs-band", type=float, default=0.50)
-    args = parser.parse_args(argv)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """``mailbench bench-ci``: measure both sides, compare, write the tables; exit 1 on a
+    regression (the entry point answers 2, in one sentence, when a side cannot be had)."""
     args.out = args.out.resolve()
     started = time.monotonic()
-    try:
-        settings = GateSettings(args.min_change, args.alpha, args.abs_band)
-        with tempfile.TemporaryDirectory(prefix="mailbench-ci-") as tmp_name:
-            tmp = Path(tmp_name)
-            tmp.chmod(0o711)  # PostgreSQL runs as its own user and must reach its data
-            candidate = Side("candidate", REPO, args.candidate_delay_ms)
-            with contextlib.ExitStack() as stack:
-                if args.baseline_dir:
-                    sides: list[Side] = [candidate]
-                elif args.baseline_commit:
-                    sides = [
-                        Side("baseline", stack.enter_context(worktree(args.baseline_commit, tmp))),
-                        candidate,
-                    ]
-                else:
-                    sides = [Side("baseline", REPO), candidate]
-                folders = measure(args, sides, tmp)
-        if args.baseline_dir:
-            folders["baseline"] = [Path(p) for p in args.baseline_dir.split(",") if p]
-        comparison = compare_runs(
-            load_runs(folders["baseline"]), load_runs(folders["candidate"]), settings
-        )
-    except MailbenchError as exc:
-        print(f"bench-ci: {exc}", file=sys.stderr)
-        return 2
+    settings = GateSettings(args.min_change, args.alpha, args.abs_band)
+    with tempfile.TemporaryDirectory(prefix="mailbench-ci-") as tmp_name:
+        tmp = Path(tmp_name)
+        tmp.chmod(0o711)  # PostgreSQL runs as its own user and must reach its data
+        candidate = Side("candidate", REPO, args.candidate_delay_ms)
+        with contextlib.ExitStack() as stack:
+            if args.baseline_dir:
+                sides: list[Side] = [candidate]
+            elif args.baseline_commit:
+                sides = [
+                    Side("baseline", stack.enter_context(worktree(args.baseline_commit, tmp))),
+                    candidate,
+                ]
+            else:
+                sides = [Side("baseline", REPO), candidate]
+            folders = measure(args, sides, tmp)
+    if args.baseline_dir:
+        folders["baseline"] = [Path(p) for p in args.baseline_dir.split(",") if p]
+    comparison = compare_runs(
+        load_runs(folders["baseline"]), load_runs(folders["candidate"]), settings
+    )
     write_outputs(comparison, args.out)
     sys.stdout.write(comparison.markdown())
     print(f"bench-ci: {time.monotonic() - started:.0f} s; tables in {args.out}/", flush=True)
     return comparison.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

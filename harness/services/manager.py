@@ -52,6 +52,7 @@ from harness.services.state import (
     urls_from_state,
     write_state,
 )
+from queues.urls import redact_url
 
 __all__ = [
     "ServiceStatus",
@@ -122,11 +123,15 @@ class Services:
             log.warning("%s had exited: starting it again (log: %s)", broker.title, child.log_path)
             self.stop(name)
         if (url := settings.url_from_env(name)) is not None:
-            log.info("%s: using %s=%s", broker.title, ENV_VARS[name], _redact(url))
+            log.info("%s: using %s=%s", broker.title, ENV_VARS[name], redact_url(url))
             self._external[name] = url
             return url
         if (url := urls_from_state(settings.base_dir).get(name)) is not None:
-            log.info("%s: using the one `mailbench services up` started, %s", broker.title, url)
+            log.info(
+                "%s: using the one `mailbench services up` started, %s",
+                broker.title,
+                redact_url(url),
+            )
             self._external[name] = url
             return url
         ensure_installed(broker, settings)
@@ -185,7 +190,7 @@ class Services:
             where = self._external.get(name)
             raise ServiceUnavailable(
                 f"{broker.title} cannot be restarted: mailbench did not start it"
-                + (f" (it is the one at {_redact(where)})" if where else "")
+                + (f" (it is the one at {redact_url(where)})" if where else "")
                 + "; leave its URL unset to have mailbench start one."
             )
         stop_signal = child.broker.crash_signal if crash else child.broker.stop_signal
@@ -306,12 +311,6 @@ def _broker(name: str) -> Broker:
         ) from None
 
 
-def _redact(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    return f"{scheme}{sep}{creds.split(':')[0]}:***@{host}" if at and ":" in creds else url
-
-
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("up", "down", "status"))
     parser.add_argument(
@@ -399,9 +398,10 @@ def _status(settings: ServiceSettings, names: tuple[str, ...]) -> int:
     for name in names:
         entry = state.get(name)
         if (url := settings.url_from_env(name)) is not None:
-            print(f"{name:<9} external  {_redact(url)} (from {ENV_VARS[name]})")
+            print(f"{name:<9} external  {redact_url(url)} (from {ENV_VARS[name]})")
         elif entry is not None and entry_alive(entry):
-            print(f"{name:<9} running   {entry['url']} (pid {entry['pid']}, log {entry['log']})")
+            where = f"(pid {entry['pid']}, log {entry['log']})"
+            print(f"{name:<9} running   {redact_url(entry['url'])} {where}")
         else:
             print(f"{name:<9} stopped")
     return 0
