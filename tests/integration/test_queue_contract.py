@@ -21,6 +21,7 @@ import pytest
 
 from harness.errors import ConfigError, QueueError, ServiceUnavailable
 from queues import Delivery, Email, Job, Queue, encode_job, open_queue
+from servers.modes import MODES
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,13 +41,13 @@ def with_query(url: str, query: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}{query}"
 
 
-LONG_LEASE = {
-    "memory": "",
-    "sqlite": "lease=60",
-    "redis": "visibility=60",
-    "rabbitmq": "",
-    "postgres": "lease=60",
-}
+def with_long_lease(kind: str, url: str) -> str:
+    """The URL with redelivery after a lease expiry pushed out of a test's reach (the
+    parameter is the one the mode registry names; the in-memory backend is no mode)."""
+    mode = MODES.get(kind)
+    if mode is None or mode.lease_parameter is None:
+        return url
+    return with_query(url, f"{mode.lease_parameter}=60")
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Backend:
 
     async def open(self, *, long_lease: bool = False) -> Queue:
         """``long_lease``: redelivery after a lease expiry cannot happen during a test."""
-        url = with_query(self.url, LONG_LEASE[self.kind]) if long_lease else self.url
+        url = with_long_lease(self.kind, self.url) if long_lease else self.url
         queue = await open_queue(url, self.name)
         self.opened.append(queue)
         return queue
