@@ -44,7 +44,7 @@ from harness.run.tiers import Tiers, TierStarter
 from harness.services.manager import Services, add_service_arguments, settings_from_args
 from harness.services.settings import ENV_VARS
 from servers.fakegun.admin import FakegunAdmin
-from servers.fakegun.cli import parse_fault
+from servers.fakegun.faults import parse_fault
 from servers.modes import QUEUED, parse_modes
 from servers.modes import mode as mode_named
 

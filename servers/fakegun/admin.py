@@ -2,7 +2,7 @@
 speaks it, for the harness and the tests.
 
 The paths and their answers are the fake's contract, described in
-:mod:`servers.fakegun.cli`: ``GET /_mailbench/stats``, ``GET /_mailbench/ledger`` and
+:mod:`servers.fakegun`: ``GET /_mailbench/stats``, ``GET /_mailbench/ledger`` and
 ``POST /_mailbench/reset``. A fake that does not answer is one sentence
 (:class:`~queues.errors.ServiceUnavailable`), not an httpx traceback.
 """

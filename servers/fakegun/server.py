@@ -1,7 +1,7 @@
 """The fake Mailgun's server: settings, the send handler and its state.
 
 The HTTP contract (answers, admin paths, the stats) is documented in
-:mod:`servers.fakegun.cli`, which is the module to import.
+:mod:`servers.fakegun`.
 """
 
 from __future__ import annotations

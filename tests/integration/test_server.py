@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from servers.fakegun.cli import FakegunSettings, FakeMailgun, parse_fault
+from servers.fakegun.faults import parse_fault
+from servers.fakegun.server import FakegunSettings, FakeMailgun
 from servers.mailgun import MailgunSettings
 from servers.web.app import ServerSettings, create_app
 

@@ -16,7 +16,7 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from queues.base import Email, Job, decode_job, encode_job
-from servers.fakegun.cli import FakegunSettings, FakeMailgun
+from servers.fakegun.server import FakegunSettings, FakeMailgun
 from servers.web.forms import EmailForm, render_form, validate
 
 FORM = {

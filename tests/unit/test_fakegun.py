@@ -25,16 +25,9 @@ import servers.fakegun.cli
 import servers.fakegun.validate
 from harness.errors import ConfigError
 from queues.base import Email
-from servers.fakegun.cli import (
-    FakegunSettings,
-    FakeMailgun,
-    RateLimit,
-    add_cli_arguments,
-    parse_fault,
-    parse_rate_limit,
-    settings_from_args,
-)
-from servers.fakegun.faults import TokenBucket
+from servers.fakegun.cli import add_cli_arguments, settings_from_args
+from servers.fakegun.faults import RateLimit, TokenBucket, parse_fault, parse_rate_limit
+from servers.fakegun.server import FakegunSettings, FakeMailgun
 from servers.mailgun import (
     BlockingMailgunClient,
     Inline,
