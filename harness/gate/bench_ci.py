@@ -43,6 +43,7 @@ from harness.gate.compare import Comparison, GateSettings, Row, compare_runs, lo
 from harness.process import port_taken
 from harness.services.manager import Services
 from harness.services.settings import ENV_VARS, ServiceSettings
+from servers.modes import MODES, parse_modes
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 900.0
@@ -109,14 +110,18 @@ def free_ports(count: int) -> list[int]:
 def brokers(modes: Sequence[str], base: Path, env: Mapping[str, str]) -> Iterator[dict[str, str]]:
     """Private brokers for one side on free ports (a shared machine may hold the default
     ones), as the environment variables that ``mailbench run`` reads."""
-    wanted = [m for m in modes if m in ENV_VARS and not env.get(ENV_VARS[m])]
+    needed: dict[str, None] = {}  # the brokers of the modes, each once, in order
+    for mode in modes:
+        if (service := MODES[mode].service) is not None and not env.get(ENV_VARS[service]):
+            needed[service] = None
+    wanted = list(needed)
     amqp, dist, epmd, redis, postgres = free_ports(5)
     settings = ServiceSettings(
         base_dir=base, rabbitmq_port=amqp, rabbitmq_dist_port=dist, epmd_port=epmd,
         redis_port=redis, postgres_port=postgres, env=dict(env),
     )  # fmt: skip
     with Services(settings) as services:
-        yield {ENV_VARS[m]: services.start(m) for m in wanted}
+        yield {ENV_VARS[name]: services.start(name) for name in wanted}
 
 
 @contextlib.contextmanager
@@ -136,7 +141,7 @@ def worktree(ref: str, parent: Path) -> Iterator[Path]:
 def measure(args: argparse.Namespace, sides: Sequence[Side], tmp: Path) -> dict[str, list[Path]]:
     """Run every side ``--rounds`` times; returns the results folders of each side."""
     env = dict(os.environ)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = parse_modes(args.modes)
     folders: dict[str, list[Path]] = {side.name: [] for side in sides}
     for side in sides:  # no stale rounds of an earlier invocation among the artifacts
         shutil.rmtree(args.out / side.name, ignore_errors=True)

@@ -73,9 +73,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="add a known delay to POST /send (to test the CI gate)",
     )
-    target = parser.add_argument_group(
-        "an external server (see harness/target.py and the README for the contract)"
-    )
+    target = parser.add_argument_group("an external server (see docs/target.md for the contract)")
     target.add_argument("--target", metavar="URL", help="drive this server instead of ours")
     target.add_argument("--target-name", default="target", help="its name in the results")
     target.add_argument("--form-path", default="/", help="path of the form page (default: /)")
@@ -276,10 +274,11 @@ def strict_brokers() -> bool:
 
 def warn_unsound(results: list[ModeResult]) -> None:
     for result in results:
-        if not result.accounting.sound:
+        counts = result.accounting
+        if not counts.sound:
             print(
-                f"WARNING: {result.mode}: lost={result.accounting.lost} "
-                f"unexpected={result.accounting.unexpected}",
+                f"WARNING: {result.mode}: accounting {counts.verdict}, lost={counts.lost} "
+                f"unexpected={counts.unexpected}",
                 file=sys.stderr,
             )
 

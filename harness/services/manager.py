@@ -327,9 +327,17 @@ def add_service_arguments(parser: argparse.ArgumentParser, dir_flag: str = "--di
     )  # fmt: skip
     parser.add_argument(
         "--port", action="append", default=[], metavar="NAME=PORT",
-        help="override a broker port: rabbitmq, rabbitmq_dist, epmd, redis or postgres",
+        help=f"override a broker port: {', '.join(_PORTS)}",
     )  # fmt: skip
     parser.add_argument("--no-install", action="store_true", help="never run apt-get")
+
+
+# NAME of every NAME_port setting: what --port NAME=PORT may set.
+_PORTS = tuple(
+    f.name.removesuffix("_port")
+    for f in dataclasses.fields(ServiceSettings)
+    if f.name.endswith("_port")
+)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
@@ -340,10 +348,13 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         changes["install"] = False
     for spec in args.port:
         key, _, value = spec.partition("=")
-        field_name = f"{key.replace('-', '_')}_port"
-        if field_name not in ServiceSettings.__dataclass_fields__ or not value.isdigit():
-            raise ConfigError(f"--port expects NAME=PORT, e.g. redis=28379, not {spec!r}.")
-        changes[field_name] = int(value)
+        name = key.replace("-", "_")
+        if name not in _PORTS or not value.isdigit():
+            raise ConfigError(
+                f"--port expects NAME=PORT with NAME one of {', '.join(_PORTS)}, "
+                f"e.g. redis=28379, not {spec!r}."
+            )
+        changes[f"{name}_port"] = int(value)
     return ServiceSettings(**changes)
 
 
