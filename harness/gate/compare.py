@@ -19,8 +19,9 @@ Which figure is judged by which rule depends on what the send time is made of:
 * **absolute percentiles** (the other send p50/p99) are flagged only beyond the wider
   ``--abs-band`` (50%), significant, and when the form page (the control, served by the
   same process) did not slow down by the min change too: then the machine was busier;
-* ``lost`` or ``unexpected`` above 0 in a current run always fails, as does a share of
-  failed requests more than one percentage point above the baseline's.
+* a current run whose accounting is not sound (:attr:`Accounting.sound`: an email
+  ``lost`` or ``unexpected``) always fails, as does a share of failed requests more than
+  one percentage point above the baseline's; ``duplicates`` are shown, never judged.
 
 With fewer than ``--min-samples`` seconds on either side no test is possible: the row
 says "insufficient data" with the pooled change, and does not fail.
@@ -40,6 +41,7 @@ from typing import Any
 from scipy.stats import mannwhitneyu
 
 from harness.errors import ConfigError, ResultsError
+from harness.results.accounting import Accounting
 from harness.results.folder import Run, load_run
 from servers.metrics import merge
 from servers.modes import MODES
@@ -154,42 +156,39 @@ def pooled(runs: Sequence[Run], mode: str, metric: str) -> dict[float, float | N
             return dict.fromkeys(PERCENTILES)
         found = total.get_percentile_to_value_dict(list(PERCENTILES))
         return {p: float(found[p]) for p in PERCENTILES}
-    rows = [row for run in runs if (row := run.row(mode, metric)) and int(row["count"] or 0) > 0]
-    weight = sum(int(row["count"]) for row in rows)
+    rows = [row for run in runs if (row := run.row(mode, metric)) and row.count > 0]
+    weight = sum(row.count for row in rows)
     return {
-        p: sum(float(r[f"p{p:.0f}_us"]) * int(r["count"]) for r in rows) / weight
-        if weight
-        else None
-        for p in PERCENTILES
+        p: sum(r.us_at(p) * r.count for r in rows) / weight if weight else None for p in PERCENTILES
     }
 
 
-def series(run: Run, mode: str, metric: str, column: str, warmup: int) -> dict[int, float]:
-    """Second → that second's percentile. Seconds without requests (sends are sparse at
-    low rates) and the warm-up are left out."""
+def series(run: Run, mode: str, metric: str, percentile: float, warmup: int) -> dict[int, float]:
+    """Second → that second's percentile (50 or 99). Seconds without requests (sends are
+    sparse at low rates) and the warm-up are left out."""
     return {
-        int(r["second"]): float(r[column])
+        r.second: float(value)
         for r in run.timeseries
-        if r["mode"] == mode
-        and r["metric"] == metric
-        and int(r["second"]) >= warmup
-        and int(r["requests"] or 0) > 0
-        and r[column] not in ("", None)
+        if r.mode == mode
+        and r.metric == metric
+        and r.second >= warmup
+        and (r.requests or 0) > 0
+        and (value := r.us_at(percentile)) is not None
     }
 
 
 def per_second(
-    runs: Sequence[Run], mode: str, metric: str, column: str, warmup: int
+    runs: Sequence[Run], mode: str, metric: str, percentile: float, warmup: int
 ) -> list[float]:
-    return [v for run in runs for v in series(run, mode, metric, column, warmup).values()]
+    return [v for run in runs for v in series(run, mode, metric, percentile, warmup).values()]
 
 
 def per_second_gap(runs: Sequence[Run], mode: str, warmup: int) -> list[float]:
     """``send p50 / form p50`` of the same second, for every second that has both."""
     gaps: list[float] = []
     for run in runs:
-        send = series(run, mode, "send", "p50_us", warmup)
-        form = series(run, mode, "form", "p50_us", warmup)
+        send = series(run, mode, "send", 50.0, warmup)
+        form = series(run, mode, "form", 50.0, warmup)
         gaps += [value / form[t] for t, value in send.items() if form.get(t)]
     return gaps
 
@@ -262,9 +261,9 @@ def _mode_rows(
         base, cur = pooled(baseline, mode, metric), pooled(current, mode, metric)
         return {p: (base[p], cur[p]) for p in PERCENTILES}
 
-    def seconds(metric: str, column: str) -> Samples:
-        return per_second(baseline, mode, metric, column, w), per_second(
-            current, mode, metric, column, w
+    def seconds(metric: str, percentile: float) -> Samples:
+        return per_second(baseline, mode, metric, percentile, w), per_second(
+            current, mode, metric, percentile, w
         )
 
     known = MODES.get(mode)  # a --target's server is judged as a queued one
@@ -279,9 +278,9 @@ def _mode_rows(
         form_ratio = _ratio(form[pct][1], form[pct][0])
         control = form_ratio - 1 if rule == "abs-band" and form_ratio is not None else None
         row = Row(mode, f"send p{pct:.0f}", "µs", rule, *send[pct])
-        rows.append(judge(row, seconds("send", f"p{pct:.0f}_us"), settings, control))
+        rows.append(judge(row, seconds("send", pct), settings, control))
     rows.append(
-        judge(Row(mode, "form p50", "µs", "info", *form[50.0]), seconds("form", "p50_us"), settings)
+        judge(Row(mode, "form p50", "µs", "info", *form[50.0]), seconds("form", 50.0), settings)
     )
     rows.append(_errors_row(mode, baseline, current))
     return rows
@@ -290,7 +289,7 @@ def _mode_rows(
 def _errors_row(mode: str, baseline: Sequence[Run], current: Sequence[Run]) -> Row:
     def share(runs: Sequence[Run]) -> float | None:
         rows = [r for run in runs for m in ("form", "send") if (r := run.row(mode, m))]
-        failed, done = (sum(int(r[k] or 0) for r in rows) for k in ("errors", "count"))
+        failed, done = sum(r.errors for r in rows), sum(r.count for r in rows)
         return failed / (done + failed) if done + failed else None
 
     base, cur = share(baseline), share(current)
@@ -299,19 +298,29 @@ def _errors_row(mode: str, baseline: Sequence[Run], current: Sequence[Run]) -> R
 
 
 def _accounting_rows(mode: str, baseline: Sequence[Run], current: Sequence[Run]) -> list[Row]:
-    def total(runs: Sequence[Run], column: str) -> int | None:
-        values = [int(r[column] or 0) for run in runs for r in run.accounting if r["mode"] == mode]
-        return sum(values) if values else None
-
+    """``lost``, ``unexpected`` and ``duplicates`` over each side's runs. Current runs
+    whose accounting is not sound fail, on the rows that make it so; the accounting's
+    verdict (``FAILED``, ``duplicates``) is noted on each row that counts towards it."""
+    base, cur = (_pooled_accounting(runs, mode) for runs in (baseline, current))
+    if base is None and cur is None:
+        return []
     rows = []
-    for column in ("lost", "unexpected"):
-        base, cur = total(baseline, column), total(current, column)
-        if base is None and cur is None:
-            continue
-        verdict = REGRESSION if cur else (MISSING if cur is None else OK)
-        note = f"the baseline has {base} too" if base else ""
-        rows.append(Row(mode, column, "emails", "must be 0", base, cur, verdict=verdict, note=note))
+    for column in ("lost", "unexpected", "duplicates"):
+        b, c = (None if side is None else side.as_row()[column] for side in (base, cur))
+        rule = "info" if column == "duplicates" else "must be 0"
+        if cur is None or rule == "info":
+            verdict = MISSING if cur is None else INFO
+        else:
+            verdict = OK if cur.sound or not c else REGRESSION
+        notes = [f"accounting {cur.verdict}"] if cur is not None and c else []
+        notes += [f"the baseline has {b} too"] if b else []
+        rows.append(Row(mode, column, "emails", rule, b, c, verdict=verdict, note="; ".join(notes)))
     return rows
+
+
+def _pooled_accounting(runs: Sequence[Run], mode: str) -> Accounting | None:
+    found = [counts for run in runs if (counts := run.accounting_of(mode)) is not None]
+    return sum(found[1:], found[0]) if found else None
 
 
 def _config_differences(baseline: Sequence[Run], current: Sequence[Run]) -> list[str]:

@@ -16,7 +16,6 @@ from harness.report.charts import (
     SPECTRUM_ORDER,
     delivery_chart,
     gap_chart,
-    number,
     save,
     spectrum_chart,
     timeline_chart,
@@ -30,7 +29,7 @@ from harness.results.folder import Run, load_run
 
 def draw_all(run: Run) -> dict[str, list[Path]]:
     """Every chart the folder's data allows, in reading order: ``{name: [png, svg]}``."""
-    charts_dir = run.path / "charts"
+    charts_dir = run.layout.charts
     drawn = {"gap": save(gap_chart(run), charts_dir, "gap")}
     present = {metric for (_mode, metric) in run.histograms}
     order = {m: i for i, m in enumerate(SPECTRUM_ORDER)}
@@ -39,9 +38,9 @@ def draw_all(run: Run) -> dict[str, list[Path]]:
         drawn[name] = save(spectrum_chart(run, metric), charts_dir, name)
     if "delivery" in present:
         drawn["delivery"] = save(delivery_chart(run), charts_dir, "delivery")
-    if any(number(r.get("p99_us")) is not None for r in run.timeseries):
+    if any(r.p99_us is not None for r in run.timeseries):
         drawn["timeline"] = save(timeline_chart(run), charts_dir, "timeline")
-    if getattr(run, "sweep", None):
+    if run.sweep:
         drawn["sweep"] = save(sweep_chart(run), charts_dir, "sweep")
     return drawn
 
@@ -50,11 +49,10 @@ def build_report(run_dir: Path) -> Path:
     """Redraw every chart and write ``report.md`` and ``report.html``; returns report.md."""
     run = load_run(run_dir)
     charts = draw_all(run)
-    path = run.path / "report.md"
     text = render(run, list(charts))
-    path.write_text(text)
-    write_html(text, run.path, run.path / "report.html")
-    return path
+    run.layout.report.write_text(text)
+    write_html(text, run.path, run.layout.report_html)
+    return run.layout.report
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:

@@ -239,10 +239,10 @@ def gap_chart(run: Run) -> Figure:
     for i, mode in enumerate(modes):
         for j, metric in enumerate(metrics):
             row = run.row(mode, metric)
-            if not row or not row["count"]:
+            if not row or not row.count:
                 continue
             y = i + (j - 1) * bar_h
-            p50, p99 = float(row["p50_us"]), float(row["p99_us"])
+            p50, p99 = float(row.p50_us), float(row.p99_us)
             values += [p50, p99]
             ax.barh(y, p50, height=bar_h * 0.9, color=METRIC_COLOURS[metric], zorder=2)
             ax.plot([p99, p99], [y - bar_h * 0.45, y + bar_h * 0.45], color="black", lw=1.6)
@@ -360,37 +360,32 @@ def delivery_chart(run: Run) -> Figure:
 
 
 # -- per second --------------------------------------------------------------------------
-def number(value: Any) -> float | None:
-    return None if value in ("", None) else float(value)
-
-
 def timeline_chart(run: Run) -> Figure:
     """Per second and mode: the form page's p99 (log), the requests answered and, when it
     was sampled, the queue's depth. Open-model runs show the p99 from intended start."""
     rows = run.timeseries
-    queued = any(number(r.get("queue_depth")) is not None for r in rows)
+    queued = any(r.queue_depth is not None for r in rows)
     fig, axes = new_figure(7.2 if queued else 5.4, rows=3 if queued else 2, sharex=True)
-    intended = any(r["metric"] == "form_intended" for r in rows)
+    intended = any(r.metric == "form_intended" for r in rows)
     form = "form_intended" if intended else "form"
     handles, values = [], []
     for mode in run.modes:
-        mine = [r for r in rows if r["mode"] == mode]
+        mine = [r for r in rows if r.mode == mode]
         if not mine:
             continue
         # Every second of the mode's run, so a second without answers shows as a gap in
         # the p99 line and as 0 requests, not as a line drawn across it.
-        seconds = list(range(int(mine[0]["second"]), max(int(r["second"]) for r in mine) + 1))
+        seconds = list(range(mine[0].second, max(r.second for r in mine) + 1))
         series: dict[str, dict[int, float]] = {k: {} for k in ("p99", "answered", "depth")}
         for r in mine:
-            second, p99, depth = int(r["second"]), number(r["p99_us"]), number(r["queue_depth"])
-            if r["metric"] in ("form", "send"):
-                answered = series["answered"].get(second, 0.0)
-                series["answered"][second] = answered + (number(r["requests"]) or 0.0)
-            if r["metric"] == form and p99 is not None:
-                series["p99"][second] = p99
-                values.append(p99)
-            if depth is not None:
-                series["depth"][second] = depth
+            if r.metric in ("form", "send"):
+                answered = series["answered"].get(r.second, 0.0)
+                series["answered"][r.second] = answered + (r.requests or 0)
+            if r.metric == form and r.p99_us is not None:
+                series["p99"][r.second] = r.p99_us
+                values.append(r.p99_us)
+            if r.queue_depth is not None:
+                series["depth"][r.second] = r.queue_depth
         style = {"color": mode_colour(mode), "ls": mode_linestyle(mode)}
         # Markers: a lone second between two stalls is a point, not an invisible line.
         p99s = [series["p99"].get(s, math.nan) for s in seconds]

@@ -33,7 +33,7 @@ from harness.report.charts import (
     save,
 )
 from harness.report.html import write_html
-from harness.report.markdown import table, times
+from harness.report.markdown import table, times, verdict_cell
 from harness.results import machine
 from harness.results.folder import Run, load_run
 
@@ -151,9 +151,9 @@ def latency_chart(runs: Sequence[Run], labels: Sequence[str]) -> Figure:
         values: list[float] = []
         for y, (mode, i) in enumerate(rows):
             row = runs[i].row(mode, metric)
-            if not row or not row["count"]:
+            if not row or not row.count:
                 continue
-            p50, p99 = float(row["p50_us"]), float(row["p99_us"])
+            p50, p99 = float(row.p50_us), float(row.p99_us)
             values += [p50, p99]
             ax.barh(
                 y,
@@ -199,16 +199,16 @@ def gap_chart(runs: Sequence[Run], labels: Sequence[str]) -> Figure:
     return finish(fig, _note(runs), "The gap, run by run", handles, names, 1)
 
 
-def _cell(run: Run, mode: str, metric: str, column: str) -> str:
+def _cell(run: Run, mode: str, metric: str, percentile: float) -> str:
     row = run.row(mode, metric)
-    return format_us(float(row[column])) if row and row["count"] else "–"
+    return format_us(row.us_at(percentile)) if row and row.count else "–"
 
 
-def _ratio(runs: Sequence[Run], mode: str, metric: str, column: str) -> str:
+def _ratio(runs: Sequence[Run], mode: str, metric: str, percentile: float) -> str:
     first, last = runs[0].row(mode, metric), runs[-1].row(mode, metric)
-    if not first or not last or not first[column] or not last["count"]:
+    if not first or not last or not first.us_at(percentile) or not last.count:
         return "–"
-    return times(float(last[column]) / float(first[column]))
+    return times(last.us_at(percentile) / first.us_at(percentile))
 
 
 def render(
@@ -242,10 +242,10 @@ def render(
             if not any(r.row(m, metric) for r in runs):
                 continue
             row: dict[str, str] = {"mode": m, "metric": metric}
-            for column, name in (("p50_us", "p50"), ("p99_us", "p99")):
+            for percentile, name in ((50.0, "p50"), (99.0, "p99")):
                 for t, r in zip(letters, runs, strict=True):
-                    row[f"{name} {t}"] = _cell(r, m, metric, column)
-                row[f"{name} {last}÷A"] = _ratio(runs, m, metric, column)
+                    row[f"{name} {t}"] = _cell(r, m, metric, percentile)
+                row[f"{name} {last}÷A"] = _ratio(runs, m, metric, percentile)
             latency_rows.append(row)
     lost_rows = [
         {"mode": m, **{t: _accounting(r, m) for t, r in zip(letters, runs, strict=True)}}
@@ -261,14 +261,22 @@ def render(
         *[f"![{c}](charts/{c}.png)" for c in charts if c == "compare-latency"],
         f"`{last}÷A` above 1× means slower in run {last} than in run A.\n\n"
         + table(latency_rows, list(latency_rows[0]) if latency_rows else ["mode"]),
-        "## Accounting: lost / duplicates\n\n" + table(lost_rows, ["mode", *letters]),
+        "## Accounting\n\n" + table(lost_rows, ["mode", *letters]),
     ]
     return "\n\n".join(s for s in sections if s) + "\n"
 
 
 def _accounting(run: Run, mode: str) -> str:
-    row = next((r for r in run.accounting if r["mode"] == mode), None)
-    return f"{row['lost']} / {row['duplicates']}" if row else "–"
+    """The mode's verdict and what made it: ``**FAILED** (3 lost)``, ``duplicates (2)``."""
+    counts = run.accounting_of(mode)
+    if counts is None:
+        return "–"
+    named = {"lost": counts.lost, "unexpected": counts.unexpected, "duplicates": counts.duplicates}
+    # The label names what it counts already: "duplicates (2)", not "duplicates (2 duplicates)".
+    found = [
+        f"{n:,}" + ("" if name == counts.verdict else f" {name}") for name, n in named.items() if n
+    ]
+    return verdict_cell(counts) + (f" ({', '.join(found)})" if found else "")
 
 
 def build_comparison(run_dirs: Sequence[Path], out: Path) -> Path:

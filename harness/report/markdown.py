@@ -4,11 +4,14 @@ same text: no clock, no host name, no absolute path."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 from harness.report.charts import METRIC_LABELS, caption, format_us
 from harness.results import machine
+from harness.results.accounting import COLUMNS as ACCOUNTING_COUNTS
+from harness.results.accounting import Accounting
 from harness.results.folder import Run
 from servers.modes import IN_REQUEST, MODES
 
@@ -73,7 +76,7 @@ def headline(run: Run) -> str:
         gap, send = run.gap(mode), run.row(mode, "send")
         if gap is not None and send:
             parts.append(
-                f"{mode}: POST /send p50 {format_us(send['p50_us'])}, {times(gap)} the form page"
+                f"{mode}: POST /send p50 {format_us(send.p50_us)}, {times(gap)} the form page"
             )
     return ("POST /send, " + "; ".join(parts) + ".") if parts else "No sends were measured."
 
@@ -102,11 +105,11 @@ def _in_request(run: Run, blocks: bool) -> list[str]:
 
 def _p50(run: Run, mode: str, metric: str) -> float:
     row = run.row(mode, metric)
-    return float(row["p50_us"]) if row and row["count"] else 0.0
+    return float(row.p50_us) if row and row.count else 0.0
 
 
 def table(
-    rows: Iterable[dict[str, Any]],
+    rows: Iterable[Mapping[str, Any]],
     columns: Sequence[str],
     formats: dict[str, Callable[[Any], str]] | None = None,
     headers: dict[str, str] | None = None,
@@ -124,8 +127,8 @@ def table(
     return "\n".join(lines)
 
 
-def _us(value: Any) -> str:
-    return "–" if value in ("", None) else format_us(float(value))
+def _us(value: float | None) -> str:
+    return "–" if value is None else format_us(value)
 
 
 def gap_table(run: Run) -> str:
@@ -138,13 +141,13 @@ def gap_table(run: Run) -> str:
         if not form or not send:
             continue
         gap = run.gap(mode)
-        fast = float(send["p50_us"])
+        fast = float(send.p50_us)
         rows.append(
             {
                 "mode": mode,
-                "form": _us(form["p50_us"]),
-                "send": _us(send["p50_us"]),
-                "send99": _us(send["p99_us"]),
+                "form": _us(form.p50_us),
+                "send": _us(send.p50_us),
+                "send99": _us(send.p99_us),
                 "gap": times(gap) if gap is not None else "–",
                 "direct": times(direct / fast) if direct and fast and mode != reference else "–",
             }
@@ -161,18 +164,18 @@ def gap_table(run: Run) -> str:
 
 def summary_table(run: Run) -> str:
     formats: dict[str, Callable[[Any], str]] = dict.fromkeys(US_COLUMNS, _us)
-    formats["rate_per_s"] = lambda v: f"{float(v):,.1f}"
-    formats["count"] = formats["errors"] = lambda v: f"{int(v):,}"
-    return table(run.summary, list(SUMMARY_HEADERS), formats, SUMMARY_HEADERS)
+    formats["rate_per_s"] = lambda v: f"{v:,.1f}"
+    formats["count"] = formats["errors"] = lambda v: f"{v:,}"
+    rows = [asdict(r) for r in run.summary]
+    return table(rows, list(SUMMARY_HEADERS), formats, SUMMARY_HEADERS)
 
 
 def sweep_table(run: Run) -> str:
-    rows = [{**r, "knee": "**knee**" if str(r["knee"]).lower() in ("true", "1") else ""}
-            for r in getattr(run, "sweep", [])]  # fmt: skip
+    rows = [{**asdict(r), "knee": "**knee**" if r.knee else ""} for r in run.sweep]
     formats: dict[str, Callable[[Any], str]] = {
-        "offered_per_s": lambda v: f"{float(v):,.0f}",
-        "throughput_per_s": lambda v: f"{float(v):,.0f}",
-        "errors_pct": lambda v: f"{float(v):.1f}%",
+        "offered_per_s": lambda v: f"{v:,.0f}",
+        "throughput_per_s": lambda v: f"{v:,.0f}",
+        "errors_pct": lambda v: f"{v:.1f}%",
         "form_p99_us": _us,
         "send_p99_us": _us,
     }
@@ -185,16 +188,18 @@ def sweep_table(run: Run) -> str:
 def accounting_table(run: Run) -> str:
     if not run.accounting:
         return "(no accounting: no mode finished)"
-    rows = [{**r, "verdict": _verdict(r)} for r in run.accounting]
-    columns = ["mode", *[c for c in run.accounting[0] if c != "mode"], "verdict"]
+    rows = [
+        {"mode": r.mode, **r.counts.as_row(), "verdict": verdict_cell(r.counts)}
+        for r in run.accounting
+    ]
+    columns = ["mode", *ACCOUNTING_COUNTS, "verdict"]
     headers = {"dead_lettered": "dead-lettered"}
     return table(rows, columns, {c: str for c in columns}, headers)
 
 
-def _verdict(row: dict[str, Any]) -> str:
-    if row.get("lost") or row.get("unexpected"):
-        return "**FAILED**"
-    return "duplicates" if row.get("duplicates") else "ok"
+def verdict_cell(counts: Accounting) -> str:
+    """:attr:`Accounting.verdict` in a Markdown table: ``**FAILED**``, ``duplicates``, ``ok``."""
+    return f"**{counts.verdict}**" if not counts.sound else counts.verdict
 
 
 def _explain_mode(run: Run, mode: str) -> str:
@@ -218,32 +223,30 @@ def warnings(run: Run) -> list[str]:
             found.append(f"**{mode}** was skipped: {info['skipped']}.")
     for mode, info in modes_info.items():
         found += [f"**{mode}**: {note}." for note in info.get("notes", [])]
-    for r in run.accounting:
-        mode = r["mode"]
-        if r.get("lost"):
+    for accounted in run.accounting:
+        mode, c = accounted.mode, accounted.counts
+        if c.lost:
             found.append(
-                f"**{mode}**: {r['lost']:,} accepted emails were never delivered (lost) — "
+                f"**{mode}**: {c.lost:,} accepted emails were never delivered (lost) — "
                 "each was promised by a 2xx."
             )
-        if r.get("unexpected"):
+        if c.unexpected:
             found.append(
-                f"**{mode}**: {r['unexpected']:,} deliveries of no send the load generator made."
+                f"**{mode}**: {c.unexpected:,} deliveries of no send the load generator made."
             )
-        if r.get("duplicates"):
-            found.append(f"**{mode}**: {r['duplicates']:,} duplicate deliveries (same send).")
-        if r.get("dead_lettered"):
-            found.append(f"**{mode}**: {r['dead_lettered']:,} emails dead-lettered.")
+        if c.duplicates:
+            found.append(f"**{mode}**: {c.duplicates:,} duplicate deliveries (same send).")
+        if c.dead_lettered:
+            found.append(f"**{mode}**: {c.dead_lettered:,} emails dead-lettered.")
     for r in run.summary:
-        total = int(r["count"]) + int(r["errors"])
-        if r["errors"]:
+        total = r.count + r.errors
+        if r.errors:
             found.append(
-                f"**{r['mode']}**: {int(r['errors']):,} of {total:,} `{r['metric']}` requests "
-                f"failed ({int(r['errors']) / total:.1%}); latencies count only successes."
+                f"**{r.mode}**: {r.errors:,} of {total:,} `{r.metric}` requests "
+                f"failed ({r.errors / total:.1%}); latencies count only successes."
             )
     few = [
-        f"{r['mode']} ({int(r['count'])})"
-        for r in run.summary
-        if r["metric"] == "send" and int(r["count"]) < FEW_SAMPLES
+        f"{r.mode} ({r.count})" for r in run.summary if r.metric == "send" and r.count < FEW_SAMPLES
     ]
     if few:
         found.append(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from matplotlib.figure import Figure
 
 from harness.report.charts import (
@@ -13,10 +15,13 @@ from harness.report.charts import (
     new_figure,
 )
 from harness.results.folder import Run
+from harness.results.rows import SweepRow
 
-
-def _knee(value: object) -> bool:
-    return str(value).strip().lower() in ("true", "1")
+# The p99 from intended start that each of the two plots shows.
+P99: dict[str, Callable[[SweepRow], int]] = {
+    "form_p99_us": lambda r: r.form_p99_us,
+    "send_p99_us": lambda r: r.send_p99_us,
+}
 
 
 def sweep_chart(run: Run) -> Figure:
@@ -27,27 +32,23 @@ def sweep_chart(run: Run) -> Figure:
     values: dict[str, list[float]] = {"form_p99_us": [], "send_p99_us": []}
     offered: list[float] = []
     for mode in run.modes:
-        rows = sorted((r for r in run.sweep if r["mode"] == mode), key=lambda r: int(r["step"]))
+        rows = sorted((r for r in run.sweep if r.mode == mode), key=lambda r: r.step)
         if not rows:
             continue
         style = {"color": mode_colour(mode), "ls": mode_linestyle(mode)}
-        for ax, metric in zip(axes, ("form_p99_us", "send_p99_us"), strict=True):
-            points = [
-                (max(0.1, float(r["throughput_per_s"])), float(r[metric]))
-                for r in rows
-                if r[metric]
-            ]
+        for ax, (metric, p99) in zip(axes, P99.items(), strict=True):
+            points = [(max(0.1, r.throughput_per_s), float(p99(r))) for r in rows if p99(r)]
             if not points:
                 continue
             xs, ys = zip(*points, strict=True)
-            offered += [float(r["offered_per_s"]) for r in rows]
+            offered += [r.offered_per_s for r in rows]
             values[metric] += ys
             (line,) = ax.plot(xs, ys, marker="o", ms=3.5, label=mode, **style)
             for r in rows:
-                if _knee(r["knee"]) and r[metric]:
-                    served = max(0.1, float(r["throughput_per_s"]))
+                if r.knee and p99(r):
+                    served = max(0.1, r.throughput_per_s)
                     ring = {"ms": 11, "mfc": "none", "mec": style["color"], "mew": 1.8}
-                    ax.plot(served, float(r[metric]), marker="o", **ring)
+                    ax.plot(served, float(p99(r)), marker="o", **ring)
             if metric == "form_p99_us":
                 handles.append(line)
     for ax, metric, title in (

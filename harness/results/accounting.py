@@ -15,6 +15,10 @@ made the call (one of ours, several, or an app in another language). Per mode:
   by the end of the run or a crash, or the server failed after the broker had taken
   the job). Not an error: the outcome of such a send was unknown to its client.
 
+The verdict is :attr:`Accounting.sound` (nothing lost, nothing unexpected), and what a
+table shows for it :attr:`Accounting.verdict`: every report, the chaos table and the CI
+gate ask these two, never the counts themselves.
+
 Test-mode ledger entries (``o:testmode``) are not deliveries and are ignored.
 """
 
@@ -23,7 +27,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from hdrh.histogram import HdrHistogram
 
@@ -38,6 +42,8 @@ COLUMNS = (
     "unexpected",
     "unacknowledged",
 )
+Verdict = Literal["ok", "duplicates", "FAILED"]
+FAILED: Verdict = "FAILED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +59,24 @@ class Accounting:
     def as_row(self) -> dict[str, int]:
         return asdict(self)
 
+    def __add__(self, other: Accounting) -> Accounting:
+        """Counts of two runs (or modes) together."""
+        mine, theirs = self.as_row(), other.as_row()
+        return Accounting(**{column: mine[column] + theirs[column] for column in COLUMNS})
+
     @property
     def sound(self) -> bool:
         """Nothing lost and nothing delivered that nobody sent."""
         return self.lost == 0 and self.unexpected == 0
+
+    @property
+    def verdict(self) -> Verdict:
+        """The label tables show: ``FAILED`` unless :attr:`sound`; ``duplicates`` when
+        sound but a send was delivered more than once (at-least-once delivery allows it,
+        an idempotent API would not); else ``ok``. Markdown callers add their own bold."""
+        if not self.sound:
+            return FAILED
+        return "duplicates" if self.duplicates else "ok"
 
 
 def recipient_of(entry: Mapping[str, Any]) -> str | None:

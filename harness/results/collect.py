@@ -16,6 +16,7 @@ from typing import Any
 
 from harness.results.accounting import reconcile
 from harness.results.folder import ModeResult
+from harness.results.rows import TimeseriesRow
 from servers.metrics import Recorder, Summary, decode
 
 GENERATOR_BOUND_CPU = 90.0  # percent of one core, as Locust's own cpu_warning
@@ -111,7 +112,7 @@ def generator_notes(locust: dict[str, Any]) -> list[str]:
 
 
 def open_model_notes(
-    locust: dict[str, Any], histograms: dict[str, Any], timeseries: list[dict[str, Any]]
+    locust: dict[str, Any], histograms: dict[str, Any], timeseries: list[TimeseriesRow]
 ) -> list[str]:
     counters = locust.get("counters", {})
     scheduled = int(counters.get("scheduled_starts", 0))
@@ -147,12 +148,11 @@ def open_model_notes(
     return notes
 
 
-def _trend(rows: list[dict[str, Any]], metric: str) -> tuple[float, float] | None:
+def _trend(rows: list[TimeseriesRow], metric: str) -> tuple[float, float] | None:
     """Median of the per-second p50 in the first and the last third of the run."""
-    values = [(r["second"], r["p50_us"]) for r in rows if r["metric"] == metric and r["p50_us"]]
+    values = sorted((r.second, p50) for r in rows if r.metric == metric and (p50 := r.p50_us))
     if len(values) < 6:
         return None
-    values.sort()
     third = len(values) // 3
     first = sorted(v for _, v in values[:third])
     last = sorted(v for _, v in values[-third:])
@@ -161,42 +161,34 @@ def _trend(rows: list[dict[str, Any]], metric: str) -> tuple[float, float] | Non
 
 def timeseries_rows(
     mode: str, locust: dict[str, Any], depths: dict[str, int | None]
-) -> list[dict[str, Any]]:
+) -> list[TimeseriesRow]:
+    """Per second: a row per metric the load generator measured or saw fail (no p50, p99
+    in a second of failures only), and a ``queue`` row when the depth was sampled."""
     seconds_data = locust.get("seconds", {})
     errors_data = locust.get("errors_per_second", {})
     seconds = sorted({*seconds_data, *errors_data, *depths}, key=int)
-    rows: list[dict[str, Any]] = []
+    rows: list[TimeseriesRow] = []
     if not seconds:
         return rows
     first = int(seconds[0])
     for second in seconds:
         histograms = seconds_data.get(second, {})
         errors = errors_data.get(second, {})
+        at = int(second) - first
         for metric in sorted({*histograms, *errors}):
             summary = Summary.of(decode(histograms[metric])) if metric in histograms else None
             rows.append(
-                {
-                    "mode": mode,
-                    "second": int(second) - first,
-                    "metric": metric,
-                    "requests": summary.count if summary else 0,
-                    "errors": errors.get(metric, 0),
-                    "p50_us": summary.p50_us if summary else "",
-                    "p99_us": summary.p99_us if summary else "",
-                    "queue_depth": "",
-                }
+                TimeseriesRow(
+                    mode,
+                    at,
+                    metric,
+                    requests=summary.count if summary else 0,
+                    errors=int(errors.get(metric, 0)),
+                    p50_us=summary.p50_us if summary else None,
+                    p99_us=summary.p99_us if summary else None,
+                )
             )
-        if depths.get(second) is not None:
-            rows.append(
-                {
-                    "mode": mode,
-                    "second": int(second) - first,
-                    "metric": "queue",
-                    "requests": "",
-                    "errors": "",
-                    "p50_us": "",
-                    "p99_us": "",
-                    "queue_depth": depths[second],
-                }
-            )
+        depth = depths.get(second)
+        if depth is not None:
+            rows.append(TimeseriesRow(mode, at, "queue", queue_depth=depth))
     return rows

@@ -1,16 +1,18 @@
 """The results folder: the contract that reports, notebooks and the CI gate read.
 
 ``results/<run-id>/`` holds ``manifest.json``, ``summary.csv``, ``accounting.csv``,
-``timeseries.csv``, ``hdr/<mode>/<metric>.hdr`` (base64 HdrHistograms), ``charts/`` and
-``report.md``. Everything a chart shows can be rebuilt from these files alone.
+``timeseries.csv``, ``sweep.csv`` (with ``--profile full``), ``hdr/<mode>/<metric>.hdr``
+(base64 HdrHistograms), ``charts/`` and ``report.md``. Everything a chart shows can be
+rebuilt from these files alone. Where each file lives is :class:`Layout`; what each CSV
+line holds, :mod:`harness.results.rows`. The writer (:func:`write_results`) and the
+reader (:func:`load_run`) share both.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,17 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from harness.errors import ResultsError
-from harness.results.accounting import COLUMNS as ACCOUNTING_COUNTS
 from harness.results.accounting import Accounting
+from harness.results.rows import (
+    ACCOUNTING,
+    SUMMARY,
+    SWEEP,
+    TIMESERIES,
+    AccountingRow,
+    SummaryRow,
+    SweepRow,
+    TimeseriesRow,
+)
 from servers.metrics import Summary, decode, encode, new_histogram
 
 METRICS = (
@@ -32,36 +43,57 @@ METRICS = (
     "form_intended",
     "send_intended",
 )
-SUMMARY_COLUMNS = (
-    "mode",
-    "metric",
-    "count",
-    "errors",
-    "rate_per_s",
-    "mean_us",
-    "p50_us",
-    "p90_us",
-    "p99_us",
-    "p999_us",
-    "max_us",
-)
-ACCOUNTING_COLUMNS = ("mode", *ACCOUNTING_COUNTS)
-# One row per step of a load sweep (``--profile full``), in sweep.csv.
-SWEEP_COLUMNS = (
-    "mode", "step", "offered_per_s", "throughput_per_s", "errors_pct",
-    "form_p50_us", "form_p99_us", "send_p50_us", "send_p99_us",
-    "form_service_p99_us", "send_service_p99_us", "late_starts", "dropped_starts", "knee",
-)  # fmt: skip
-TIMESERIES_COLUMNS = (
-    "mode",
-    "second",
-    "metric",
-    "requests",
-    "errors",
-    "p50_us",
-    "p99_us",
-    "queue_depth",
-)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where each file of one results folder lives: the one map that the writer and every
+    reader use."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY.file
+
+    @property
+    def accounting(self) -> Path:
+        return self.root / ACCOUNTING.file
+
+    @property
+    def timeseries(self) -> Path:
+        return self.root / TIMESERIES.file
+
+    @property
+    def sweep(self) -> Path:
+        return self.root / SWEEP.file
+
+    @property
+    def hdr(self) -> Path:
+        return self.root / "hdr"
+
+    def histogram(self, mode: str, metric: str) -> Path:
+        return self.hdr / mode / f"{metric}.hdr"
+
+    def histograms(self) -> list[tuple[str, str, Path]]:
+        """(mode, metric, file) of every histogram in the folder, sorted."""
+        return [(f.parent.name, f.stem, f) for f in sorted(self.hdr.glob("*/*.hdr"))]
+
+    @property
+    def charts(self) -> Path:
+        return self.root / "charts"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
 
 
 @dataclass(slots=True)
@@ -73,12 +105,14 @@ class ModeResult:
     histograms: dict[str, HdrHistogram]
     errors: dict[str, int]
     accounting: Accounting
-    timeseries: list[dict[str, Any]] = field(default_factory=list)
+    timeseries: list[TimeseriesRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     generator: dict[str, Any] = field(default_factory=dict)  # the load generator's health
-    sweep: list[dict[str, Any]] = field(default_factory=list)  # per load step, to the knee
+    # Per load step, to the knee, as :func:`harness.run.sweep.sweep_mode` gives them:
+    # SweepRow's fields by name (typed when written).
+    sweep: list[dict[str, Any]] = field(default_factory=list)
 
-    def summary_rows(self) -> list[dict[str, Any]]:
+    def summary_rows(self) -> list[SummaryRow]:
         rows = []
         for metric in METRICS:
             histogram = self.histograms.get(metric)
@@ -88,56 +122,45 @@ class ModeResult:
             summary = Summary.of(histogram if histogram is not None else new_histogram())
             rate = summary.count / self.duration_s if self.duration_s > 0 else 0.0
             rows.append(
-                {
-                    "mode": self.mode,
-                    "metric": metric,
-                    "count": summary.count,
-                    "errors": errors,
-                    "rate_per_s": round(rate, 2),
-                    "mean_us": summary.mean_us,
-                    "p50_us": summary.p50_us,
-                    "p90_us": summary.p90_us,
-                    "p99_us": summary.p99_us,
-                    "p999_us": summary.p999_us,
-                    "max_us": summary.max_us,
-                }
+                SummaryRow(
+                    mode=self.mode,
+                    metric=metric,
+                    count=summary.count,
+                    errors=errors,
+                    rate_per_s=round(rate, 2),
+                    mean_us=summary.mean_us,
+                    p50_us=summary.p50_us,
+                    p90_us=summary.p90_us,
+                    p99_us=summary.p99_us,
+                    p999_us=summary.p999_us,
+                    max_us=summary.max_us,
+                )
             )
         return rows
 
-
-def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") for c in columns})
+    def sweep_rows(self) -> list[SweepRow]:
+        return [SweepRow(**step) for step in self.sweep]
 
 
 def write_results(run_dir: Path, results: Sequence[ModeResult]) -> None:
+    layout = Layout(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(
-        run_dir / "summary.csv", SUMMARY_COLUMNS, (r for m in results for r in m.summary_rows())
-    )
-    write_csv(
-        run_dir / "accounting.csv",
-        ACCOUNTING_COLUMNS,
-        ({"mode": m.mode, **m.accounting.as_row()} for m in results),
-    )
-    write_csv(
-        run_dir / "timeseries.csv", TIMESERIES_COLUMNS, (r for m in results for r in m.timeseries)
-    )
+    SUMMARY.write(layout.summary, (r for m in results for r in m.summary_rows()))
+    ACCOUNTING.write(layout.accounting, (AccountingRow(m.mode, m.accounting) for m in results))
+    TIMESERIES.write(layout.timeseries, (r for m in results for r in m.timeseries))
     if any(m.sweep for m in results):
-        write_csv(run_dir / "sweep.csv", SWEEP_COLUMNS, (r for m in results for r in m.sweep))
+        SWEEP.write(layout.sweep, (r for m in results for r in m.sweep_rows()))
     for m in results:
-        folder = run_dir / "hdr" / m.mode
-        folder.mkdir(parents=True, exist_ok=True)
         for metric, histogram in m.histograms.items():
-            (folder / f"{metric}.hdr").write_text(encode(histogram) + "\n")
+            path = layout.histogram(m.mode, metric)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(encode(histogram) + "\n")
 
 
 def write_manifest(run_dir: Path, manifest: Mapping[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    Layout(run_dir).manifest.write_text(text)
 
 
 def point_latest(run_dir: Path) -> None:
@@ -156,70 +179,56 @@ class Run:
 
     path: Path
     manifest: dict[str, Any]
-    summary: list[dict[str, Any]]
-    accounting: list[dict[str, Any]]
-    timeseries: list[dict[str, Any]]
+    summary: list[SummaryRow]
+    accounting: list[AccountingRow]
+    timeseries: list[TimeseriesRow]
     histograms: dict[tuple[str, str], HdrHistogram]
-    sweep: list[dict[str, Any]] = field(default_factory=list)
+    sweep: list[SweepRow] = field(default_factory=list)
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.path)
 
     @property
     def modes(self) -> list[str]:
-        seen: list[str] = []
-        for row in self.summary:
-            if row["mode"] not in seen:
-                seen.append(row["mode"])
-        return seen
+        return list(dict.fromkeys(row.mode for row in self.summary))
 
-    def row(self, mode: str, metric: str) -> dict[str, Any] | None:
-        return next((r for r in self.summary if r["mode"] == mode and r["metric"] == metric), None)
+    def row(self, mode: str, metric: str) -> SummaryRow | None:
+        return next((r for r in self.summary if r.mode == mode and r.metric == metric), None)
+
+    def accounting_of(self, mode: str) -> Accounting | None:
+        """The mode's accounting; None when the mode has none (it did not finish)."""
+        return next((r.counts for r in self.accounting if r.mode == mode), None)
 
     def gap(self, mode: str) -> float | None:
         """The headline figure: ``send p50 / form p50``."""
         send, form = self.row(mode, "send"), self.row(mode, "form")
-        if not send or not form or not form["p50_us"]:
+        if not send or not form or not form.p50_us:
             return None
-        return float(send["p50_us"]) / float(form["p50_us"])
-
-
-def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for key, value in row.items():
-            row[key] = _number(value)
-    return rows
-
-
-def _number(value: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
+        return send.p50_us / form.p50_us
 
 
 def load_run(path: Path) -> Run:
+    """Read a results folder (or a ``latest`` link to one), every CSV line parsed once
+    into its row; :class:`ResultsError` names the file, line and column that do not."""
     path = Path(path)
     if path.is_symlink() or path.name == "latest":
         path = path.resolve()
-    required = ("manifest.json", "summary.csv", "accounting.csv")
-    missing = [name for name in required if not (path / name).is_file()]
+    layout = Layout(path)
+    required = (layout.manifest, layout.summary, layout.accounting)
+    missing = [p.name for p in required if not p.is_file()]
     if missing:
         raise ResultsError(
             f"{path} is not a mailbench results folder: missing {', '.join(missing)}"
         )
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
-        summary = _read_csv(path / "summary.csv")
-        accounting = _read_csv(path / "accounting.csv")
-        ts_path = path / "timeseries.csv"
-        timeseries = _read_csv(ts_path) if ts_path.is_file() else []
-        sweep_path = path / "sweep.csv"
-        sweep = _read_csv(sweep_path) if sweep_path.is_file() else []
+        manifest = json.loads(layout.manifest.read_text())
+        summary = SUMMARY.read(layout.summary)
+        accounting = ACCOUNTING.read(layout.accounting)
+        timeseries = TIMESERIES.read(layout.timeseries) if layout.timeseries.is_file() else []
+        sweep = SWEEP.read(layout.sweep) if layout.sweep.is_file() else []
         histograms = {
-            (f.parent.name, f.stem): decode(f.read_text().strip())
-            for f in sorted((path / "hdr").glob("*/*.hdr"))
+            (mode, metric): decode(f.read_text().strip()) for mode, metric, f in layout.histograms()
         }
     except (ValueError, OSError) as exc:
         raise ResultsError(f"{path} has a file that does not parse: {exc}") from exc

@@ -209,8 +209,9 @@ def accounting_table(results: list[ModeResult]) -> str:
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for result in results:
         row = result.accounting.as_row()
-        verdict = "ok" if result.accounting.sound else "FAILED"
-        lines.append(" | ".join([result.mode, *(str(row[c]) for c in COLUMNS), verdict]))
+        lines.append(
+            " | ".join([result.mode, *(str(row[c]) for c in COLUMNS), result.accounting.verdict])
+        )
     return "\n".join(f"| {line} |" for line in lines)
 
 

@@ -44,18 +44,17 @@ def test_chaos_loses_nothing_and_idempotency_prevents_duplicates(
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     run_dir = tmp_path / "results" / "latest"
-    [row] = load_run(run_dir).accounting
-    assert row["accepted"] > 50, row
-    assert (row["lost"], row["unexpected"], row["duplicates"]) == (0, 0, 0), row
-    assert row["delivered"] + row["dead_lettered"] == row["accepted"]
+    [accounted] = load_run(run_dir).accounting
+    row = accounted.counts
+    assert row.accepted > 50, row
+    assert (row.lost, row.unexpected, row.duplicates) == (0, 0, 0), row
+    assert row.delivered + row.dead_lettered == row.accepted
 
     # The load went on after the broker restart: sends were accepted in its last seconds.
     late = [
-        r
-        for r in load_run(run_dir).timeseries
-        if r["metric"] == "send" and r["second"] >= duration - 3
+        r for r in load_run(run_dir).timeseries if r.metric == "send" and r.second >= duration - 3
     ]
-    assert sum(int(r["requests"] or 0) for r in late) > 0, late
+    assert sum(r.requests or 0 for r in late) > 0, late
 
     raw = run_dir / "raw" / mode
     events = [e["what"] for e in json.loads((raw / "chaos-events.json").read_text())]

@@ -78,7 +78,7 @@ def test_interrupt_stops_every_child_and_keeps_what_finished(
         assert harness.returncode != 0
         # The mode that finished is kept, with its report.
         run = load_run(tmp_path / "results" / "latest")
-        assert [r["mode"] for r in run.accounting] == ["direct"]
+        assert [r.mode for r in run.accounting] == ["direct"]
         assert "redis** was planned but did not run" in (run.path / "report.md").read_text()
         assert "interrupted: the finished modes (direct)" in output
     finally:

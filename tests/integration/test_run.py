@@ -51,10 +51,10 @@ def test_results_folder_parses(quick_run: Path) -> None:
     for mode in run.modes:
         for metric in ("form", "send", "api"):
             row = run.row(mode, metric)
-            assert row is not None and row["count"] > 0, (mode, metric)
-            assert 0 < row["p50_us"] <= row["p99_us"] <= row["max_us"]
+            assert row is not None and row.count > 0, (mode, metric)
+            assert 0 < row.p50_us <= row.p99_us <= row.max_us
         assert (mode, "form") in run.histograms
-    assert set(r["metric"] for r in run.summary) <= set(METRICS)
+    assert set(r.metric for r in run.summary) <= set(METRICS)
     for name in ("gap.png", "gap.svg"):
         assert (quick_run / "charts" / name).stat().st_size > 1000
     report = (quick_run / "report.md").read_text()
@@ -64,17 +64,18 @@ def test_results_folder_parses(quick_run: Path) -> None:
 
 def test_counts_match_the_ledger(quick_run: Path) -> None:
     run = load_run(quick_run)
-    for row in run.accounting:
-        assert row["accepted"] > 0
-        assert row["lost"] == 0 and row["unexpected"] == 0, row
-        assert row["delivered"] == row["accepted"]
-        ledger = json.loads((quick_run / "raw" / row["mode"] / "ledger.json").read_text())
-        assert len({e["idempotency_key"] for e in ledger}) == row["delivered"]
-        send = run.row(row["mode"], "send")
+    for accounted in run.accounting:
+        mode, row = accounted.mode, accounted.counts
+        assert row.accepted > 0
+        assert row.lost == 0 and row.unexpected == 0, row
+        assert row.delivered == row.accepted
+        ledger = json.loads((quick_run / "raw" / mode / "ledger.json").read_text())
+        assert len({e["idempotency_key"] for e in ledger}) == row.delivered
+        send = run.row(mode, "send")
         assert send is not None
         # Every 2xx Locust saw is an accepted job; a reply still in flight when Locust's
         # stop timeout ends is accepted by the server but never seen by the generator.
-        assert 0 < send["count"] <= row["accepted"]
+        assert 0 < send.count <= row.accepted
 
 
 def test_worker_histograms_merge_to_locust_counts(quick_run: Path) -> None:
@@ -93,7 +94,7 @@ def test_blocking_stalls_the_form_page(quick_run: Path) -> None:
     direct, blocking = run.row("direct", "form"), run.row("blocking", "form")
     assert direct is not None and blocking is not None
     # One blocking 50 ms API call stalls every request on the process.
-    assert blocking["p99_us"] > 20_000 > direct["p50_us"]
+    assert blocking.p99_us > 20_000 > direct.p50_us
 
 
 def test_report_rebuilds_from_the_folder_alone(quick_run: Path) -> None:

@@ -36,17 +36,17 @@ def queued_run(
 @pytest.mark.parametrize("mode", QUEUED)
 def test_nothing_lost(queued_run: Path, mode: str) -> None:
     run = load_run(queued_run)
-    [row] = [r for r in run.accounting if r["mode"] == mode]
-    assert row["accepted"] > 0
-    assert row["lost"] == 0 and row["unexpected"] == 0, row
-    assert row["delivered"] == row["accepted"]
+    row = run.accounting_of(mode)
+    assert row is not None and row.accepted > 0
+    assert row.lost == 0 and row.unexpected == 0, row
+    assert row.delivered == row.accepted
     for metric in ("form", "send", "api", "delivery", "queue_wait"):
         summary = run.row(mode, metric)
-        assert summary is not None and summary["count"] > 0, metric
+        assert summary is not None and summary.count > 0, metric
     # Queued sends answer long before the 50 ms API call would.
     send, api = run.row(mode, "send"), run.row(mode, "api")
     assert send is not None and api is not None
-    assert send["p50_us"] < api["p50_us"]
+    assert send.p50_us < api.p50_us
 
 
 def test_report_explains_every_mode(queued_run: Path) -> None:

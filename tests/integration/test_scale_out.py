@@ -37,20 +37,20 @@ def test_two_processes_per_tier_and_two_locust_processes(tmp_path: Path, redis_u
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = load_run(tmp_path / "latest")
-    for row in run.accounting:
-        mode = row["mode"]
+    for accounted in run.accounting:
+        mode, row = accounted.mode, accounted.counts
         # What the Locust master merged from its workers matches the ledger exactly.
-        assert row["accepted"] > 0, row
-        assert row["delivered"] == row["accepted"], row
-        assert (row["lost"], row["unexpected"], row["duplicates"]) == (0, 0, 0), row
+        assert row.accepted > 0, row
+        assert row.delivered == row.accepted, row
+        assert (row.lost, row.unexpected, row.duplicates) == (0, 0, 0), row
         send = run.row(mode, "send")
-        assert send is not None and send["count"] == row["accepted"]
+        assert send is not None and send.count == row.accepted
         raw = tmp_path / "latest" / "raw" / mode
         servers = [json.loads(p.read_text()) for p in sorted(raw.glob("server-*.json"))]
         assert len(servers) == 2
         # The kernel spread the connections over both server processes.
         assert all(server["accepted"] for server in servers), mode
-        assert sum(len(server["accepted"]) for server in servers) >= row["accepted"]
+        assert sum(len(server["accepted"]) for server in servers) >= row.accepted
     assert len(list((tmp_path / "latest" / "raw" / "redis").glob("worker-*.json"))) == 2
 
 
@@ -90,12 +90,13 @@ def test_target_drives_a_server_it_did_not_start(
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = load_run(out / "latest")
-    [row] = run.accounting
-    assert row["mode"] == "my-app"
-    assert row["accepted"] > 0 and row["delivered"] == row["accepted"], row
-    assert (row["lost"], row["unexpected"]) == (0, 0), row
+    [accounted] = run.accounting
+    row = accounted.counts
+    assert accounted.mode == "my-app"
+    assert row.accepted > 0 and row.delivered == row.accepted, row
+    assert (row.lost, row.unexpected) == (0, 0), row
     send = run.row("my-app", "send")
-    assert send is not None and send["p50_us"] < 200_000  # queued: faster than one API call
+    assert send is not None and send.p50_us < 200_000  # queued: faster than one API call
     manifest = run.manifest["config"]["target"]
     assert manifest["url"] == url and manifest["name"] == "my-app"
     # The fake the harness started is gone: the external server's next call fails.

@@ -12,7 +12,6 @@ HTTP Basic form and the servers' CSRF secret.
 from __future__ import annotations
 
 import base64
-import csv
 import os
 import socket
 import struct
@@ -26,6 +25,7 @@ import pytest
 
 from harness.process import Pid
 from harness.process import family as process_tree
+from harness.results.folder import load_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -164,11 +164,11 @@ def test_a_run_keeps_its_secrets_and_listens_on_loopback_only(tmp_path: Path) ->
 
     # The key worked: every accepted send was delivered to the fake, which demands it.
     [run_dir] = [p for p in out.iterdir() if p.is_dir() and not p.is_symlink()]
-    with (run_dir / "accounting.csv").open() as rows:
-        accounting = {row["mode"]: row for row in csv.DictReader(rows)}
+    results = load_run(run_dir)
     for mode in ("direct", "sqlite"):
-        assert int(accounting[mode]["accepted"]) > 0, accounting
-        assert accounting[mode]["delivered"] == accounting[mode]["accepted"], accounting
+        counts = results.accounting_of(mode)
+        assert counts is not None and counts.accepted > 0, results.accounting
+        assert counts.delivered == counts.accepted, results.accounting
 
     # Never on a command line, where ps shows it.
     assert any("fakegun" in c for c in seen.command_lines), seen.command_lines

@@ -16,7 +16,9 @@ from PIL import Image
 
 from harness.report import charts
 from harness.report.build import draw_all
+from harness.results.accounting import Accounting
 from harness.results.folder import Run
+from harness.results.rows import AccountingRow, SummaryRow, SweepRow, TimeseriesRow
 from servers.metrics import Summary, new_histogram, record_us
 from servers.modes import MODES
 
@@ -31,24 +33,23 @@ def synthetic_run(path: Path, shape: dict[str, tuple[int, int]] = SHAPE, n: int 
     rng = random.Random(7)
     histograms: dict[tuple[str, str], Any] = {}
     summary, accounting, timeseries = [], [], []
-    blank = dict.fromkeys(("requests", "errors", "p50_us", "p99_us", "queue_depth"), "")
     for mode, (form, send) in shape.items():
         medians = {"form": form, "send": send, "api": 750_000, "delivery": max(send, 760_000)}
         for metric, median in medians.items():
             h = histograms[(mode, metric)] = new_histogram()
             for _ in range(n if metric == "form" else n // 4):
                 record_us(h, median * rng.lognormvariate(0, 0.5))
-            row = {"mode": mode, "metric": metric, "errors": 0, **asdict(Summary.of(h))}
-            summary.append({**row, "rate_per_s": row["count"] / 10})
-        counts = dict.fromkeys(("duplicates", "dead_lettered", "lost", "unexpected"), 0)
-        accounting.append({"mode": mode, "accepted": n // 4, "delivered": n // 4, **counts})
+            counted = Summary.of(h)
+            summary.append(
+                SummaryRow(mode, metric, errors=0, rate_per_s=counted.count / 10, **asdict(counted))
+            )
+        accounting.append(AccountingRow(mode, Accounting(n // 4, n // 4, 0, 0, 0, 0)))
         for second in range(10):
-            at = {"mode": mode, "second": second}
             for metric in ("form", "send"):
                 values = {"requests": 40, "errors": 0, "p50_us": form * 2, "p99_us": form * 9}
-                timeseries.append({**at, **blank, "metric": metric, **values})
+                timeseries.append(TimeseriesRow(mode, second, metric, **values))
             if mode == "redis":
-                timeseries.append({**at, **blank, "metric": "queue", "queue_depth": second % 3})
+                timeseries.append(TimeseriesRow(mode, second, "queue", queue_depth=second % 3))
     config = {"load_model": "closed, 30 users (mixed)", "duration_s": 10.0}
     manifest = {
         "run_id": "20260101-000000",
@@ -161,7 +162,7 @@ def test_legends_sit_outside_every_plot_and_latency_axes_are_log(run: Run) -> No
 
 def test_timeline_adds_the_queue_depth_when_it_was_sampled(run: Run) -> None:
     assert len(charts.timeline_chart(run).axes) == 3
-    run.timeseries = [r for r in run.timeseries if r["metric"] != "queue"]
+    run.timeseries = [r for r in run.timeseries if r.metric != "queue"]
     assert len(charts.timeline_chart(run).axes) == 2
 
 
@@ -182,15 +183,18 @@ def test_same_data_same_files_png_at_twice_the_dpi(run: Run, tmp_path: Path) -> 
         assert 1300 <= png.width <= 1500  # 7 in at 200 dpi, give or take the tight bbox
 
 
-def sweep_rows(mode: str, knee_at: int) -> list[dict[str, Any]]:
+def sweep_rows(mode: str, knee_at: int) -> list[SweepRow]:
     """A load sweep as sweep.csv holds it: p99 climbing until the knee."""
     rows = []
-    for step, rate in enumerate((25, 50, 100, 200)[: knee_at + 1]):
+    for step, rate in enumerate((25.0, 50.0, 100.0, 200.0)[: knee_at + 1]):
         p99 = 2_000 * 10**step if step == knee_at else 2_000
         served = rate if step < knee_at else rate * 0.6
-        values = {"offered_per_s": rate, "throughput_per_s": served, "errors_pct": 0.0}
-        values |= {"form_p99_us": p99, "send_p99_us": p99 * 2, "knee": step == knee_at}
-        rows.append({"mode": mode, "step": step, **values})
+        rows.append(
+            SweepRow(mode, step, offered_per_s=rate, throughput_per_s=served, errors_pct=0.0,
+                     form_p50_us=p99 // 2, form_p99_us=p99, send_p50_us=p99, send_p99_us=p99 * 2,
+                     form_service_p99_us=p99, send_service_p99_us=p99 * 2, late_starts=0,
+                     dropped_starts=0, knee=step == knee_at)
+        )  # fmt: skip
     return rows
 
 

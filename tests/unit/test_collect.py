@@ -8,6 +8,7 @@ from harness.results.collect import (
     open_model_notes,
     timeseries_rows,
 )
+from harness.results.rows import TimeseriesRow
 from servers.metrics import Recorder
 
 
@@ -26,14 +27,15 @@ def locust_data(seconds: dict[int, dict[str, float]]) -> dict[str, object]:
 def test_timeseries_has_a_row_per_second_and_metric_and_queue_depth() -> None:
     data = locust_data({100: {"form": 0.001}, 101: {"form": 0.002, "send": 0.003}})
     rows = timeseries_rows("redis", data, {"100": 4, "101": None})
-    assert [(r["second"], r["metric"]) for r in rows] == [
+    assert [(r.second, r.metric) for r in rows] == [
         (0, "form"),
         (0, "queue"),
         (1, "form"),
         (1, "send"),
     ]
-    assert rows[1]["queue_depth"] == 4
-    assert rows[2]["p50_us"] == 2000 or abs(rows[2]["p50_us"] - 2000) <= 2
+    assert rows[1] == TimeseriesRow("redis", 0, "queue", queue_depth=4)  # the rest blank
+    assert rows[2].p50_us is not None and abs(rows[2].p50_us - 2000) <= 2
+    assert rows[2].requests == 1 and rows[2].errors == 0 and rows[2].queue_depth is None
 
 
 def test_open_model_notes_say_when_the_backlog_grows() -> None:

@@ -22,6 +22,7 @@ from harness.gate import compare
 from harness.gate.compare import GateSettings, compare_runs, load_runs
 from harness.results.accounting import Accounting
 from harness.results.folder import ModeResult, write_manifest, write_results
+from harness.results.rows import TimeseriesRow
 from servers.metrics import new_histogram, record_us
 
 
@@ -39,6 +40,7 @@ class Mode:
     load_sigma: float = 0.1  # second-to-second machine swings, shared by form and send
     lost: int = 0
     unexpected: int = 0
+    duplicates: int = 0
     send_errors: int = 0
 
 
@@ -60,18 +62,20 @@ def write_run(
                 for value in values:
                     record_us(histograms[metric], value)
                 timeseries.append(
-                    {
-                        "mode": mode.name,
-                        "second": second,
-                        "metric": metric,
-                        "requests": count,
-                        "errors": 0,
-                        "p50_us": round(float(np.median(values))) if count else "",
-                        "p99_us": round(float(np.percentile(values, 99))) if count else "",
-                    }
+                    TimeseriesRow(
+                        mode.name,
+                        second,
+                        metric,
+                        requests=count,
+                        errors=0,
+                        p50_us=round(float(np.median(values))) if count else None,
+                        p99_us=round(float(np.percentile(values, 99))) if count else None,
+                    )
                 )
         accepted = mode.send_per_s * mode.seconds
-        accounting = Accounting(accepted, accepted - mode.lost, 0, 0, mode.lost, mode.unexpected)
+        accounting = Accounting(
+            accepted, accepted - mode.lost, mode.duplicates, 0, mode.lost, mode.unexpected
+        )
         results.append(
             ModeResult(
                 mode=mode.name,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def test_a_changed_figure_changes_the_report(sample: Path) -> None:
 
 def test_headline_names_the_fastest_queue_and_the_factor(tmp_path: Path) -> None:
     run = synthetic_run(tmp_path, {"direct": (150, 760_000), "redis": (160, 400)})
-    send = {r["mode"]: r["p50_us"] for r in run.summary if r["metric"] == "send"}
+    send = {r.mode: r.p50_us for r in run.summary if r.metric == "send"}
     factor = send["direct"] / send["redis"]
     line = markdown.headline(run)
     assert line.startswith("Queued with Redis, POST /send answered in ")
@@ -92,8 +93,10 @@ def test_what_to_watch_names_every_problem(tmp_path: Path) -> None:
     run.manifest["config"]["modes"] += ["postgres", "rabbitmq"]
     run.manifest["modes"]["postgres"] = {"skipped": "broker unavailable"}
     run.manifest["modes"]["redis"]["notes"] = ["generator-bound: the CPU reached 99%"]
-    run.accounting[2].update(lost=3, duplicates=2, dead_lettered=1, unexpected=1)
-    run.summary[1]["errors"] = 4
+    redis = run.accounting[2]
+    counts = replace(redis.counts, lost=3, duplicates=2, dead_lettered=1, unexpected=1)
+    run.accounting[2] = replace(redis, counts=counts)
+    run.summary[1] = replace(run.summary[1], errors=4)
     text = "\n".join(markdown.warnings(run))
     assert "**postgres** was skipped: broker unavailable." in text
     assert "**rabbitmq** was planned but did not run" in text
@@ -104,7 +107,7 @@ def test_what_to_watch_names_every_problem(tmp_path: Path) -> None:
     assert "**redis**: 1 deliveries of no send the load generator made." in text
     assert "4 of " in text and "`send` requests failed" in text
     assert "fewer than 100 samples in direct (99), blocking (99), redis (99)" in text
-    assert "| redis | 99 | 99 | 2 | 1 | 3 | 1 | **FAILED** |" in markdown.accounting_table(run)
+    assert "| redis | 99 | 99 | 2 | 1 | 3 | 1 | 0 | **FAILED** |" in markdown.accounting_table(run)
 
 
 def test_a_load_sweep_gets_its_table(tmp_path: Path) -> None:
