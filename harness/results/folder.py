@@ -108,9 +108,8 @@ class ModeResult:
     timeseries: list[TimeseriesRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     generator: dict[str, Any] = field(default_factory=dict)  # the load generator's health
-    # Per load step, to the knee, as :func:`harness.run.sweep.sweep_mode` gives them:
-    # SweepRow's fields by name (typed when written).
-    sweep: list[dict[str, Any]] = field(default_factory=list)
+    # Per load step, to the knee (:func:`harness.run.sweep.sweep_mode`).
+    sweep: list[SweepRow] = field(default_factory=list)
 
     def summary_rows(self) -> list[SummaryRow]:
         rows = []
@@ -138,9 +137,6 @@ class ModeResult:
             )
         return rows
 
-    def sweep_rows(self) -> list[SweepRow]:
-        return [SweepRow(**step) for step in self.sweep]
-
 
 def write_results(run_dir: Path, results: Sequence[ModeResult]) -> None:
     layout = Layout(run_dir)
@@ -149,7 +145,7 @@ def write_results(run_dir: Path, results: Sequence[ModeResult]) -> None:
     ACCOUNTING.write(layout.accounting, (AccountingRow(m.mode, m.accounting) for m in results))
     TIMESERIES.write(layout.timeseries, (r for m in results for r in m.timeseries))
     if any(m.sweep for m in results):
-        SWEEP.write(layout.sweep, (r for m in results for r in m.sweep_rows()))
+        SWEEP.write(layout.sweep, (r for m in results for r in m.sweep))
     for m in results:
         for metric, histogram in m.histograms.items():
             path = layout.histogram(m.mode, metric)

@@ -30,6 +30,7 @@ from harness.process import Children, free_port, mailbench_command
 from harness.results import machine
 from harness.results.collect import collect_mode
 from harness.results.folder import ModeResult, write_manifest, write_results
+from harness.results.rows import SweepRow
 from harness.run.config import RunConfig
 from harness.run.drain import drain
 from harness.run.locust import LocustRun
@@ -158,7 +159,7 @@ class Driver:
         locust.run(tiers, raw)
         duration = time.time() - started
         notes: list[str] = []
-        sweep: list[dict[str, Any]] = []
+        sweep: list[SweepRow] = []
         if cfg.sweep:
 
             def step(rate: float, seconds: float, folder: Path) -> None:

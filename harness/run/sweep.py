@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
+from harness.results.rows import SweepRow
 from servers.metrics import Recorder, Summary
 
 KNEE_FACTOR = 10.0
@@ -32,28 +32,27 @@ class SweepSettings:
 RunStep = Callable[[float, float, Path], None]  # (rate, seconds, hdr folder) -> None
 
 
-def sweep_mode(
-    mode: str, settings: SweepSettings, raw: Path, run_step: RunStep
-) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def sweep_mode(mode: str, settings: SweepSettings, raw: Path, run_step: RunStep) -> list[SweepRow]:
+    rows: list[SweepRow] = []
     baseline: dict[str, int] = {}
     for step, rate in enumerate(settings.rates):
         folder = raw / f"step-{step:02d}"
         run_step(rate, settings.step_s, folder)
         row = step_row(mode, step, rate, settings.step_s, folder)
-        for metric in ("form_p99_us", "send_p99_us"):
-            if row[metric] and metric not in baseline:
-                baseline[metric] = row[metric]
+        p99s = {"form": row.form_p99_us, "send": row.send_p99_us}
+        for metric, p99 in p99s.items():
+            if p99 and metric not in baseline:
+                baseline[metric] = p99
         knee = (
-            row["errors_pct"] > KNEE_ERRORS * 100
-            or row["throughput_per_s"] < KNEE_SERVED * rate
-            or any(row[m] and row[m] > KNEE_FACTOR * base for m, base in baseline.items())
+            row.errors_pct > KNEE_ERRORS * 100
+            or row.throughput_per_s < KNEE_SERVED * rate
+            or any(p99s[m] and p99s[m] > KNEE_FACTOR * base for m, base in baseline.items())
         )
-        row["knee"] = knee
+        row = replace(row, knee=knee)
         rows.append(row)
         print(
             f"[{mode:>8}] sweep step {step}: offered {rate:g} visits/s, served "
-            f"{row['throughput_per_s']:.0f}/s, form p99 {row['form_p99_us'] / 1000:.1f} ms"
+            f"{row.throughput_per_s:.0f}/s, form p99 {row.form_p99_us / 1000:.1f} ms"
             + ("  <- knee" if knee else ""),
             flush=True,
         )
@@ -62,7 +61,8 @@ def sweep_mode(
     return rows
 
 
-def step_row(mode: str, step: int, rate: float, seconds: float, folder: Path) -> dict[str, Any]:
+def step_row(mode: str, step: int, rate: float, seconds: float, folder: Path) -> SweepRow:
+    """One step's figures, its knee not yet judged."""
     data = json.loads((folder / "locust-hdr.json").read_text())
     recorder = Recorder()
     recorder.add_encoded(data["histograms"])
@@ -79,18 +79,19 @@ def step_row(mode: str, step: int, rate: float, seconds: float, folder: Path) ->
         summary = summaries.get(name)
         return int(getattr(summary, attr)) if summary else 0
 
-    return {
-        "mode": mode,
-        "step": step,
-        "offered_per_s": rate,
-        "throughput_per_s": round(served, 1),
-        "errors_pct": round(100 * errors / max(1, requests + errors), 2),
-        "form_p50_us": p("form_intended", "p50_us"),
-        "form_p99_us": p("form_intended", "p99_us"),
-        "send_p50_us": p("send_intended", "p50_us"),
-        "send_p99_us": p("send_intended", "p99_us"),
-        "form_service_p99_us": p("form", "p99_us"),
-        "send_service_p99_us": p("send", "p99_us"),
-        "late_starts": int(counters.get("late_starts", 0)),
-        "dropped_starts": int(counters.get("dropped_starts", 0)),
-    }
+    return SweepRow(
+        mode=mode,
+        step=step,
+        offered_per_s=rate,
+        throughput_per_s=round(served, 1),
+        errors_pct=round(100 * errors / max(1, requests + errors), 2),
+        form_p50_us=p("form_intended", "p50_us"),
+        form_p99_us=p("form_intended", "p99_us"),
+        send_p50_us=p("send_intended", "p50_us"),
+        send_p99_us=p("send_intended", "p99_us"),
+        form_service_p99_us=p("form", "p99_us"),
+        send_service_p99_us=p("send", "p99_us"),
+        late_starts=int(counters.get("late_starts", 0)),
+        dropped_starts=int(counters.get("dropped_starts", 0)),
+        knee=False,
+    )

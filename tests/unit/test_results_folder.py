@@ -26,14 +26,14 @@ from servers.metrics import new_histogram, record_us
 SAMPLE = Path(__file__).resolve().parents[2] / "results" / "sample"
 
 
-def sweep_step(mode: str, step: int, knee: bool) -> dict[str, object]:
+def sweep_step(mode: str, step: int, knee: bool) -> SweepRow:
     """A step as :func:`harness.run.sweep.sweep_mode` gives it."""
-    return {
-        "mode": mode, "step": step, "offered_per_s": 25.0 * 2**step, "throughput_per_s": 24.9,
-        "errors_pct": 0.25, "form_p50_us": 900, "form_p99_us": 2_000 * 10**step,
-        "send_p50_us": 1_500, "send_p99_us": 0, "form_service_p99_us": 1_800,
-        "send_service_p99_us": 0, "late_starts": 3, "dropped_starts": 0, "knee": knee,
-    }  # fmt: skip
+    return SweepRow(
+        mode=mode, step=step, offered_per_s=25.0 * 2**step, throughput_per_s=24.9,
+        errors_pct=0.25, form_p50_us=900, form_p99_us=2_000 * 10**step,
+        send_p50_us=1_500, send_p99_us=0, form_service_p99_us=1_800,
+        send_service_p99_us=0, late_starts=3, dropped_starts=0, knee=knee,
+    )  # fmt: skip
 
 
 def results() -> list[ModeResult]:
@@ -76,7 +76,7 @@ def test_a_folder_read_back_gives_the_rows_written(folder: Path) -> None:
     assert run.summary == [row for m in written for row in m.summary_rows()]
     assert run.accounting == [AccountingRow(m.mode, m.accounting) for m in written]
     assert run.timeseries == [row for m in written for row in m.timeseries]
-    assert run.sweep == [row for m in written for row in m.sweep_rows()]
+    assert run.sweep == [row for m in written for row in m.sweep]
     assert [r.knee for r in run.sweep] == [False, True, False, True]  # real bools
     assert run.modes == ["direct", "redis"]
     assert run.row("redis", "api") == SummaryRow("redis", "api", 0, 1, 0.0, 0.0, 0, 0, 0, 0, 0)

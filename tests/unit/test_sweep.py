@@ -39,22 +39,22 @@ def test_stops_at_the_step_whose_p99_is_ten_times_the_first(tmp_path: Path) -> N
     rows = run_sweep(
         tmp_path, [(2, 100, 100, 0), (3, 100, 100, 0), (25, 100, 100, 0), (2, 1, 1, 0)]
     )
-    assert [r["knee"] for r in rows] == [False, False, True]
-    assert rows[2]["offered_per_s"] == 40.0
-    assert rows[0]["form_p99_us"] < rows[2]["form_p99_us"]
+    assert [r.knee for r in rows] == [False, False, True]
+    assert rows[2].offered_per_s == 40.0
+    assert rows[0].form_p99_us < rows[2].form_p99_us
 
 
 def test_knee_when_visits_are_not_served(tmp_path: Path) -> None:
     rows = run_sweep(tmp_path, [(2, 100, 100, 0), (2, 100, 60, 0), (2, 1, 1, 0)])
-    assert len(rows) == 2 and rows[1]["knee"] is True
-    assert rows[1]["throughput_per_s"] == 12.0  # 60% of the 20/s offered
+    assert len(rows) == 2 and rows[1].knee is True
+    assert rows[1].throughput_per_s == 12.0  # 60% of the 20/s offered
 
 
 def test_knee_on_errors(tmp_path: Path) -> None:
     rows = run_sweep(tmp_path, [(2, 100, 100, 5)])
-    assert rows[0]["knee"] is True and rows[0]["errors_pct"] > 1
+    assert rows[0].knee is True and rows[0].errors_pct > 1
 
 
 def test_no_knee_runs_every_step(tmp_path: Path) -> None:
     rows = run_sweep(tmp_path, [(2, 100, 100, 0)] * 5)
-    assert len(rows) == 5 and not any(r["knee"] for r in rows)
+    assert len(rows) == 5 and not any(r.knee for r in rows)
