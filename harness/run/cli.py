@@ -19,6 +19,7 @@ from harness.results.folder import ModeResult, point_latest
 from harness.run.config import (
     DEFAULT_LATENCY,
     DEFAULT_MODES,
+    DEFAULT_WARMUP_S,
     PROFILES,
     SCENARIOS,
     RunConfig,
@@ -57,6 +58,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="open model: visits running at once at most (default: 1000)",
     )
     parser.add_argument("--duration", type=float, help="seconds of load per mode")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=DEFAULT_WARMUP_S,
+        metavar="S",
+        help="first seconds of each mode's load left out of its figures; still shown, "
+        f"marked, in the per-second timeline (default: {DEFAULT_WARMUP_S:g})",
+    )
     parser.add_argument(
         "--latency",
         default=DEFAULT_LATENCY,
@@ -214,6 +223,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     target = target_from_args(args)
     modes = (target.name,) if target is not None else parse_modes(args.modes)
     users = args.users if args.users is not None else profile.users
+    duration = args.duration if args.duration is not None else profile.duration_s
+    if not 0 <= args.warmup < duration:
+        raise ConfigError(
+            f"--warmup {args.warmup:g} must be at least 0 and shorter than the load "
+            f"({duration:g} s), e.g. --warmup 3 --duration 20"
+        )
     return RunConfig(
         modes=modes,
         profile=profile.name,
@@ -224,7 +239,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         max_in_flight=args.max_in_flight,
         sweep=profile.name == "full",
         spawn_rate=min(profile.spawn_rate, users),
-        duration_s=args.duration if args.duration is not None else profile.duration_s,
+        duration_s=duration,
+        warmup_s=args.warmup,
         latency=args.latency,
         seed=args.seed,
         out=args.out,

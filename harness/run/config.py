@@ -16,6 +16,9 @@ SCENARIOS = ("mixed", "reader", "sender")
 CLOSED_USERS = {"mixed": ("Reader", "Sender"), "reader": ("Reader",), "sender": ("Sender",)}
 DEFAULT_LATENCY = "uniform:0.5,1.0"
 DEFAULT_MODES = tuple(MODES)
+# Seconds from a mode's first request whose requests are left out of its figures: the
+# cold start (connections opened, caches and the broker warming) is not the steady state.
+DEFAULT_WARMUP_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,7 @@ class RunConfig:
     sweep: bool = False  # after the main phase, raise an open-model load to the knee
     spawn_rate: float = 50
     duration_s: float = 20
+    warmup_s: float = DEFAULT_WARMUP_S  # part of duration_s, left out of summaries
     latency: str = DEFAULT_LATENCY
     seed: int = 1
     out: Path = Path("results")
