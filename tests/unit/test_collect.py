@@ -67,6 +67,14 @@ def test_generator_bound_when_cpu_saturates() -> None:
     assert generator_health({"cpu_warnings": 1, "cpu_samples": [10]})["bound"] is True
 
 
+def test_generator_bound_on_cpu_warnings_without_cpu_samples() -> None:
+    # Locust warned about its CPU, but this process took no samples (a short run, or
+    # samples kept by Locust workers): the warning alone marks the run generator-bound.
+    assert generator_health({"cpu_warnings": 2})["bound"] is True
+    assert generator_health({"cpu_warnings": 2, "cpu_samples": []})["bound"] is True
+    assert generator_health({})["bound"] is False
+
+
 def test_client_sends_cover_the_main_phase_the_sweep_and_sends_cut_short(tmp_path: Path) -> None:
     (tmp_path / "sweep" / "step-1").mkdir(parents=True)
     main = {"sends_ok": [["a@x.test", 1.5]], "sends_failed": ["b@x.test"],
