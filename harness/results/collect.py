@@ -17,7 +17,7 @@ from typing import Any
 from harness.results.accounting import reconcile
 from harness.results.folder import ModeResult
 from harness.results.rows import TimeseriesRow
-from servers.metrics import Recorder, Summary, decode
+from servers.metrics import HIGHEST_US, Recorder, Summary, clamped, decode
 
 GENERATOR_BOUND_CPU = 90.0  # percent of one core, as Locust's own cpu_warning
 _SERVER = frozenset({"api", "render"})  # the histograms taken from server processes
@@ -47,6 +47,7 @@ def collect_mode(
     depths = json.loads(depth_path.read_text()) if depth_path.is_file() else {}
     timeseries = timeseries_rows(mode, locust, depths)
     notes = [*notes, *generator_notes(locust), *open_model_notes(locust, histograms, timeseries)]
+    notes += ceiling_notes(histograms)
     return ModeResult(
         mode=mode,
         duration_s=round(duration, 3),
@@ -110,6 +111,20 @@ def generator_notes(locust: dict[str, Any]) -> list[str]:
         f"({health['seconds_above_90pct']} s above 90%), so these latencies include its own "
         "queueing; rerun with more Locust processes (--locust-procs N) or on another host"
     ]
+
+
+def ceiling_notes(histograms: dict[str, Any]) -> list[str]:
+    """A note per metric with values clamped at the histograms' ceiling: its maximum and
+    top percentiles then understate them."""
+    notes = []
+    for name, histogram in sorted(histograms.items()):
+        if count := clamped(histogram):
+            values = "value" if count == 1 else "values"
+            notes.append(
+                f"{name}: {count:,} {values} of an hour or more, recorded as "
+                f"{HIGHEST_US / 3.6e9:g} h (the histograms' ceiling)"
+            )
+    return notes
 
 
 def open_model_notes(

@@ -3,6 +3,7 @@ from pathlib import Path
 
 from harness.results.collect import (
     client_sends,
+    collect_mode,
     dead_lettered_recipients,
     generator_health,
     open_model_notes,
@@ -96,3 +97,22 @@ def test_dead_letter_journals_survive_a_line_cut_by_a_kill(tmp_path: Path) -> No
         json.dumps({"id": "2", "to": "b@x.test", "reason": "gave up"}) + '\n{"id": "3", "to'
     )
     assert dead_lettered_recipients(tmp_path) == ["a@x.test", "b@x.test"]
+
+
+def test_values_clamped_at_the_histogram_ceiling_get_a_note(tmp_path: Path) -> None:
+    (tmp_path / "locust-hdr.json").write_text(json.dumps(locust_data({100: {"form": 0.001}})))
+    worker = Recorder()
+    worker.record("queue_wait", 0.5)
+    worker.record("queue_wait", 2 * 3600)  # two hours: above the ceiling
+    (tmp_path / "worker-0.json").write_text(json.dumps({"histograms": worker.encoded()}))
+    result = collect_mode("redis", tmp_path, 20.0, [], [])
+    assert result.histograms["queue_wait"].get_total_count() == 2
+    assert [n for n in result.notes if "ceiling" in n] == [
+        "queue_wait: 1 value of an hour or more, recorded as 1 h (the histograms' ceiling)"
+    ]
+
+
+def test_no_ceiling_note_when_nothing_was_clamped(tmp_path: Path) -> None:
+    (tmp_path / "locust-hdr.json").write_text(json.dumps(locust_data({100: {"form": 0.001}})))
+    result = collect_mode("direct", tmp_path, 20.0, [], [])
+    assert not [n for n in result.notes if "ceiling" in n]

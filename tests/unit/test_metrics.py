@@ -4,6 +4,7 @@ from servers.metrics import (
     HIGHEST_US,
     Recorder,
     Summary,
+    clamped,
     decode,
     encode,
     merge,
@@ -28,6 +29,24 @@ def test_out_of_range_values_are_clamped_not_dropped() -> None:
     record_us(h, 10 * HIGHEST_US)
     assert h.get_total_count() == 2
     assert h.get_min_value() == 1
+
+
+def test_a_chaos_drain_of_five_minutes_is_recorded_as_it_was() -> None:
+    h = new_histogram()
+    record_us(h, 300 * 1e6)  # a job that waited out a 300 s drain
+    record_us(h, 59 * 60 * 1e6)
+    assert abs(h.get_max_value() - 59 * 60 * 1e6) <= 59 * 60 * 1e6 * 0.001
+    assert abs(h.get_value_at_percentile(50) - 300 * 1e6) <= 300 * 1e6 * 0.001
+    assert clamped(h) == 0
+
+
+def test_values_above_an_hour_are_counted_as_clamped() -> None:
+    h = new_histogram()
+    for micros in (150, 2 * 3600 * 1e6, 10 * 3600 * 1e6):
+        record_us(h, micros)
+    assert clamped(h) == 2
+    assert clamped(decode(encode(h))) == 2  # the count survives the results folder
+    assert h.get_total_count() == 3
 
 
 def test_merging_equals_recording_everything_in_one() -> None:
