@@ -25,13 +25,14 @@ import ctypes
 import errno
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -41,6 +42,7 @@ import httpx
 import psutil
 
 from harness.errors import ProcessFailed
+from servers.identity import IDENTITY_VAR
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,9 @@ TAG_VAR = "MAILBENCH_SERVICE_TAG"
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.05
 _GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+# What answers on a child's port: the token it gives (servers.identity), "" for an answer
+# without one, None while nothing answers.
+Identify = Callable[[], str | None]
 
 
 def _main_thread() -> bool:
@@ -169,19 +174,38 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def answered_identity(url: str, timeout: float = 1.0) -> str | None:
+    """The ``identity`` in the JSON object ``url`` answers (see :data:`Identify`)."""
+    try:
+        response = httpx.get(url, timeout=timeout)
+    except httpx.HTTPError:
+        return None
+    try:
+        answer = response.json()
+    except ValueError:
+        return ""
+    return str(answer.get("identity") or "") if isinstance(answer, dict) else ""
+
+
 class Child:
-    """One child of the harness and its log."""
+    """One child of the harness and its log.
+
+    Each child gets a token of its own in its environment (:mod:`servers.identity`); a
+    server answers it, so that :func:`wait_ready` can tell it from a stranger on its port.
+    """
 
     def __init__(
         self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
     ) -> None:
         self.name = name
         self.log_path = log_path
+        self.identity = secrets.token_urlsafe(16)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
         log.debug("starting %s: %s", name, " ".join(argv))
+        environment = {**os.environ, **(env or {}), IDENTITY_VAR: self.identity}
         try:
-            self.process = spawn(argv, self._log, env={**os.environ, **(env or {})})
+            self.process = spawn(argv, self._log, env=environment)
         except BaseException:
             self._log.close()
             raise
@@ -220,6 +244,19 @@ class Child:
             f"{self.name} did not answer {url} within {timeout:.0f} s; see {self.log_path}"
         )
 
+    def wait_port_file(self, path: Path, timeout: float = 30.0) -> int:
+        """The port a child started on port 0 wrote to ``path`` once it listened."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                return int(path.read_text())
+            self.check_alive()
+            time.sleep(_POLL_S)
+        raise ProcessFailed(
+            f"{self.name} did not say which port it listens on within {timeout:.0f} s; "
+            f"see {self.log_path}"
+        )
+
     def stop(self, timeout: float = 15.0, sig: int = signal.SIGTERM) -> int | None:
         """Ask the whole process group to stop; kill it if it does not within ``timeout``."""
         if self.alive():
@@ -236,6 +273,55 @@ class Child:
             self.process.wait(5)
         self._log.close()
         return self.process.returncode
+
+
+def wait_ready(
+    children: Sequence[Child],
+    identify: Identify,
+    port: int,
+    *,
+    what_to_do: str,
+    timeout: float = 30.0,
+) -> None:
+    """Wait until each of ``children`` (processes that share ``port``) has answered
+    ``identify`` with its own token.
+
+    Any other answer comes from a process the harness did not just start: the port is
+    taken, and this fails at once with one sentence naming the port and ``what_to_do``,
+    before anything is reset or measured. So it does when a child has exited while the
+    port answers. Polls make new connections, so the kernel spreads them over processes
+    sharing the port (``SO_REUSEPORT``) and each one is heard from.
+    """
+    ours = {child.identity for child in children}
+    waiting = set(ours)
+    names = " and ".join(dict.fromkeys(child.name for child in children))
+    deadline = time.monotonic() + timeout
+
+    def taken() -> ProcessFailed:
+        return ProcessFailed(
+            f"Port {port} is taken by another process, not the {names} mailbench just "
+            f"started; {what_to_do}."
+        )
+
+    while waiting:
+        answer = identify()
+        if answer is not None and answer not in ours:
+            raise taken()
+        waiting.discard(answer or "")
+        for child in children:
+            # Ours could not bind, and something else listens there (maybe not HTTP).
+            if not child.alive() and waiting == ours and port_open(port):
+                raise taken()
+            child.check_alive()
+        if not waiting:
+            return
+        if time.monotonic() >= deadline:
+            raise ProcessFailed(
+                f"{names} did not answer on port {port} within {timeout:.0f} s; "
+                f"see {children[0].log_path}"
+            )
+        if answer is None:
+            time.sleep(_POLL_S)
 
 
 class Children:

@@ -98,7 +98,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_FAKEGUN_PORT,
         help=f"start the fake Mailgun the target sends to on this port (default: "
-        f"{DEFAULT_FAKEGUN_PORT})",
+        f"{DEFAULT_FAKEGUN_PORT}; 0: any free port, printed and kept in the manifest)",
     )
     target.add_argument("--fakegun-url", help="use this running fake Mailgun instead")
 

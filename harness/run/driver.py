@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.process import Children, free_port, mailbench_command
+from harness.process import Children, mailbench_command, wait_ready
 from harness.results import machine
 from harness.results.collect import collect_mode
 from harness.results.folder import ModeResult, write_manifest, write_results
@@ -95,8 +95,11 @@ class Driver:
             "config": cfg.describe(),
             "modes": {},
         }
+        if cfg.target is not None:
+            cfg.target.check_form_page()  # a dead target is one sentence, not a run of failures
         write_manifest(self.run_dir, manifest)
         fake = self.fake = self._start_fake()
+        manifest["fakegun"] = {"url": fake.url}
         starter = TierStarter(cfg, self.children, fake.url, secrets.token_urlsafe(32))
         locust = LocustRun(cfg, self.children, self.hooks.tick)
         for name in cfg.modes:
@@ -125,16 +128,28 @@ class Driver:
             fake = FakegunAdmin(cfg.target.fakegun_url)  # one the user runs
             fake.stats()
             return fake
-        port = cfg.target.fakegun_port if cfg.target is not None else free_port()
-        argv = ["fakegun", "--port", str(port), "--latency", cfg.latency, "--seed", str(cfg.seed)]
+        # A target sends to a port it was configured with; our own servers are told the
+        # fake's URL, so it takes any free port (0) and says which one it got.
+        port = cfg.target.fakegun_port if cfg.target is not None else 0
+        port_file = self.run_dir / "logs" / "fakegun.port"
+        port_file.unlink(missing_ok=True)
+        argv = ["fakegun", "--port", str(port), "--port-file", str(port_file)]
+        argv += ["--latency", cfg.latency, "--seed", str(cfg.seed)]
         child = self.children.start(
             "fakegun",
             mailbench_command(*argv, *cfg.fake_options),
             self.run_dir / "logs" / "fakegun.log",
         )
-        fake = FakegunAdmin(f"http://127.0.0.1:{port}")
         pin(cfg, child, "fakegun")
-        child.wait_http(f"{fake.url}/_mailbench/stats")
+        if port == 0:
+            port = child.wait_port_file(port_file)
+        fake = FakegunAdmin(f"http://127.0.0.1:{port}")
+        instead = "pass --fakegun-port 0 for any free port"
+        if cfg.target is not None:
+            instead += ", or --fakegun-url to send to the fake already there"
+        wait_ready([child], fake.identity, port, what_to_do=f"stop it, or {instead}")
+        if cfg.target is not None:
+            print(f"fake Mailgun at {fake.url}: the target must send there", flush=True)
         return fake
 
     def _run_mode(

@@ -11,7 +11,11 @@ honours a small contract (docs/target.md):
   queued — the promise the accounting checks. Any other status is a failed send.
 * The app sends through the Mailgun HTTP API at the fake Mailgun's URL: the harness
   starts one on ``--fakegun-port`` (default 8025, where ``mailbench serve`` sends by
-  default), or uses one already running at ``--fakegun-url``.
+  default; 0: any free port, which the run prints and records), or uses one already
+  running at ``--fakegun-url``. A port held by anything else is an error.
+
+Before the load, the form page must answer (:meth:`Target.check_form_page`): a target
+that is down is one sentence, not a run of failed requests.
 * Each send goes to an address used for nothing else; the app must mail exactly that
   recipient. That is how the ledger ties deliveries to sends, with no cooperation from
   the app beyond sending the email it was asked to send.
@@ -23,9 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
+
 from harness.errors import ConfigError
 
 DEFAULT_FAKEGUN_PORT = 8025
+FREE_PORT = "started on any free port"  # --fakegun-port 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +54,32 @@ class Target:
         for option, path in (("--form-path", self.form_path), ("--send-path", self.send_path)):
             if not path.startswith("/"):
                 raise ConfigError(f"{option} {path!r} must start with '/'")
+        if not 0 <= self.fakegun_port <= 65535:
+            raise ConfigError(f"--fakegun-port {self.fakegun_port}: use 0 (any free port) to 65535")
         if not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"--target-name {self.name!r}: use letters, digits, - and _")
+
+    @property
+    def form_url(self) -> str:
+        return self.url.rstrip("/") + self.form_path
+
+    def check_form_page(self, timeout: float = 10.0) -> None:
+        """Fail with one sentence unless the form page answers 200 with a ``<form``, as the
+        scenarios expect of it (:func:`scenarios.users.read_form`)."""
+        url = self.form_url
+        try:
+            response = httpx.get(url, timeout=timeout, follow_redirects=True)
+        except httpx.HTTPError as exc:
+            raise ConfigError(
+                f"The target's form page {url} does not answer ({exc or type(exc).__name__}): "
+                "start the server first, or correct --target or --form-path."
+            ) from exc
+        if response.status_code != 200 or b"<form" not in response.content:
+            got = f"HTTP {response.status_code}" if response.status_code != 200 else "no <form"
+            raise ConfigError(
+                f"The target's form page {url} answered with {got}, not 200 with a form: "
+                "correct --target or --form-path."
+            )
 
     def locust_options(self) -> list[str]:
         """How the scenarios reach this server (see :mod:`scenarios.users`)."""
@@ -72,5 +103,6 @@ class Target:
             "form_path": self.form_path,
             "send_path": self.send_path,
             "fields": [self.field_to, self.field_subject, self.field_message],
-            "fakegun": self.fakegun_url or f"started on port {self.fakegun_port}",
+            "fakegun": self.fakegun_url
+            or (f"started on port {self.fakegun_port}" if self.fakegun_port else FREE_PORT),
         }

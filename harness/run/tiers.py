@@ -12,7 +12,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.process import Child, Children, free_port, mailbench_command
+from harness.process import (
+    Child,
+    Children,
+    answered_identity,
+    free_port,
+    mailbench_command,
+    wait_ready,
+)
 from harness.run.config import RunConfig
 from servers.modes import Mode
 
@@ -66,10 +73,16 @@ class TierStarter:
         return Tiers(None, name, raw, url.rstrip("/"), 0, None, "")
 
     def start_servers(self, tiers: Tiers) -> None:
+        """Start the servers and wait until each answers with its own identity, so that
+        whatever else holds the port is an error, not the server measured."""
         for _ in range(self.config.server_procs):
             self.start_server(tiers)
-        for server in tiers.servers:
-            server.wait_http(f"{tiers.base_url}/")
+        wait_ready(
+            tiers.servers,
+            lambda: answered_identity(f"{tiers.base_url}/_mailbench/metrics"),
+            tiers.port,
+            what_to_do="stop it and run again (mailbench picks its servers' ports itself)",
+        )
 
     def start_server(self, tiers: Tiers) -> Child:
         cfg, mode = self.config, tiers.mode

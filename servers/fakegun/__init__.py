@@ -4,7 +4,9 @@ ledger.
 :class:`~servers.fakegun.server.FakeMailgun` and its settings are in
 :mod:`servers.fakegun.server` (it can start on port 0 inside a test), the command line
 (``mailbench fakegun`` or ``python -m servers.fakegun``) in :mod:`servers.fakegun.cli`, and
-the client of the admin API below in :mod:`servers.fakegun.admin`.
+the client of the admin API below in :mod:`servers.fakegun.admin`. With ``--port 0`` it
+binds any free port and, given ``--port-file PATH``, writes the port it got there once it
+listens.
 
 ``POST /v3/{domain}/messages`` answers as Mailgun does (401 plain ``Forbidden``, 404 for
 an unknown domain, 400 JSON ``{"message": ...}``, 200 ``Queued. Thank you.``), after the
@@ -24,7 +26,8 @@ auth (a contract the harness relies on):
 * ``GET /_mailbench/ledger`` → ``{"entries": [LedgerEntry.as_json(), ...]}``
 * ``GET /_mailbench/stats`` → ``{"received", "accepted", "unique_keys", "duplicates",
   "in_flight", "by_status": {"200": n, ...}, "faults": {"503": n, ...}, "latency": spec,
-  "delivered", "testmode", "replayed", "rate_limited"}``
+  "delivered", "testmode", "replayed", "rate_limited", "identity"}``; ``identity`` is the
+  token the harness started it with (:mod:`servers.identity`), ``null`` if none
 * ``POST /_mailbench/reset`` → ``{"ok": true}``; clears the ledger, the counters and the
   rate limit's bucket.
 

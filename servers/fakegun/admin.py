@@ -45,6 +45,20 @@ class FakegunAdmin:
             stats: dict[str, Any] = response.json()
             return stats
 
+    def identity(self, timeout: float = 1.0) -> str | None:
+        """The token the process answering at this URL was started with
+        (:mod:`servers.identity`): ``""`` when it answers HTTP but gives none (a fake
+        started by hand, or no fake at all), ``None`` when nothing answers HTTP yet."""
+        try:
+            response = httpx.get(f"{self.url}/_mailbench/stats", timeout=timeout)
+        except httpx.HTTPError:
+            return None
+        try:
+            stats = response.json()
+        except ValueError:
+            return ""
+        return str(stats.get("identity") or "") if isinstance(stats, dict) else ""
+
     def ledger(self) -> list[Entry]:
         with _answers(self.url, "its ledger"):
             response = httpx.get(f"{self.url}/_mailbench/ledger", timeout=self.timeout)

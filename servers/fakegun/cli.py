@@ -11,12 +11,14 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from queues.errors import MailbenchError
 from servers.fakegun.faults import Fault, RateLimit, parse_fault, parse_rate_limit
 from servers.fakegun.latency import DEFAULT_LATENCY
 from servers.fakegun.ledger import LedgerEntry
 from servers.fakegun.server import FakegunSettings, FakeMailgun
+from servers.identity import identity_from
 
 __all__ = [
     "FakeMailgun",
@@ -65,6 +67,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "beyond it 429 with Retry-After",
     )
     add(
+        "--port-file",
+        type=Path,
+        metavar="PATH",
+        help="once listening, write the port bound to PATH (with --port 0: which one it got)",
+    )
+    add(
         "--idempotency",
         action="store_true",
         help="a repeated Idempotency-Key gets the first answer and is not delivered again "
@@ -83,16 +91,27 @@ def settings_from_args(args: argparse.Namespace) -> FakegunSettings:
         faults=tuple(parse_fault(text) for text in args.fault),
         rate_limit=None if args.rate_limit is None else parse_rate_limit(args.rate_limit),
         idempotency=args.idempotency,
+        identity=identity_from(os.environ),
     )
 
 
-async def _serve(settings: FakegunSettings) -> None:
+def write_port_file(path: Path, port: int) -> None:
+    """Write ``port`` to ``path`` whole or not at all: a reader never sees half a number."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(f"{port}\n")
+    os.replace(partial, path)
+
+
+async def _serve(settings: FakegunSettings, port_file: Path | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with FakeMailgun(settings) as fake:
         print(f"fakegun listening on {fake.url} (latency {fake.model.describe()})", flush=True)
+        if port_file is not None:
+            write_port_file(port_file, fake.port)
         await stop.wait()
 
 
@@ -124,7 +143,7 @@ def cli_main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     _tune_garbage_collection()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_serve(settings))
+        runner.run(_serve(settings, args.port_file))
     return 0
 
 

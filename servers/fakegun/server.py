@@ -14,7 +14,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -61,6 +61,9 @@ class FakegunSettings:
     faults: tuple[Fault, ...] = ()
     rate_limit: RateLimit | None = None  # None: no limit
     idempotency: bool = False
+    # The token it was started with (servers.identity), answered in its stats: how the
+    # harness tells the fake it started from one already on the port.
+    identity: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_faults(self.faults)
@@ -95,6 +98,7 @@ class FakeMailgun:
         self._clock = clock
         self._now: Callable[[], float]  # set by start(): clock, or the loop's
         self._url = ""
+        self.port = 0  # known after start()
         self.in_flight = 0
         self.reset()
 
@@ -171,6 +175,7 @@ class FakeMailgun:
             ) from exc
         host, port = self._runner.addresses[0][:2]
         self._url = f"http://{host}:{port}"
+        self.port = int(port)  # the one bound, also when the settings asked for 0
 
     @property
     def url(self) -> str:
@@ -334,7 +339,7 @@ class FakeMailgun:
         return _json(200, {"entries": [entry.as_json() for entry in self._ledger.entries()]})
 
     async def _get_stats(self, request: web.Request) -> web.Response:
-        return _json(200, self.stats())
+        return _json(200, {**self.stats(), "identity": self.settings.identity})
 
     async def _post_reset(self, request: web.Request) -> web.Response:
         self.reset()

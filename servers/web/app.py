@@ -24,6 +24,7 @@ from aiohttp import hdrs, web
 
 from queues.base import Email, Job
 from queues.errors import MailbenchError
+from servers.identity import identity_from
 from servers.mailgun import MailgunSettings, add_mailgun_arguments, mailgun_settings_from_args
 from servers.metrics import Recorder
 from servers.modes import MODES, mode
@@ -59,6 +60,8 @@ class ServerSettings:
     send_delay_ms: float = 0.0  # fault knob: a known extra delay on the send path
     csrf_secret: str | None = field(default=None, repr=False)  # None: $MAILBENCH_SECRET
     render_ms: float = 0.0  # CPU work per email, a card rendered in the request (0: none)
+    # The harness's token for this process (servers.identity), answered in its metrics.
+    identity: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if mode(self.mode).queued and not self.queue_url:
@@ -220,7 +223,8 @@ async def send(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATE].snapshot())
+    state = request.app[STATE]
+    return web.json_response({**state.snapshot(), "identity": state.settings.identity})
 
 
 async def depth(request: web.Request) -> web.Response:
@@ -291,6 +295,7 @@ def cli_main(args: argparse.Namespace) -> int:
         metrics_out=args.metrics_out,
         send_delay_ms=args.inject_send_delay_ms,
         render_ms=args.render_ms,
+        identity=identity_from(os.environ),
     )
     web.run_app(
         create_app(settings),

@@ -48,6 +48,7 @@ SEND = {
 }
 STATS_KEYS = {"received", "accepted", "unique_keys", "duplicates", "in_flight", "by_status"}
 STATS_KEYS |= {"faults", "latency", "delivered", "testmode", "replayed", "rate_limited"}
+STATS_KEYS |= {"identity"}  # the harness's token for the process (servers.identity)
 
 # The smallest valid PNG: 1x1, one transparent pixel.
 PNG = bytes.fromhex(
