@@ -2,9 +2,10 @@
 
 Inputs, all under ``raw/<mode>/``: ``locust-hdr.json`` (the load generator's µs
 histograms, per second too, open-model counters, its CPU), ``server*.json`` (each server
-process's ``api`` and ``render`` histograms), ``worker-*.json`` (``api``, ``queue_wait``,
-``render``), ``dead-letters-*.jsonl`` (what workers dead-lettered, as they went),
-``depth.json`` (queue depth sampled once a second) and the fake Mailgun's ledger.
+process's ``api`` and ``render`` histograms), ``worker-*.json`` (``api`` and the other
+outcomes of API calls, ``queue_wait``, ``render``), ``dead-letters-*.jsonl`` (what
+workers dead-lettered, as they went), ``depth.json`` (queue depth sampled once a second)
+and the fake Mailgun's ledger.
 Percentiles are only ever taken from merged histograms.
 """
 
@@ -21,7 +22,10 @@ from servers.metrics import HIGHEST_US, Recorder, Summary, clamped, decode
 
 GENERATOR_BOUND_CPU = 90.0  # percent of one core, as Locust's own cpu_warning
 _SERVER = frozenset({"api", "render"})  # the histograms taken from server processes
-_WORKER = frozenset({"api", "queue_wait", "render"})  # and from workers
+# and from workers: their API calls by outcome (see servers.worker), first claims, renders
+_WORKER = frozenset(
+    {"api", "api_rate_limited", "api_retryable", "api_failed", "queue_wait", "render"}
+)
 
 
 def collect_mode(

@@ -36,7 +36,10 @@ from servers.metrics import Summary, decode, encode, new_histogram
 METRICS = (
     "form",
     "send",
-    "api",
+    "api",  # calls the API accepted; the others by what the API answered instead
+    "api_rate_limited",
+    "api_retryable",
+    "api_failed",
     "delivery",
     "queue_wait",
     "render",

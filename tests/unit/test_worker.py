@@ -213,9 +213,46 @@ async def test_retryable_then_success_keeps_the_idempotency_key(
     assert 0.0 <= queue.retries[0][2] <= 0.001
     assert worker.retried == 1
     assert worker.errors == {"retryable 503": 1}
-    assert counts(worker, "api") == 2
-    assert counts(worker, "queue_wait") == 2
+    assert (counts(worker, "api"), counts(worker, "api_retryable")) == (1, 1)
+    assert counts(worker, "queue_wait") == 1
     assert await queue.depth() == 0
+
+
+async def test_queue_wait_is_measured_to_the_first_claim_only(
+    backend: str, queue: SpyQueue
+) -> None:
+    await enqueue(queue, 1)
+    # The retry comes back after 0.3 s of backoff: that is the retry's delay, not time
+    # the job waited for a free worker.
+    client = FakeMailgun(
+        SendResult(Outcome.RETRYABLE, 503, retry_after=0.3, detail="503: later"), OK
+    )
+    worker = Worker(make_settings(backend), queue, client)
+    async with running(worker):
+        await wait_until(lambda: worker.acked == 1)
+    assert [d.job.attempt for d in queue.received] == [0, 1]
+    assert counts(worker, "queue_wait") == 1
+    assert worker.recorder.histograms["queue_wait"].get_max_value() < 300_000
+
+
+async def test_api_calls_are_recorded_by_outcome(backend: str, queue: SpyQueue) -> None:
+    retried, refused = await enqueue(queue, 2)
+    client = FakeMailgun()
+    client.by_key[refused.id] = BAD_ADDRESS
+    client.answers.extend([rate_limited(0.001), UNAVAILABLE])  # then OK, for `retried`
+    worker = Worker(make_settings(backend, concurrency=1), queue, client)
+    async with running(worker):
+        await wait_until(lambda: worker.acked == 1 and len(worker.dead_lettered) == 1)
+    assert sorted(key for key, _ in client.calls) == sorted([retried.id] * 3 + [refused.id])
+    # Only the call the API accepted is an `api` time; an instant 429 or an injected 503
+    # would drag its median down, and a refusal says nothing about the send's cost.
+    assert {name: counts(worker, name) for name in worker.recorder.histograms} == {
+        "api": 1,
+        "api_rate_limited": 1,
+        "api_retryable": 1,
+        "api_failed": 1,
+        "queue_wait": 2,
+    }
 
 
 async def test_a_429_is_waited_out_in_place_without_spending_an_attempt(
@@ -409,8 +446,9 @@ async def test_metrics_file(backend: str, queue: SpyQueue, tmp_path: Path) -> No
     assert data["retried"] == 0
     assert data["dead_lettered"] == [[bad_job.id, BAD_ADDRESS.detail]]
     assert data["errors"] == {"permanent 400": 1}
-    assert set(data["histograms"]) == {"api", "queue_wait"}
-    assert decode(data["histograms"]["api"]).get_total_count() == 2  # failed calls too
+    assert set(data["histograms"]) == {"api", "api_failed", "queue_wait"}
+    assert decode(data["histograms"]["api"]).get_total_count() == 1
+    assert decode(data["histograms"]["api_failed"]).get_total_count() == 1
     assert decode(data["histograms"]["queue_wait"]).get_total_count() == 2
     assert list(out.parent.iterdir()) == [out]  # no temporary file left behind
     assert ok_job.id in {key for key, _ in client.calls}
