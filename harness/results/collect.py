@@ -1,7 +1,9 @@
 """Turn what one mode's processes wrote into a :class:`~harness.results.folder.ModeResult`.
 
-Inputs, all under ``raw/<mode>/``: ``locust-hdr.json`` (the load generator's µs
-histograms, per second too, open-model counters, its CPU), ``server*.json`` (each server
+Inputs, all under ``raw/<mode>/``: ``locust-hdr-*.jsonl`` (each Locust process's journal
+of chunks: µs histograms, per second too, open-model counters, its CPU, the sends it saw;
+read and merged by :func:`read_locust`) and ``locust-hdr.json`` (when Locust started and
+stopped), ``server*.json`` (each server
 process's ``api`` and ``render`` histograms), ``worker-*.json`` (``api`` and the other
 outcomes of API calls, ``queue_wait``, ``render``), ``dead-letters-*.jsonl`` (what
 workers dead-lettered, as they went), ``depth.json`` (queue depth sampled once a second)
@@ -12,15 +14,23 @@ Percentiles are only ever taken from merged histograms.
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from hdrh.histogram import HdrHistogram
+
+from harness.errors import ResultsError
 from harness.results.accounting import reconcile
 from harness.results.folder import ModeResult
 from harness.results.rows import TimeseriesRow
-from servers.metrics import HIGHEST_US, Recorder, Summary, clamped, decode
+from servers.metrics import HIGHEST_US, Recorder, Summary, clamped
 
 GENERATOR_BOUND_CPU = 90.0  # percent of one core, as Locust's own cpu_warning
+LOCUST_FILE = "locust-hdr.json"  # written by the Locust master (or single process) at quit
+LOCUST_JOURNALS = "locust-hdr-*.jsonl"  # one per Locust process, a chunk a line
 _SERVER = frozenset({"api", "render"})  # the histograms taken from server processes
 # and from workers: their API calls by outcome (see servers.worker), first claims, renders
 _WORKER = frozenset(
@@ -31,7 +41,7 @@ _WORKER = frozenset(
 def collect_mode(
     mode: str, raw: Path, duration: float, ledger: list[dict[str, Any]], notes: list[str]
 ) -> ModeResult:
-    locust = json.loads((raw / "locust-hdr.json").read_text())
+    locust = read_locust(raw)
     recorder = Recorder()
     recorder.add_encoded(locust["histograms"])
     # One file per server and worker process that shut down cleanly (none for a server
@@ -61,6 +71,7 @@ def collect_mode(
         timeseries=timeseries,
         notes=notes,
         generator=generator_health(locust),
+        warmup_s=float(locust.get("warmup_s", 0.0)),
     )
 
 
@@ -69,13 +80,118 @@ def client_sends(raw: Path) -> tuple[list[tuple[str, float]], list[str]]:
     over the main phase and every sweep step under ``raw``."""
     accepted: list[tuple[str, float]] = []
     failed: list[str] = []
-    for path in sorted(raw.rglob("locust-hdr.json")):
-        locust = json.loads(path.read_text())
+    for folder in locust_folders(raw):
+        locust = read_locust(folder)
         accepted += [(str(r), float(at)) for r, at in locust.get("sends_ok", [])]
         # A send started but never answered (cut short at the stop) was attempted too.
         failed += [str(r) for r in locust.get("sends_failed", [])]
         failed += [str(r) for r in locust.get("sends_started", [])]
     return accepted, failed
+
+
+def locust_folders(raw: Path) -> list[Path]:
+    """``raw`` and every folder under it that holds a Locust phase's files."""
+    found = {p.parent for p in raw.rglob(LOCUST_FILE)} | {
+        p.parent for p in raw.rglob(LOCUST_JOURNALS)
+    }
+    return sorted(found)
+
+
+def read_locust(folder: Path) -> dict[str, Any]:
+    """What every Locust process of one load phase wrote into ``folder``, merged into the
+    shape of one chunk (:mod:`scenarios.record`): histograms added (never percentiles
+    averaged), per-second histograms added second by second, counts summed, lists
+    concatenated, each chunk once however many journals hold it. Plus
+    ``first_request_at`` (the earliest process's), ``processes`` (how many wrote) and,
+    from ``locust-hdr.json``, ``started_at`` and ``stopped_at``.
+
+    In folders written before the journals, ``locust-hdr.json`` held the whole run, merged
+    by the master; it is read as one chunk."""
+    chunks: list[dict[str, Any]] = []
+    marker: dict[str, Any] = {}
+    path = folder / LOCUST_FILE
+    try:
+        if path.is_file():
+            marker = json.loads(path.read_text())
+            chunks.append(marker)  # only times now; the whole run in older folders
+        for journal in sorted(folder.glob(LOCUST_JOURNALS)):
+            for line in journal.read_text().splitlines():
+                try:
+                    chunk = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill: the chunks before it count
+                if isinstance(chunk, dict):
+                    chunks.append(chunk)
+    except (OSError, ValueError) as exc:
+        raise ResultsError(f"{folder}: a Locust file does not read: {exc}") from exc
+    if not chunks and not marker:
+        raise ResultsError(f"{folder} holds no Locust results ({LOCUST_FILE}, {LOCUST_JOURNALS})")
+    merged = merge_chunks(chunks)
+    merged.update({k: marker[k] for k in ("started_at", "stopped_at") if k in marker})
+    return merged
+
+
+def merge_chunks(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Chunks of any processes as one (see :func:`read_locust`)."""
+    unique: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for chunk in chunks:
+        key = chunk.get("id")
+        if key is not None:
+            if key in seen:
+                continue  # shipped to the master and journaled by its process too
+            seen.add(str(key))
+        unique.append(chunk)
+    # Each process counts its seconds from its own first request; the merge counts them
+    # from the earliest one.
+    firsts: dict[str, float] = {}
+    for chunk in unique:
+        if (at := chunk.get("first_request_at")) is not None:
+            process = str(chunk.get("process", ""))
+            firsts[process] = min(float(at), firsts.get(process, math.inf))
+    first = min(firsts.values(), default=None)
+    total = Recorder()
+    seconds: defaultdict[int, dict[str, HdrHistogram]] = defaultdict(dict)
+    errors: Counter[str] = Counter()
+    errors_per_second: defaultdict[int, Counter[str]] = defaultdict(Counter)
+    counters: Counter[str] = Counter()
+    merged: dict[str, Any] = {"cpu_samples": [], "cpu_warnings": 0, "sends_ok": [],
+                              "sends_failed": [], "sends_started": []}  # fmt: skip
+    for chunk in unique:
+        process_first = firsts.get(str(chunk.get("process", "")))
+        shift = (
+            round(process_first - first) if process_first is not None and first is not None else 0
+        )
+        total.add_encoded(chunk.get("histograms", {}))
+        for second, encoded in chunk.get("seconds", {}).items():
+            into = seconds[int(second) + shift]
+            for name, blob in encoded.items():
+                histogram = HdrHistogram.decode(blob)  # at the precision it was kept
+                if name in into:
+                    into[name].add(histogram)
+                else:
+                    into[name] = histogram
+        errors.update(chunk.get("errors", {}))
+        for second, counts in chunk.get("errors_per_second", {}).items():
+            errors_per_second[int(second) + shift].update(counts)
+        counters.update(chunk.get("counters", {}))
+        merged["cpu_warnings"] += int(chunk.get("cpu_warnings", 0))
+        for key in ("cpu_samples", "sends_ok", "sends_failed", "sends_started"):
+            merged[key] += chunk.get(key, [])
+    merged.update(
+        histograms=total.encoded(),
+        seconds={
+            str(s): {n: h.encode().decode("ascii") for n, h in hs.items()}
+            for s, hs in sorted(seconds.items())
+        },
+        errors=dict(errors),
+        errors_per_second={str(s): dict(e) for s, e in sorted(errors_per_second.items())},
+        counters=dict(counters),
+        first_request_at=first,
+        warmup_s=max((float(c.get("warmup_s", 0.0)) for c in unique), default=0.0),
+        processes=len({c["process"] for c in unique if "process" in c}),
+    )
+    return merged
 
 
 def dead_lettered_recipients(raw: Path) -> list[str]:
@@ -143,7 +259,8 @@ def open_model_notes(
     unfinished = max(0, scheduled - dropped - int(counters.get("completed_starts", 0)))
     notes = [
         f"open model: {scheduled:,} visits scheduled; {late:,} started late (> 10 ms after "
-        f"schedule), {dropped:,} dropped, {unfinished:,} unfinished at the end"
+        f"schedule), {dropped:,} dropped, {unfinished:,} unfinished at the end (the requests "
+        "of these never answered are in the times from intended start, timed to the stop)"
     ]
     for name in ("send", "form"):
         service, intended = histograms.get(name), histograms.get(f"{name}_intended")
@@ -182,21 +299,39 @@ def _trend(rows: list[TimeseriesRow], metric: str) -> tuple[float, float] | None
 def timeseries_rows(
     mode: str, locust: dict[str, Any], depths: dict[str, int | None]
 ) -> list[TimeseriesRow]:
-    """Per second: a row per metric the load generator measured or saw fail (no p50, p99
-    in a second of failures only), and a ``queue`` row when the depth was sampled."""
-    seconds_data = locust.get("seconds", {})
-    errors_data = locust.get("errors_per_second", {})
-    seconds = sorted({*seconds_data, *errors_data, *depths}, key=int)
+    """Per second since the mode's first request: a row per metric the load generator
+    measured or saw fail (no p50, p99 in a second of failures only), warm-up included, and
+    a ``queue`` row when the depth was sampled (``depths`` by wall-clock time; samples
+    before the first request are left out).
+
+    Data without ``first_request_at`` (folders written before it) count seconds from the
+    first second anything was recorded, by the wall clock."""
+    seconds_data: dict[str, dict[str, str]] = locust.get("seconds", {})
+    errors_data: dict[str, dict[str, int]] = locust.get("errors_per_second", {})
+    first_request = locust.get("first_request_at")
+    if first_request is not None:
+        depth_at: dict[int, int | None] = {}
+        for sampled, depth in sorted(depths.items(), key=lambda item: float(item[0])):
+            since = math.floor(float(sampled) - float(first_request))
+            if since >= 0:
+                depth_at[since] = depth
+        offset = 0
+    else:
+        depth_at = {int(float(sampled)): depth for sampled, depth in depths.items()}
+        known = [int(s) for s in (*seconds_data, *errors_data)] + list(depth_at)
+        offset = min(known, default=0)
+    seconds = sorted({*map(int, seconds_data), *map(int, errors_data), *depth_at})
     rows: list[TimeseriesRow] = []
-    if not seconds:
-        return rows
-    first = int(seconds[0])
     for second in seconds:
-        histograms = seconds_data.get(second, {})
-        errors = errors_data.get(second, {})
-        at = int(second) - first
+        histograms = seconds_data.get(str(second), {})
+        errors = errors_data.get(str(second), {})
+        at = second - offset
         for metric in sorted({*histograms, *errors}):
-            summary = Summary.of(decode(histograms[metric])) if metric in histograms else None
+            summary = (
+                Summary.of(HdrHistogram.decode(histograms[metric]))
+                if metric in histograms
+                else None
+            )
             rows.append(
                 TimeseriesRow(
                     mode,
@@ -208,7 +343,7 @@ def timeseries_rows(
                     p99_us=summary.p99_us if summary else None,
                 )
             )
-        depth = depths.get(second)
+        depth = depth_at.get(second)
         if depth is not None:
             rows.append(TimeseriesRow(mode, at, "queue", queue_depth=depth))
     return rows

@@ -45,6 +45,13 @@ METRICS = (
     "render",
     "form_intended",
     "send_intended",
+    "form_server",
+    "send_server",
+)
+# Measured by the load generator, of the requests sent after the warm-up: their rates are
+# per second of the load after it. The others (servers, workers, the ledger) count all.
+AFTER_WARMUP = frozenset(
+    {"form", "send", "form_intended", "send_intended", "form_server", "send_server"}
 )
 
 
@@ -113,6 +120,7 @@ class ModeResult:
     generator: dict[str, Any] = field(default_factory=dict)  # the load generator's health
     # Per load step, to the knee (:func:`harness.run.sweep.sweep_mode`).
     sweep: list[SweepRow] = field(default_factory=list)
+    warmup_s: float = 0.0  # the first seconds of the load, out of the AFTER_WARMUP metrics
 
     def summary_rows(self) -> list[SummaryRow]:
         rows = []
@@ -122,7 +130,8 @@ class ModeResult:
             if histogram is None and not errors:
                 continue
             summary = Summary.of(histogram if histogram is not None else new_histogram())
-            rate = summary.count / self.duration_s if self.duration_s > 0 else 0.0
+            seconds = self.duration_s - (self.warmup_s if metric in AFTER_WARMUP else 0.0)
+            rate = summary.count / seconds if seconds > 0 else 0.0
             rows.append(
                 SummaryRow(
                     mode=self.mode,

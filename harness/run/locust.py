@@ -16,8 +16,9 @@ from pathlib import Path
 
 import httpx
 
-from harness.errors import ProcessFailed
+from harness.errors import ProcessFailed, ResultsError
 from harness.process import Children
+from harness.results.collect import read_locust
 from harness.run.config import CLOSED_USERS, SCENARIOS_DIR, RunConfig
 from harness.run.tiers import Tiers, pin
 
@@ -25,7 +26,12 @@ Tick = Callable[[Tiers, float], None]  # (tiers, seconds into the load)
 
 
 def locust_argv(
-    config: RunConfig, base_url: str, raw: Path, rate: float | None, duration: float
+    config: RunConfig,
+    base_url: str,
+    raw: Path,
+    rate: float | None,
+    duration: float,
+    warmup: float = 0.0,
 ) -> list[str]:
     cfg = config
     argv = [
@@ -46,6 +52,8 @@ def locust_argv(
         "2" if rate else "5",
         "--hdr-out",
         str(raw),
+        "--warmup",
+        f"{warmup:g}",
         "--csv",
         str(raw / "locust"),
         "--json-file",
@@ -85,17 +93,22 @@ class LocustRun:
         rate: float | None = None,
         duration: float | None = None,
         sample_depth: bool = True,
+        warmup: float | None = None,
     ) -> None:
         """Drive ``tiers`` for ``duration`` seconds (the configured load unless given);
-        Locust's histograms and send lists land in ``raw``."""
+        Locust's histograms and send lists land in ``raw``. The warm-up is the
+        configured one for the configured load, none for a step given its own duration
+        (a sweep step follows the warmed-up main load)."""
         cfg = self.config
         name = tiers.name
         rate = cfg.rate if rate is None else rate
+        if warmup is None:
+            warmup = cfg.warmup_s if duration is None else 0.0
         duration = cfg.duration_s if duration is None else duration
         raw.mkdir(parents=True, exist_ok=True)
         locust = self.children.start(
             f"locust ({name})",
-            locust_argv(cfg, tiers.base_url, raw, rate, duration),
+            locust_argv(cfg, tiers.base_url, raw, rate, duration, warmup),
             cfg.run_dir / "logs" / f"{name}-locust.log",
         )
         pin(cfg, locust, "locust")  # before it forks any --processes workers
@@ -117,13 +130,23 @@ class LocustRun:
             next_second += 1.0
             self._progress(name, duration - elapsed, raw)
             if sample_depth and tiers.queue_url:
-                depths[str(int(time.time()))] = _depth(tiers.base_url)
+                # By when it was asked: the timeline puts it in its second since the
+                # first request.
+                asked = time.time()
+                depths[f"{asked:.3f}"] = _depth(tiers.base_url)
         if self.show_progress:
             print(flush=True)
         if depths:
             (raw / "depth.json").write_text(json.dumps(depths))
         code = self.children.stop(locust)
-        if code not in (0, None) or not (raw / "locust-hdr.json").is_file():
+        try:
+            read_locust(raw)
+        except ResultsError as exc:
+            raise ProcessFailed(
+                f"Locust failed in mode {name} (exit code {code}): {exc}; "
+                f"its log ends with:\n{locust.tail()}"
+            ) from exc
+        if code not in (0, None):
             raise ProcessFailed(
                 f"Locust failed in mode {name} (exit code {code}); "
                 f"its log ends with:\n{locust.tail()}"

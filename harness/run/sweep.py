@@ -9,11 +9,11 @@ were served; the sweep stops there.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from harness.results.collect import read_locust
 from harness.results.rows import SweepRow
 from servers.metrics import Recorder, Summary
 
@@ -63,7 +63,7 @@ def sweep_mode(mode: str, settings: SweepSettings, raw: Path, run_step: RunStep)
 
 def step_row(mode: str, step: int, rate: float, seconds: float, folder: Path) -> SweepRow:
     """One step's figures, its knee not yet judged."""
-    data = json.loads((folder / "locust-hdr.json").read_text())
+    data = read_locust(folder)
     recorder = Recorder()
     recorder.add_encoded(data["histograms"])
     summaries = {name: Summary.of(h) for name, h in recorder.histograms.items()}
