@@ -39,8 +39,15 @@ _WORKER = frozenset(
 
 
 def collect_mode(
-    mode: str, raw: Path, duration: float, ledger: list[dict[str, Any]], notes: list[str]
+    mode: str,
+    raw: Path,
+    duration: float,
+    ledger: list[dict[str, Any]],
+    notes: list[str],
+    load_s: float = 0.0,
 ) -> ModeResult:
+    """``duration``: the seconds the main load took, Locust's start-up and stop included;
+    ``load_s``: the load asked for (its rates are per second of it, after the warm-up)."""
     locust = read_locust(raw)
     recorder = Recorder()
     recorder.add_encoded(locust["histograms"])
@@ -72,6 +79,7 @@ def collect_mode(
         notes=notes,
         generator=generator_health(locust),
         warmup_s=float(locust.get("warmup_s", 0.0)),
+        load_s=load_s,
     )
 
 

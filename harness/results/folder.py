@@ -48,11 +48,6 @@ METRICS = (
     "form_server",
     "send_server",
 )
-# Measured by the load generator, of the requests sent after the warm-up: their rates are
-# per second of the load after it. The others (servers, workers, the ledger) count all.
-AFTER_WARMUP = frozenset(
-    {"form", "send", "form_intended", "send_intended", "form_server", "send_server"}
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +115,17 @@ class ModeResult:
     generator: dict[str, Any] = field(default_factory=dict)  # the load generator's health
     # Per load step, to the knee (:func:`harness.run.sweep.sweep_mode`).
     sweep: list[SweepRow] = field(default_factory=list)
-    warmup_s: float = 0.0  # the first seconds of the load, out of the AFTER_WARMUP metrics
+    warmup_s: float = 0.0  # the first seconds of the load, out of every figure
+    # The load's own seconds (Locust's run time, without its start-up and stop, which
+    # duration_s includes); 0: unknown, then duration_s.
+    load_s: float = 0.0
+
+    @property
+    def window_s(self) -> float:
+        """The seconds every figure counts: the load after its warm-up. The load
+        generator, the servers and the workers leave the warm-up out alike (see
+        servers.phases), and so does the delivery lag (of the sends after it)."""
+        return (self.load_s or self.duration_s) - self.warmup_s
 
     def summary_rows(self) -> list[SummaryRow]:
         rows = []
@@ -130,7 +135,7 @@ class ModeResult:
             if histogram is None and not errors:
                 continue
             summary = Summary.of(histogram if histogram is not None else new_histogram())
-            seconds = self.duration_s - (self.warmup_s if metric in AFTER_WARMUP else 0.0)
+            seconds = self.window_s
             rate = summary.count / seconds if seconds > 0 else 0.0
             rows.append(
                 SummaryRow(

@@ -191,7 +191,7 @@ class Driver:
         notes += starter.stop(tiers)
         ledger = fake.ledger()
         (raw / "ledger.json").write_text(json.dumps(ledger))
-        result = collect_mode(name, raw, duration, ledger, notes)
+        result = collect_mode(name, raw, duration, ledger, notes, load_s=cfg.duration_s)
         result.sweep = sweep
         self.hooks.after_mode(result, raw, fake)
         return result

@@ -116,3 +116,29 @@ def test_no_ceiling_note_when_nothing_was_clamped(tmp_path: Path) -> None:
     (tmp_path / "locust-hdr.json").write_text(json.dumps(locust_data({100: {"form": 0.001}})))
     result = collect_mode("direct", tmp_path, 20.0, [], [])
     assert not [n for n in result.notes if "ceiling" in n]
+
+
+def write_phase(folder: Path, sends: list[tuple[str, float]], **extra: object) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    send = Recorder()
+    for _ in sends:
+        send.record("send", 0.002)
+    data = {"histograms": send.encoded(), "sends_ok": [list(s) for s in sends], **extra}
+    (folder / "locust-hdr.json").write_text(json.dumps(data))
+
+
+def delivered(*sends: tuple[str, float]) -> list[dict[str, object]]:
+    return [{"recipients": [r], "accepted_at": at + 0.8} for r, at in sends]
+
+
+def test_rates_are_per_second_of_the_load_after_its_warmup(tmp_path: Path) -> None:
+    sends = [(f"r{n}@x.test", 104.0 + n / 10) for n in range(170)]
+    write_phase(tmp_path, sends, first_request_at=100.0, warmup_s=3.0)
+    worker = Recorder()
+    for _ in range(170):
+        worker.record("api", 0.75)
+    (tmp_path / "worker-0.json").write_text(json.dumps({"histograms": worker.encoded()}))
+    # Locust ran 22.4 s, its start-up and stop included, for a load of 20 s.
+    result = collect_mode("sqlite", tmp_path, 22.4, delivered(*sends), [], load_s=20.0)
+    rates = {row.metric: row.rate_per_s for row in result.summary_rows()}
+    assert rates == {"send": 10.0, "api": 10.0, "delivery": 10.0}
