@@ -17,6 +17,11 @@ per email that, unlike in the server's ``direct`` mode, never holds up a web req
 On SIGTERM/SIGINT the worker stops taking deliveries, lets the calls in flight finish
 for up to ``drain_timeout`` seconds and settles them; whatever is still unsettled goes
 back to the queue when the queue is closed (at-least-once). Then it writes its metrics.
+
+What it records: ``queue_wait`` (a job's acceptance by the server to its first claim),
+each API call's time by outcome (``api`` for the calls the API accepted,
+``api_rate_limited``, ``api_retryable``, ``api_failed``) and ``render``; by phase of the
+run when the harness names phases (``--phase-file``, see :mod:`servers.phases`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import asyncio
 import collections
 import json
 import logging
-import os
 import random
 import signal
 import time
@@ -50,7 +54,8 @@ from servers.mailgun import (
     add_mailgun_arguments,
     mailgun_settings_from_args,
 )
-from servers.metrics import Recorder, Summary
+from servers.metrics import Summary
+from servers.phases import PhasedRecorder, PhaseFile, write_phases
 from servers.render import Renderer
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,7 @@ class WorkerSettings:
     drain_timeout: float | None = None  # None: the client timeout + 5 s
     metrics_out: Path | None = None
     dead_letters_out: Path | None = None  # a JSON line per dead letter, appended at once
+    phase_file: Path | None = None  # the harness's phases of the run (servers.phases)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -167,7 +173,7 @@ class Worker:
         # One render at a time per worker process: CPU work scales with processes, not
         # threads, and a worker never takes more than one core from its neighbours.
         self._render_thread = ThreadPoolExecutor(1, thread_name_prefix="mailbench-render")
-        self.recorder = Recorder()
+        self.recorder = PhasedRecorder()
         self.acked = 0
         self.retried = 0
         self.rate_limited = 0  # 429s waited out without spending an attempt
@@ -199,6 +205,9 @@ class Worker:
         await self._stopped.wait()
 
     async def run(self) -> None:
+        phases = PhaseFile(self.settings.phase_file, self.recorder)
+        phases.check()  # before the first delivery: a worker started mid-run too
+        following = asyncio.create_task(phases.follow(), name="mailbench-phases")
         consumer = asyncio.create_task(self._consume(), name="mailbench-consume")
         stop_requested = asyncio.create_task(self._stopping.wait())
         try:
@@ -210,6 +219,8 @@ class Worker:
             try:
                 await self._drain()
             finally:
+                following.cancel()
+                await asyncio.wait({following})
                 self._render_thread.shutdown(wait=False)
                 self.write_metrics()
                 log.info("%s", self.summary())
@@ -404,14 +415,10 @@ class Worker:
         return snapshot
 
     def write_metrics(self) -> None:
-        path = self.settings.metrics_out
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so the harness never reads half a file.
-        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(self.snapshot()))
-        os.replace(partial, path)
+        """The metrics file (the main phase's histograms and every count), and a file
+        per other phase in its folder beside it."""
+        if self.settings.metrics_out is not None:
+            write_phases(self.settings.metrics_out, self.recorder, self.snapshot())
 
     def summary(self) -> str:
         api = self.recorder.histograms.get("api")
@@ -495,6 +502,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="append a JSON line per dead-lettered job here as it happens (survives a kill)",
     )
+    parser.add_argument(
+        "--phase-file",
+        type=Path,
+        help="follow the phases of the run that this control file names (the harness "
+        "writes it): each phase's histograms go to their own folder",
+    )
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -508,6 +521,7 @@ def cli_main(args: argparse.Namespace) -> int:
         render_ms=args.render_ms,
         metrics_out=args.metrics_out,
         dead_letters_out=args.dead_letters_out,
+        phase_file=args.phase_file,
     )
     asyncio.run(run_worker(settings))
     return 0

@@ -9,6 +9,12 @@ outcomes of API calls, ``queue_wait``, ``render``), ``dead-letters-*.jsonl`` (wh
 workers dead-lettered, as they went), ``depth.json`` (queue depth sampled once a second)
 and the fake Mailgun's ledger.
 Percentiles are only ever taken from merged histograms.
+
+The figures are the main phase's, after its warm-up: the server and worker files in
+``raw/<mode>/`` itself hold that phase's histograms (the warm-up's are in ``warmup/``, a
+sweep step's in its own folder; see :mod:`servers.phases`), and the delivery lag is that
+of the main load's sends posted after the warm-up, those its ``send`` row counts. The
+accounting covers every send of every phase.
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ def collect_mode(
         worker = json.loads(path.read_text())
         recorder.add_encoded({k: v for k, v in worker["histograms"].items() if k in _WORKER})
     accepted, failed = client_sends(raw)
-    accounting, delivery = reconcile(accepted, ledger, dead_lettered_recipients(raw), failed)
+    accounting, _ = reconcile(accepted, ledger, dead_lettered_recipients(raw), failed)
+    _, delivery = reconcile(main_phase_sends(locust), ledger)
     histograms = dict(recorder.histograms)
     if delivery.get_total_count():
         histograms["delivery"] = delivery
@@ -81,6 +88,14 @@ def collect_mode(
         warmup_s=float(locust.get("warmup_s", 0.0)),
         load_s=load_s,
     )
+
+
+def main_phase_sends(locust: dict[str, Any]) -> list[tuple[str, float]]:
+    """The accepted sends of one phase's Locust data that were posted after its warm-up
+    (``first_request_at`` plus ``warmup_s``): the ones its ``send`` row counts."""
+    first = locust.get("first_request_at")
+    begins = -math.inf if first is None else float(first) + float(locust.get("warmup_s", 0.0))
+    return [(str(r), float(at)) for r, at in locust.get("sends_ok", []) if float(at) >= begins]
 
 
 def client_sends(raw: Path) -> tuple[list[tuple[str, float]], list[str]]:

@@ -8,6 +8,11 @@ accepted with the fake Mailgun's ledger (:mod:`harness.results.collect`). With
 ``--target URL`` it drives a server it did not start instead, through the same
 scenarios and the same accounting.
 
+A mode's run has phases whose figures stay apart (:mod:`harness.run.phases`): the
+warm-up, the main load and each sweep step. The main load is drained before the sweep
+starts and each step before the next, so every API call and delivery belongs to the
+phase whose sends caused it.
+
 What varies between a plain run and ``mailbench chaos`` is a :class:`Hooks` object
 passed in: chaos shortens leases, breaks things while the load runs and adds notes;
 the driver itself never knows it.
@@ -34,6 +39,7 @@ from harness.results.rows import SweepRow
 from harness.run.config import RunConfig
 from harness.run.drain import drain
 from harness.run.locust import LocustRun
+from harness.run.phases import PhaseClock
 from harness.run.sweep import SweepSettings, sweep_mode
 from harness.run.tiers import Tiers, TierStarter, pin
 from servers.fakegun.admin import FakegunAdmin
@@ -74,11 +80,14 @@ class Driver:
         children: Children,
         queue_url_for: QueueUrlFor,
         hooks: Hooks | None = None,
+        sweep: SweepSettings | None = None,
     ) -> None:
         self.config = config
         self.children = children
         self.queue_url_for = queue_url_for
         self.hooks = hooks or Hooks()
+        self.sweep = sweep or SweepSettings()
+        self._phases: PhaseClock | None = None  # the mode's phases, while it runs
         self.run_dir = config.run_dir
         self.fake: FakegunAdmin | None = None
         self.results: list[ModeResult] = []  # the modes finished so far
@@ -101,7 +110,7 @@ class Driver:
         fake = self.fake = self._start_fake()
         manifest["fakegun"] = {"url": fake.url}
         starter = TierStarter(cfg, self.children, fake.url, secrets.token_urlsafe(32))
-        locust = LocustRun(cfg, self.children, self.hooks.tick)
+        locust = LocustRun(cfg, self.children, self._tick)
         for name in cfg.modes:
             queue_url = None
             if cfg.target is None and mode_named(name).queued:
@@ -152,6 +161,12 @@ class Driver:
             print(f"fake Mailgun at {fake.url}: the target must send there", flush=True)
         return fake
 
+    def _tick(self, tiers: Tiers, elapsed: float) -> None:
+        """Every 0.2 s while a load runs: the hooks', and the warm-up's end."""
+        self.hooks.tick(tiers, elapsed)
+        if self._phases is not None and self._phases.in_warmup and tiers.servers:
+            self._phases.watch_warmup(tiers.base_url)
+
     def _run_mode(
         self,
         name: str,
@@ -164,6 +179,8 @@ class Driver:
         raw = self.run_dir / "raw" / name
         raw.mkdir(parents=True, exist_ok=True)
         fake.reset()
+        # Before any process starts: each reads it at start.
+        phases = self._phases = PhaseClock(raw, cfg.warmup_s)
         if cfg.target is not None:
             tiers = starter.external(name, cfg.target.url, raw)
         else:
@@ -174,20 +191,34 @@ class Driver:
         locust.run(tiers, raw)
         duration = time.time() - started
         notes: list[str] = []
-        sweep: list[SweepRow] = []
-        if cfg.sweep:
-
-            def step(rate: float, seconds: float, folder: Path) -> None:
-                locust.run(tiers, folder, rate=rate, duration=seconds, sample_depth=False)
-
-            sweep = sweep_mode(name, SweepSettings(), raw / "sweep", step)
+        if phases.in_warmup and tiers.servers:
+            notes.append(
+                "the server never reported a first request: its and its workers' "
+                "histograms are all in warmup/"
+            )
         self.hooks.before_drain(tiers)
         timeout = self.hooks.drain_timeout(cfg.drain_timeout_s)
         # Sent inside the request, every email is in the ledger once nothing is lost; with
         # a queue (ours, or maybe a target's), wait for two quiet polls in a row.
         quiet_polls = 2 if tiers.queue_url or cfg.target else 1
-        if not drain(tiers, fake, timeout, quiet_polls):
-            notes.append(f"not drained within {timeout:.0f} s")
+
+        def drained(what: str) -> None:
+            if not drain(tiers, fake, timeout, quiet_polls):
+                notes.append(f"{what} not drained within {timeout:.0f} s")
+
+        sweep: list[SweepRow] = []
+        if cfg.sweep:
+            drained("main load")  # its API calls and deliveries stay in its phase
+
+            def step(rate: float, seconds: float, folder: Path) -> None:
+                phases.begin(folder.relative_to(raw).as_posix())
+                locust.run(tiers, folder, rate=rate, duration=seconds, sample_depth=False)
+                drained(f"sweep step at {rate:g}/s")
+
+            sweep = sweep_mode(name, self.sweep, raw / "sweep", step)
+        else:
+            drained("load")
+        self._phases = None
         notes += starter.stop(tiers)
         ledger = fake.ledger()
         (raw / "ledger.json").write_text(json.dumps(ledger))

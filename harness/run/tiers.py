@@ -21,6 +21,7 @@ from harness.process import (
     wait_ready,
 )
 from harness.run.config import RunConfig
+from harness.run.phases import CONTROL_FILE
 from servers.modes import Mode
 
 
@@ -91,6 +92,7 @@ class TierStarter:
         args = ["serve", "--mode", mode.name, "--port", str(tiers.port)]
         args += ["--mailgun-url", self.fake_url]
         args += ["--metrics-out", str(tiers.raw / f"server-{index}.json")]
+        args += ["--phase-file", str(tiers.raw / CONTROL_FILE)]
         if cfg.server_procs > 1:
             args.append("--reuse-port")
         if tiers.queue_url:
@@ -116,6 +118,7 @@ class TierStarter:
         args = [mode.worker, "--backend", tiers.queue_url, "--queue-name", tiers.queue_name]
         args += ["--concurrency", str(cfg.worker_concurrency), "--mailgun-url", self.fake_url]
         args += ["--metrics-out", str(tiers.raw / f"worker-{index}.json")]
+        args += ["--phase-file", str(tiers.raw / CONTROL_FILE)]
         args += ["--dead-letters-out", str(tiers.raw / f"dead-letters-{index}.jsonl")]
         if cfg.render_ms:
             args += ["--render-ms", f"{cfg.render_ms:g}"]

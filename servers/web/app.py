@@ -26,8 +26,8 @@ from queues.base import Email, Job
 from queues.errors import MailbenchError
 from servers.identity import identity_from
 from servers.mailgun import MailgunSettings, add_mailgun_arguments, mailgun_settings_from_args
-from servers.metrics import Recorder
 from servers.modes import MODES, mode
+from servers.phases import PhasedRecorder, PhaseFile, write_phases
 from servers.senders.base import Sender, SenderContext, open_sender
 from servers.web.csrf import FIELD as CSRF_FIELD
 from servers.web.csrf import Csrf, CsrfError
@@ -57,6 +57,7 @@ class ServerSettings:
     queue_url: str | None = None  # required by the queued modes
     queue_name: str = "mailbench"
     metrics_out: Path | None = None  # histograms and accepted jobs, written at shutdown
+    phase_file: Path | None = None  # the harness's phases of the run (servers.phases)
     send_delay_ms: float = 0.0  # fault knob: a known extra delay on the send path
     csrf_secret: str | None = field(default=None, repr=False)  # None: $MAILBENCH_SECRET
     render_ms: float = 0.0  # CPU work per email, a card rendered in the request (0: none)
@@ -72,7 +73,8 @@ class ServerSettings:
 class ServerState:
     settings: ServerSettings
     csrf: Csrf
-    recorder: Recorder = field(default_factory=Recorder)
+    recorder: PhasedRecorder = field(default_factory=PhasedRecorder)
+    first_request_at: float | None = None  # wall clock: when the load began, for the harness
     accepted: list[tuple[str, float]] = field(default_factory=list)
     refused: int = 0  # valid forms the API or broker did not take
     sender: Sender | None = None  # opened with the app, closed after it
@@ -109,12 +111,17 @@ async def _sender(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _write_metrics(app: web.Application) -> AsyncIterator[None]:
-    yield
+    """Follow the run's phases while serving; at shutdown write the metrics file (the
+    main phase's histograms, the accepted jobs) and a file per other phase."""
     state = app[STATE]
+    phases = PhaseFile(state.settings.phase_file, state.recorder)
+    phases.check()
+    following = asyncio.create_task(phases.follow(), name="mailbench-phases")
+    yield
+    following.cancel()
+    await asyncio.wait({following})
     if state.settings.metrics_out is not None:
-        path = state.settings.metrics_out
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(state.snapshot()))
+        write_phases(state.settings.metrics_out, state.recorder, state.snapshot())
 
 
 def _wants_json(request: web.Request) -> bool:
@@ -175,8 +182,15 @@ def _refuse(
 
 async def form_page(request: web.Request) -> web.Response:
     """The benchmark's control request: a pre-rendered page plus one signed token."""
+    _note_first_request(request.app[STATE])
     token, new_cookie = _visitor_token(request)
     return _html(empty_form(token), 200, new_cookie)
+
+
+def _note_first_request(state: ServerState) -> None:
+    # The load's first request starts its warm-up, here as in the load generator.
+    if state.first_request_at is None:
+        state.first_request_at = time.time()
 
 
 def _single(form: Form, name: str) -> str | None:
@@ -186,6 +200,7 @@ def _single(form: Form, name: str) -> str | None:
 
 async def send(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    _note_first_request(state)
     try:
         data = await read_form(request)
     except BodyError as exc:
@@ -227,6 +242,15 @@ async def metrics(request: web.Request) -> web.Response:
     return web.json_response({**state.snapshot(), "identity": state.settings.identity})
 
 
+async def phase(request: web.Request) -> web.Response:
+    """The phase of the run figures go to now, and when the first request came (None
+    before it): the harness ends the warm-up from it (:mod:`servers.phases`)."""
+    state = request.app[STATE]
+    return web.json_response(
+        {"phase": state.recorder.current, "first_request_at": state.first_request_at}
+    )
+
+
 async def depth(request: web.Request) -> web.Response:
     """Jobs waiting in the queue, as the broker counts them (queued modes only)."""
     sender = request.app[STATE].sender
@@ -249,6 +273,7 @@ def create_app(settings: ServerSettings) -> web.Application:
     app.router.add_post("/send", send)
     app.router.add_get("/_mailbench/metrics", metrics)
     app.router.add_get("/_mailbench/depth", depth)
+    app.router.add_get("/_mailbench/phase", phase)
     return app
 
 
@@ -282,6 +307,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="share the port with other server processes (SO_REUSEPORT; the kernel spreads "
         "connections over them)",
     )
+    parser.add_argument(
+        "--phase-file",
+        type=Path,
+        help="follow the phases of the run that this control file names (the harness "
+        "writes it): each phase's histograms go to their own folder",
+    )
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -293,6 +324,7 @@ def cli_main(args: argparse.Namespace) -> int:
         queue_url=args.queue_url,
         queue_name=args.queue_name,
         metrics_out=args.metrics_out,
+        phase_file=args.phase_file,
         send_delay_ms=args.inject_send_delay_ms,
         render_ms=args.render_ms,
         identity=identity_from(os.environ),

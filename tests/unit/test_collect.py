@@ -131,6 +131,19 @@ def delivered(*sends: tuple[str, float]) -> list[dict[str, object]]:
     return [{"recipients": [r], "accepted_at": at + 0.8} for r, at in sends]
 
 
+def test_the_main_phase_delivery_is_of_its_own_sends_after_the_warmup(tmp_path: Path) -> None:
+    warm, main, later = ("w@x.test", 101.0), ("m1@x.test", 104.0), ("m2@x.test", 110.0)
+    step = ("s@x.test", 140.0)
+    write_phase(tmp_path, [warm, main, later], first_request_at=100.0, warmup_s=3.0)
+    write_phase(tmp_path / "sweep" / "step-00", [step], first_request_at=139.0)
+    ledger = delivered(warm, main, later, step)
+    result = collect_mode("sqlite", tmp_path, 20.0, ledger, [])
+    # Every send is accounted for, in every phase ...
+    assert (result.accounting.accepted, result.accounting.delivered) == (4, 4)
+    # ... but the main phase's delivery lag is of the sends its `send` row counts.
+    assert result.histograms["delivery"].get_total_count() == 2
+
+
 def test_rates_are_per_second_of_the_load_after_its_warmup(tmp_path: Path) -> None:
     sends = [(f"r{n}@x.test", 104.0 + n / 10) for n in range(170)]
     write_phase(tmp_path, sends, first_request_at=100.0, warmup_s=3.0)

@@ -26,6 +26,7 @@ from queues.base import Delivery, Email, Job
 from queues.memory import MemoryQueue
 from servers.mailgun import Outcome, SendResult
 from servers.metrics import decode
+from servers.phases import MAIN, write_control
 from servers.worker import (
     Worker,
     WorkerSettings,
@@ -441,7 +442,8 @@ async def test_metrics_file(backend: str, queue: SpyQueue, tmp_path: Path) -> No
     }
     data = json.loads(out.read_text())
     expected = {"histograms", "acked", "retried", "rate_limited", "dead_lettered", "errors"}
-    assert set(data) == expected
+    assert set(data) == expected | {"phase", "begins_at"}
+    assert (data["phase"], data["begins_at"]) == (".", None)  # one phase: the main one
     assert data["acked"] == 1
     assert data["retried"] == 0
     assert data["dead_lettered"] == [[bad_job.id, BAD_ADDRESS.detail]]
@@ -452,6 +454,54 @@ async def test_metrics_file(backend: str, queue: SpyQueue, tmp_path: Path) -> No
     assert decode(data["histograms"]["queue_wait"]).get_total_count() == 2
     assert list(out.parent.iterdir()) == [out]  # no temporary file left behind
     assert ok_job.id in {key for key, _ in client.calls}
+
+
+async def test_figures_are_kept_per_phase_of_the_run(
+    backend: str, queue: SpyQueue, tmp_path: Path
+) -> None:
+    control, out = tmp_path / "phases.json", tmp_path / "worker-0.json"
+    write_control(control, [("warmup", None)])
+    worker = Worker(
+        make_settings(backend, metrics_out=out, phase_file=control), queue, FakeMailgun()
+    )
+    phases: list[tuple[str, float | None]] = [("warmup", None)]
+    async with running(worker):
+        for folder, jobs in (("warmup", 3), (MAIN, 2), ("sweep/step-00", 4)):
+            if folder != "warmup":
+                phases.append((folder, time.time()))
+                write_control(control, phases)
+                await wait_until(lambda f=folder: worker.recorder.current == f)
+            done = worker.acked + jobs
+            await enqueue(queue, jobs)
+            await wait_until(lambda n=done: worker.acked == n)
+
+    def api_calls(path: Path) -> int:
+        return int(decode(json.loads(path.read_text())["histograms"]["api"]).get_total_count())
+
+    assert api_calls(tmp_path / "warmup" / "worker-0.json") == 3
+    assert api_calls(out) == 2  # the main phase's calls only
+    assert api_calls(tmp_path / "sweep" / "step-00" / "worker-0.json") == 4
+    assert json.loads(out.read_text())["acked"] == 9  # counts are the worker's whole life
+
+
+async def test_a_call_in_flight_at_a_boundary_stays_with_the_phase_it_began_in(
+    backend: str, queue: SpyQueue, tmp_path: Path
+) -> None:
+    control, out = tmp_path / "phases.json", tmp_path / "worker-0.json"
+    write_control(control, [("warmup", None)])
+    client = FakeMailgun()
+    client.gate = asyncio.Event()
+    worker = Worker(make_settings(backend, metrics_out=out, phase_file=control), queue, client)
+    async with running(worker):
+        await enqueue(queue, 1)
+        await wait_until(lambda: client.in_flight == 1)
+        write_control(control, [("warmup", None), (MAIN, time.time())])
+        await wait_until(lambda: worker.recorder.current == MAIN)
+        client.gate.set()
+        await wait_until(lambda: worker.acked == 1)
+    warmup = json.loads((tmp_path / "warmup" / "worker-0.json").read_text())["histograms"]
+    assert set(warmup) == {"api", "queue_wait"}
+    assert json.loads(out.read_text())["histograms"] == {}
 
 
 class TopRandom(random.Random):
