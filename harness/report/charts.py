@@ -56,10 +56,12 @@ METRIC_LABELS = {"form": "GET / (form page)", "send": "POST /send", "api": "Mail
                  "delivery": "delivery lag", "queue_wait": "queue wait",
                  "render": "card render (CPU work)",
                  "send_intended": "POST /send from intended start",
-                 "form_intended": "GET / from intended start"}
+                 "form_intended": "GET / from intended start",
+                 "send_server": "POST /send in the server (Server-Timing)",
+                 "form_server": "GET / in the server (Server-Timing)"}
 # Spectrum charts in reading order; metrics not named here follow.
-SPECTRUM_ORDER = ("send", "send_intended", "form", "form_intended", "api", "delivery",
-                  "queue_wait", "render")
+SPECTRUM_ORDER = ("send", "send_intended", "send_server", "form", "form_intended",
+                  "form_server", "api", "delivery", "queue_wait", "render")
 # 1/(1−p) positions of the percentile axis and their labels.
 PERCENTILE_TICKS = {1.0: "0%", 2.0: "50%", 10.0: "90%", 100.0: "99%", 1e3: "99.9%",
                     1e4: "99.99%", 1e5: "99.999%", 1e6: "99.9999%"}
@@ -360,9 +362,17 @@ def delivery_chart(run: Run) -> Figure:
 
 
 # -- per second --------------------------------------------------------------------------
+def warmup_s(run: Run) -> float:
+    """The seconds of each mode's load left out of its figures, as the manifest records
+    them (0 for folders written before the warm-up existed)."""
+    return float(run.manifest.get("config", {}).get("warmup_s") or 0.0)
+
+
 def timeline_chart(run: Run) -> Figure:
     """Per second and mode: the form page's p99 (log), the requests answered and, when it
-    was sampled, the queue's depth. Open-model runs show the p99 from intended start."""
+    was sampled, the queue's depth. Open-model runs show the p99 from intended start. The
+    warm-up (the first seconds after each mode's first request, left out of every other
+    figure) is a shaded band."""
     rows = run.timeseries
     queued = any(r.queue_depth is not None for r in rows)
     fig, axes = new_figure(7.2 if queued else 5.4, rows=3 if queued else 2, sharex=True)
@@ -408,6 +418,13 @@ def timeline_chart(run: Run) -> Figure:
         axes[2].yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[1:]:
         ax.set_ylim(bottom=0)
-    axes[-1].set_xlabel("seconds since the load started (each mode runs on its own)")
+    warmup = warmup_s(run)
+    if warmup > 0 and rows:
+        for ax in axes:
+            # Second s holds what was answered in [s, s + 1): the band ends at the warm-up.
+            ax.axvspan(-0.5, warmup - 0.5, color=GREY, alpha=0.12, lw=0, zorder=0)
+        handles.append(Rectangle((0, 0), 1, 1, color=GREY, alpha=0.12, lw=0))
+        handles[-1].set_label(f"warm-up ({warmup:g} s, not in the other figures)")
+    axes[-1].set_xlabel("seconds since each mode's first request (each mode runs on its own)")
     labels = [str(h.get_label()) for h in handles]
     return finish(fig, caption(run), "Second by second", handles, labels, 6)

@@ -59,3 +59,14 @@ def test_each_worker_process_wrote_its_own_file(two_procs: Path) -> None:
     raw = two_procs / "raw" / "direct"
     journals = sorted(raw.glob("locust-hdr-*.jsonl"))
     assert len(journals) >= 2, [p.name for p in raw.iterdir()]
+
+
+def test_the_servers_own_time_is_beside_the_clients(two_procs: Path) -> None:
+    run = load_run(two_procs)
+    for metric in ("form", "send"):
+        client, server = run.row("direct", metric), run.row("direct", f"{metric}_server")
+        assert client is not None and server is not None, metric
+        # Every answer of the reference server carries Server-Timing, and the handler's
+        # own time is part of the client's.
+        assert server.count == client.count
+        assert 0 < server.p50_us < client.p50_us

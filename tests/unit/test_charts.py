@@ -166,6 +166,23 @@ def test_timeline_adds_the_queue_depth_when_it_was_sampled(run: Run) -> None:
     assert len(charts.timeline_chart(run).axes) == 2
 
 
+def test_timeline_shades_the_warm_up_the_manifest_records(run: Run) -> None:
+    def bands(figure: Figure) -> list[tuple[float, float]]:
+        return [
+            (round(p.get_x(), 2), round(p.get_x() + p.get_width(), 2))
+            for p in figure.axes[0].patches
+        ]
+
+    assert bands(charts.timeline_chart(run)) == []
+    run.manifest["config"]["warmup_s"] = 3.0
+    figure = charts.timeline_chart(run)
+    # Seconds 0, 1 and 2 (drawn at x = 0, 1, 2) are the warm-up, on every axis.
+    assert bands(figure) == [(-0.5, 2.5)]
+    assert all(ax.patches for ax in figure.axes)
+    (legend,) = figure.legends
+    assert any("warm-up (3 s" in t.get_text() for t in legend.get_texts())
+
+
 def test_caption_names_load_duration_latency_commit_and_machine(run: Run) -> None:
     text = charts.caption(run)
     for part in ("closed, 30 users", "10 s per mode", "uniform:0.5,1.0", "abc123def456", "2 cores"):
