@@ -20,8 +20,10 @@ Guarantees every backend gives (the contract tests in ``tests/`` check each one)
 * **Poison messages never block the queue.** A payload that does not decode into a job
   is dead-lettered by the backend itself with the decoding error as reason, and
   ``consume`` goes on with the next one.
-* ``depth`` counts jobs that are waiting or in flight (not dead-lettered); it reaches 0
-  when the queue is drained.
+* ``depth`` counts jobs still to be sent — waiting, waiting out a retry's delay, or
+  claimed and not yet settled — never dead letters; it reaches 0 when the queue is
+  drained. One backend sees less: RabbitMQ reports no other consumer's unacknowledged
+  messages over AMQP (see :meth:`Queue.depth`).
 
 Backends are chosen by URL scheme, see :func:`queues.open_queue`.
 """
@@ -156,7 +158,19 @@ class Queue(Protocol):
         """Move the job aside with ``reason``; it is never delivered again."""
 
     async def depth(self) -> int:
-        """Jobs waiting or in flight, excluding dead letters."""
+        """Jobs still to be sent, excluding dead letters. What each backend counts:
+
+        * memory: ready, delayed (retries) and in flight, of every consumer;
+        * SQLite, PostgreSQL: rows ``available`` (due, or waiting out a retry's delay)
+          or ``running`` (claimed by any consumer, until settled or its lease expires);
+        * Redis: the stream's entries (waiting, and delivered to any consumer but not yet
+          settled: a settle deletes the entry) plus the retries in the delayed set;
+        * RabbitMQ: ready messages of the queue and its wait queues (retries), plus the
+          *caller's own* unacknowledged deliveries: AMQP does not report other
+          consumers'. So a producer's or an observer's connection sees the jobs that
+          workers hold as gone. The harness asks the broker itself instead
+          (``harness/run/depth.py``).
+        """
 
     async def dead_letters(self) -> int:
         """Jobs in the dead letter."""

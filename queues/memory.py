@@ -155,6 +155,7 @@ class MemoryQueue:
         self._store.dead.append(DeadLetter(payload, reason, delivery.job))
 
     async def depth(self) -> int:
+        """Ready, delayed and in flight, of every consumer of the store."""
         store = self._store
         return len(store.ready) + len(store.delayed) + len(store.in_flight)
 

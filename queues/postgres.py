@@ -222,6 +222,7 @@ class PostgresQueue(LeasedQueue):
         await self._call("dead-letter", "execute", BURY, row_id, self.consumer_id, reason)
 
     async def depth(self) -> int:
+        """Rows due or waiting out a retry, and rows claimed by any consumer."""
         states = ["available", "running"]
         return int(await self._call("count jobs", "fetchval", COUNT, self._name, states))
 

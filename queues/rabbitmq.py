@@ -198,8 +198,9 @@ class RabbitMQQueue:
         await self._settle(message, message.ack())
 
     async def depth(self) -> int:
-        """Ready messages, waiting retries, and this object's unsettled deliveries (the
-        broker does not report other consumers' unacked messages over AMQP)."""
+        """Ready messages, waiting retries, and this object's unsettled deliveries; not
+        other consumers' unacknowledged messages, which AMQP does not report (the
+        harness counts those through the broker, see :meth:`queues.base.Queue.depth`)."""
         # Wait queues first, main queue last: a retry that moves while we count is then
         # counted twice rather than missed, so a drained queue is never reported early.
         counts = await self._declare_counts([*self._wait_queues(), (self._name, None)])

@@ -285,6 +285,8 @@ class RedisQueue:
         await self._settle(self._release(delivery), self._dead, fields)
 
     async def depth(self) -> int:
+        """Stream entries (waiting, or delivered to any consumer and not yet settled)
+        plus the retries in the delayed set."""
         with self._errors("count jobs"):
             pipe = self._client.pipeline(transaction=True)  # atomic with the retry mover
             pipe.xlen(self._jobs)

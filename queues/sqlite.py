@@ -264,6 +264,7 @@ class SQLiteQueue(LeasedQueue):
         return await self._read(count)
 
     async def depth(self) -> int:
+        """Rows due or waiting out a retry, and rows claimed by any consumer."""
         return await self._count("'available', 'running'")
 
     async def dead_letters(self) -> int:

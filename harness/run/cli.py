@@ -327,7 +327,7 @@ def drive(
         with Children() as children, Services(services) as brokers:
             queue_urls = QueueUrls(brokers, config.run_dir, strict_brokers())
             hooks = make_hooks(brokers) if make_hooks is not None else None
-            driver = Driver(config, children, queue_urls, hooks)
+            driver = Driver(config, children, queue_urls, hooks, services=services)
             results = driver.run()
     except KeyboardInterrupt:
         # Every child is stopped by now; what finished is kept and reported.

@@ -42,6 +42,7 @@ from harness.run.locust import LocustRun
 from harness.run.phases import PhaseClock
 from harness.run.sweep import SweepSettings, sweep_mode
 from harness.run.tiers import Tiers, TierStarter, pin
+from harness.services.settings import ServiceSettings
 from servers.fakegun.admin import FakegunAdmin
 from servers.modes import mode as mode_named
 
@@ -81,12 +82,14 @@ class Driver:
         queue_url_for: QueueUrlFor,
         hooks: Hooks | None = None,
         sweep: SweepSettings | None = None,
+        services: ServiceSettings | None = None,
     ) -> None:
         self.config = config
         self.children = children
         self.queue_url_for = queue_url_for
         self.hooks = hooks or Hooks()
         self.sweep = sweep or SweepSettings()
+        self.services = services  # the brokers' settings, for sampling a queue's depth
         self._phases: PhaseClock | None = None  # the mode's phases, while it runs
         self.run_dir = config.run_dir
         self.fake: FakegunAdmin | None = None
@@ -110,7 +113,7 @@ class Driver:
         fake = self.fake = self._start_fake()
         manifest["fakegun"] = {"url": fake.url}
         starter = TierStarter(cfg, self.children, fake.url, secrets.token_urlsafe(32))
-        locust = LocustRun(cfg, self.children, self._tick)
+        locust = LocustRun(cfg, self.children, self._tick, self.services)
         for name in cfg.modes:
             queue_url = None
             if cfg.target is None and mode_named(name).queued:

@@ -1,12 +1,14 @@
 """One Locust run against one mode's server, headless, in a process of its own (importing
 Locust monkey-patches the interpreter with gevent).
 
-While it runs, the harness prints progress once a second, samples the queue depth the
-server reports, and calls the run's hook every 0.2 s (chaos breaks things from there).
+While it runs, the harness prints progress once a second, samples the queue depth over
+a connection of its own (:mod:`harness.run.depth`), and calls the run's hook every 0.2 s
+(chaos breaks things from there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sys
@@ -14,13 +16,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
 from harness.errors import ProcessFailed, ResultsError
 from harness.process import Children
 from harness.results.collect import read_locust
 from harness.run.config import CLOSED_USERS, SCENARIOS_DIR, RunConfig
+from harness.run.depth import DepthSampler
 from harness.run.tiers import Tiers, pin
+from harness.services.settings import ServiceSettings
 
 Tick = Callable[[Tiers, float], None]  # (tiers, seconds into the load)
 
@@ -80,10 +82,17 @@ def locust_argv(
 
 
 class LocustRun:
-    def __init__(self, config: RunConfig, children: Children, on_tick: Tick) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        children: Children,
+        on_tick: Tick,
+        services: ServiceSettings | None = None,
+    ) -> None:
         self.config = config
         self.children = children
         self.on_tick = on_tick
+        self.services = services  # where the brokers mailbench started live (the depth)
         self.show_progress = sys.stdout.isatty()
 
     def run(
@@ -114,30 +123,30 @@ class LocustRun:
         pin(cfg, locust, "locust")  # before it forks any --processes workers
         deadline = time.monotonic() + duration + 60
         started = time.monotonic()
-        depths: dict[str, int | None] = {}
         next_second = started
-        while locust.alive():
-            if time.monotonic() > deadline:
-                self.children.stop(locust)
-                raise ProcessFailed(
-                    f"Locust did not finish the {name} run in time; see {locust.log_path}"
-                )
-            time.sleep(0.2)
-            elapsed = time.monotonic() - started
-            self.on_tick(tiers, elapsed)
-            if time.monotonic() < next_second:
-                continue
-            next_second += 1.0
-            self._progress(name, duration - elapsed, raw)
-            if sample_depth and tiers.queue_url:
-                # By when it was asked: the timeline puts it in its second since the
-                # first request.
-                asked = time.time()
-                depths[f"{asked:.3f}"] = _depth(tiers.base_url)
+        # Keyed by when each sample was taken: the timeline puts it in its second since
+        # the first request.
+        sampler = None
+        if sample_depth and tiers.queue_url:
+            sampler = DepthSampler(tiers.queue_url, tiers.queue_name, self.services)
+        with sampler or contextlib.nullcontext():
+            while locust.alive():
+                if time.monotonic() > deadline:
+                    self.children.stop(locust)
+                    raise ProcessFailed(
+                        f"Locust did not finish the {name} run in time; see {locust.log_path}"
+                    )
+                time.sleep(0.2)
+                elapsed = time.monotonic() - started
+                self.on_tick(tiers, elapsed)
+                if time.monotonic() < next_second:
+                    continue
+                next_second += 1.0
+                self._progress(name, duration - elapsed, raw)
         if self.show_progress:
             print(flush=True)
-        if depths:
-            (raw / "depth.json").write_text(json.dumps(depths))
+        if sampler is not None and sampler.samples:
+            (raw / "depth.json").write_text(json.dumps(sampler.samples))
         code = self.children.stop(locust)
         try:
             read_locust(raw)
@@ -159,13 +168,6 @@ class LocustRun:
             print(f"\r{line}", end="", flush=True)
         elif int(left) % 5 == 0:
             print(line, flush=True)
-
-
-def _depth(base_url: str) -> int | None:
-    try:
-        return int(httpx.get(f"{base_url}/_mailbench/depth", timeout=2).json()["depth"])
-    except (httpx.HTTPError, KeyError, ValueError):
-        return None
 
 
 def _locust_rate(stats_csv: Path) -> tuple[float, int]:
