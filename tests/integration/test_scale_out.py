@@ -32,14 +32,14 @@ def test_two_processes_per_tier_and_two_locust_processes(tmp_path: Path, redis_u
     done = mailbench(
         "run", "--modes", "direct,redis", "--scenario", "sender", "--duration", "8",
         "--users", "20", "--latency", "fixed:0.05", "--server-procs", "2", "--worker-procs", "2",
-        "--locust-procs", "2", "--out", str(tmp_path),
+        "--locust-procs", "2", "--warmup", "0", "--out", str(tmp_path),
         env={"REDIS_URL": redis_url},
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = load_run(tmp_path / "latest")
     for accounted in run.accounting:
         mode, row = accounted.mode, accounted.counts
-        # What the Locust master merged from its workers matches the ledger exactly.
+        # What the Locust processes journaled matches the ledger exactly.
         assert row.accepted > 0, row
         assert row.delivered == row.accepted, row
         assert (row.lost, row.unexpected, row.duplicates) == (0, 0, 0), row
@@ -50,7 +50,7 @@ def test_two_processes_per_tier_and_two_locust_processes(tmp_path: Path, redis_u
         assert len(servers) == 2
         # The kernel spread the connections over both server processes.
         assert all(server["accepted"] for server in servers), mode
-        assert sum(len(server["accepted"]) for server in servers) >= row.accepted
+        assert sum(server["accepted"] for server in servers) >= row.accepted
     assert len(list((tmp_path / "latest" / "raw" / "redis").glob("worker-*.json"))) == 2
 
 
