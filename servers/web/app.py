@@ -115,7 +115,7 @@ async def _sender(app: web.Application) -> AsyncIterator[None]:
 
 async def _write_metrics(app: web.Application) -> AsyncIterator[None]:
     """Follow the run's phases while serving; at shutdown write the metrics file (the
-    main phase's histograms, the accepted jobs) and a file per other phase."""
+    main phase's histograms, the accepted count) and a file per other phase."""
     state = app[STATE]
     phases = PhaseFile(state.settings.phase_file, state.recorder)
     phases.check()

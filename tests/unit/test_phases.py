@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+import uuid
 from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
 
 from servers.metrics import decode
 from servers.phases import (
@@ -14,6 +20,7 @@ from servers.phases import (
     write_control,
     write_phases,
 )
+from servers.web.app import ServerSettings, create_app
 
 
 class Clock:
@@ -99,3 +106,47 @@ def test_the_control_file_is_followed_when_it_changes(tmp_path: Path) -> None:
     control.write_text("{not json")
     follower.check()  # a file that does not parse changes nothing
     assert recorder.current == MAIN
+
+
+async def send_one(client: TestClient[Any, Any]) -> None:
+    page = await client.get("/")
+    token = (await page.text()).split('name="csrf_token" value="')[1].split('"')[0]
+    sent = await client.post(
+        "/send",
+        data={"to": "a@example.com", "subject": "hi", "message": "m", "csrf_token": token},
+        headers={"Accept": "application/json"},
+    )
+    assert sent.status == 202, await sent.text()
+
+
+async def test_the_server_reports_its_first_request_and_keeps_figures_per_phase(
+    tmp_path: Path,
+) -> None:
+    control, out = tmp_path / "phases.json", tmp_path / "server-0.json"
+    write_control(control, [("warmup", None)])
+    settings = ServerSettings(
+        mode="redis", queue_url=f"memory://{uuid.uuid4().hex}", csrf_secret="s" * 32,
+        metrics_out=out, phase_file=control,
+    )  # fmt: skip
+    async with TestClient(TestServer(create_app(settings))) as client:
+        phase = await (await client.get("/_mailbench/phase")).json()
+        assert phase == {"phase": "warmup", "first_request_at": None}
+        before = time.time()
+        await send_one(client)  # the load's first request, in the warm-up
+        phase = await (await client.get("/_mailbench/phase")).json()
+        assert before <= phase["first_request_at"] <= time.time()
+        write_control(control, [("warmup", None), (MAIN, time.time())])
+        deadline = time.monotonic() + 5
+        while (await (await client.get("/_mailbench/phase")).json())["phase"] != MAIN:
+            assert time.monotonic() < deadline, "the server did not follow the control file"
+            await asyncio.sleep(0.02)
+        await send_one(client)
+        await send_one(client)
+
+    def enqueued(path: Path) -> int:
+        histograms = json.loads(path.read_text())["histograms"]
+        return int(decode(histograms["enqueue"]).get_total_count())
+
+    assert enqueued(tmp_path / "warmup" / "server-0.json") == 1
+    assert enqueued(out) == 2
+    assert json.loads(out.read_text())["accepted"] == 3  # counts are its whole life's
