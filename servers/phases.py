@@ -152,13 +152,11 @@ class PhaseFile:
             await asyncio.sleep(POLL_S)
 
 
-def write_phases(path: Path, recorder: Recorder, counts: Mapping[str, object]) -> None:
+def write_phases(path: Path, recorder: PhasedRecorder, counts: Mapping[str, object]) -> None:
     """Write each phase's histograms to ``<folder>/<path's name>`` beside ``path``; the
     main phase's, with ``counts``, to ``path`` itself (empty histograms if the process
-    had no main phase). A plain :class:`Recorder` has only the main phase."""
-    phases = recorder.phases if isinstance(recorder, PhasedRecorder) else []
-    if not phases:
-        phases = [Phase(MAIN, -math.inf, recorder.histograms)]
+    had no main phase)."""
+    phases = recorder.phases
     if not any(phase.folder == MAIN for phase in phases):
         phases = [*phases, Phase(MAIN, -math.inf)]
     for phase in phases:

@@ -41,9 +41,6 @@ class PhaseClock:
         self.phases.append((folder, time.time() if at is None else at))
         write_control(self.path, self.phases)
 
-    def begins_at(self, folder: str) -> float | None:
-        return next((at for f, at in self.phases if f == folder), None)
-
     def watch_warmup(self, base_url: str) -> None:
         """While the warm-up runs: once the server has seen the first request, the main
         phase begins ``warmup_s`` after it."""
