@@ -46,9 +46,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "harness.services.manager",
         "start, stop or show local RabbitMQ / Redis / PostgreSQL",
     ),
+    "calibrate": (
+        "harness.run.calibrate",
+        "measure the load generator's own error against known service times",
+    ),
 }
 # Commands that start processes of their own and so must unwind on SIGTERM as on Ctrl-C.
-OWNS_CHILDREN = frozenset({"run", "chaos", "services", "bench-ci"})
+OWNS_CHILDREN = frozenset({"run", "chaos", "services", "bench-ci", "calibrate"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
