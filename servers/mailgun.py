@@ -61,6 +61,19 @@ class SendResult:
     def ok(self) -> bool:
         return self.outcome is Outcome.SUCCESS
 
+    @property
+    def metric(self) -> str:
+        """The histogram this call's time goes to: ``api`` holds the calls the API
+        accepted, the cost of a send; an instant 429, a 5xx (or a timeout, a connection
+        error, a malformed answer) and a refusal each have their own."""
+        if self.ok:
+            return "api"
+        if self.status == 429:
+            return "api_rate_limited"
+        if self.outcome is Outcome.RETRYABLE:
+            return "api_retryable"
+        return "api_failed"
+
 
 @dataclass(frozen=True, slots=True)
 class MailgunSettings:

@@ -125,18 +125,6 @@ def _timed_inline(renderer: Renderer, email: Email) -> tuple[list[tuple[str, byt
     return inline, time.perf_counter() - started
 
 
-def _api_metric(result: SendResult) -> str:
-    """The histogram a call's time goes to: ``api`` holds the calls the API accepted, the
-    cost of a send; an instant 429, an injected 5xx or a refusal each have their own."""
-    if result.outcome is Outcome.SUCCESS:
-        return "api"
-    if result.status == 429:
-        return "api_rate_limited"
-    if result.outcome is Outcome.RETRYABLE:
-        return "api_retryable"  # 5xx, timeouts, connection errors, malformed answers
-    return "api_failed"
-
-
 def _error_key(result: SendResult) -> str:
     if result.detail.startswith("malformed response"):
         return f"{result.outcome.value} malformed"
@@ -313,7 +301,7 @@ class Worker:
             log.exception("job %s: unexpected error from the email client", job.id)
             self.errors[f"exception {type(exc).__name__}"] += 1
             return SendResult(Outcome.RETRYABLE, None, detail=f"unexpected error: {exc!r}")
-        self.recorder.record(_api_metric(result), time.perf_counter() - started)
+        self.recorder.record(result.metric, time.perf_counter() - started)
         if result.outcome is not Outcome.SUCCESS:
             self.errors[_error_key(result)] += 1
         return result

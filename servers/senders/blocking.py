@@ -29,7 +29,7 @@ class BlockingSender:
         started = time.perf_counter()
         # Deliberately synchronous: the event loop stops for the whole API call.
         result = self.client.send(job.email, job.id, inline=inline)
-        self.recorder.record("api", time.perf_counter() - started)
+        self.recorder.record(result.metric, time.perf_counter() - started)
         return api_result(result.ok, result.outcome, result.detail)
 
     async def aclose(self) -> None:

@@ -28,7 +28,7 @@ class DirectSender:
         inline = render_inline(self.renderer, self.recorder, job.email)
         started = time.perf_counter()
         result = await self.client.send(job.email, job.id, inline=inline)
-        self.recorder.record("api", time.perf_counter() - started)
+        self.recorder.record(result.metric, time.perf_counter() - started)
         return api_result(result.ok, result.outcome, result.detail)
 
     async def aclose(self) -> None:

@@ -166,6 +166,23 @@ async def test_api_failure_is_not_accepted(tmp_path: Path) -> None:
         await client.close()
 
 
+@pytest.mark.parametrize("mode", ["direct", "blocking"])
+async def test_in_request_api_times_are_kept_by_outcome(mode: str, tmp_path: Path) -> None:
+    """A refused call is no send: its time goes to api_retryable, not api."""
+    out = tmp_path / "server.json"
+    settings = FakegunSettings(latency="fixed:0.001", seed=1, faults=(parse_fault("503:1.0"),))
+    async with FakeMailgun(settings) as failing:
+        server = ServerSettings(
+            mode=mode, mailgun=MailgunSettings(base_url=failing.url), metrics_out=out
+        )
+        client = await client_for(server)
+        response = await client.post("/send", data=await filled(client), headers=JSON)
+        assert response.status == 503
+        await client.close()
+    histograms = json.loads(out.read_text())["histograms"]
+    assert "api_retryable" in histograms and "api" not in histograms
+
+
 async def test_wrong_api_key_is_a_permanent_failure(fake: FakeMailgun) -> None:
     client = await client_for(
         ServerSettings(mode="direct", mailgun=MailgunSettings(base_url=fake.url, api_key="nope"))
