@@ -10,17 +10,15 @@ the table gives p50, p99 and p99.9 as measured, and the error (measured − inje
 * for 1, 10 and 500 ms, the **error above the floor** (error − the floor at the same
   percentile) says whether the generator adds anything beyond its floor to a slower
   request — the target is ≤ 50 µs at p50 and p99;
-* the **stall** has a truth of its own. A visitor arriving at a uniformly random moment
-  waits out the rest of a stall in progress: with ``k`` stalls of ``S`` seconds in a
-  window of ``T`` seconds, ``P(wait > x) = k·(S − x)/T`` for ``0 ≤ x ≤ S``, so the
-  quantile ``q`` is ``S − (1 − q)·T/k`` where that is positive, else 0. An open model
-  timed from each visit's intended start (``form_intended``) should find it (within 5%
-  at p99.9); the same open model's service times, and a closed model, whose few users
-  each wait out a stall once instead of arriving all along, under-report it.
+* the **stall** is held against what a visitor arriving at a random moment waits
+  (:mod:`harness.results.calibration`). An open model timed from each visit's intended
+  start (``form_intended``) should find it (within 5% at p99.9); a closed model, whose
+  few users each wait out a stall once instead of arriving all along, under-reports it.
 
 Each case's load is short and bounded (``--seconds``, default 10 s, the first second a
-warm-up left out of the figures, as ``mailbench run`` leaves out its own). The table goes
-to the console and, with the figures as JSON, to ``<out>/calibration-<id>/``.
+warm-up left out of the figures, as ``mailbench run`` leaves out its own; the stall case
+at least one stall period). The table (:mod:`harness.report.calibration`) goes to the
+console and, with the figures as JSON, to ``<out>/calibration-<id>/``.
 
 ``measure_floor`` is the short 0 ms sample that ``mailbench run`` takes at its start, under
 the run's own load model, so that every report can state the generator's floor.
@@ -38,10 +36,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from hdrh.histogram import HdrHistogram
 
 from harness.errors import ConfigError, ProcessFailed
 from harness.process import Child, Children, answered_identity, wait_ready
+from harness.report.calibration import table, verdicts
+from harness.results.calibration import (
+    CASES,
+    FIXED_CASES,
+    FLOOR_CASE,
+    PERCENTILES,
+    STALL,
+    STALL_S,
+    Measurement,
+    percentiles,
+    share_above,
+    stall_share_waiting,
+    stall_truth_us,
+)
 from harness.results.collect import read_locust
 from harness.run.config import RunConfig
 from harness.run.locust import LocustRun
@@ -49,15 +60,7 @@ from harness.run.target import Target
 from harness.run.tiers import Tiers
 from servers.metrics import decode
 
-PERCENTILES = (50.0, 99.0, 99.9)
 MODELS = ("closed", "open")
-STALL = "stall"
-FIXED_CASES = {"0ms": 0.0, "1ms": 0.001, "10ms": 0.010, "500ms": 0.5}
-CASES = (*FIXED_CASES, STALL)
-FLOOR_CASE = "0ms"
-STALL_S = 1.4
-ABOVE_FLOOR_LIMIT_US = 50  # at p50 and p99
-STALL_TOLERANCE = 0.05  # open model, p99.9
 FLOOR_SAMPLE_S = 3.0  # mailbench run's floor sample: 1 s of warm-up, 2 s measured
 FLOOR_WARMUP_S = 1.0
 
@@ -90,83 +93,6 @@ class Settings:
         """A case's load: ``seconds``; the stall's at least one period, so that a stall
         falls in its middle however short the other cases are."""
         return max(self.seconds, self.stall_every_s) if case == STALL else self.seconds
-
-
-@dataclass(frozen=True, slots=True)
-class Measurement:
-    """One case under one load model, timed one way (service time or intended start)."""
-
-    case: str
-    model: str  # "closed", "open" (from intended start) or "open, service time"
-    metric: str  # the recorder's histogram: "form" or "form_intended"
-    samples: int
-    errors: int
-    measured_us: dict[float, float]
-    truth_us: dict[float, float]
-    held_us: dict[float, float]  # what the server itself held the requests, per its clock
-    stalls: int = 0  # stalls in the measured window (the stall case)
-    # The stall case: the share of requests that waited more than half a stall, as
-    # measured and in truth; how much of the stall a load model sees at all.
-    slow_share: float = 0.0
-    true_slow_share: float = 0.0
-
-    def error_us(self, p: float) -> float:
-        return self.measured_us[p] - self.truth_us[p]
-
-
-def percentiles(histogram: HdrHistogram | None) -> dict[float, float]:
-    if histogram is None or not histogram.get_total_count():
-        return dict.fromkeys(PERCENTILES, 0.0)
-    return {p: float(histogram.get_value_at_percentile(p)) for p in PERCENTILES}
-
-
-def stall_share_waiting(
-    stalls: Sequence[tuple[float, float]], window: tuple[float, float], x: float
-) -> float:
-    """The share of ``window`` whose arrivals wait more than ``x`` seconds for the end of
-    a stall: ``Σ |[start, end − x] ∩ window| / |window|``."""
-    begin, end = window
-    inside = sum(max(0.0, min(e - x, end) - max(s, begin)) for s, e in stalls)
-    return inside / max(end - begin, 1e-9)
-
-
-def share_above(histogram: HdrHistogram | None, micros: float) -> float:
-    """The share of ``histogram``'s samples above ``micros``."""
-    if histogram is None or not histogram.get_total_count():
-        return 0.0
-    above = sum(
-        int(item.count_at_value_iterated_to)
-        for item in histogram.get_recorded_iterator()
-        if item.value_iterated_to > micros
-    )
-    return above / int(histogram.get_total_count())
-
-
-def stall_truth_us(
-    stalls: Sequence[tuple[float, float]], window: tuple[float, float]
-) -> dict[float, float]:
-    """What a visitor arriving at a random moment of ``window`` waits, given the stalls
-    (start, end) the server made: the quantile ``x`` at which the share of the window
-    whose arrivals wait more than ``x`` — ``Σ |[start, end − x] ∩ window| / |window|`` —
-    falls to ``1 − q``. With ``k`` stalls of ``S`` inside the window that is the module
-    docstring's ``S − (1 − q)·T/k``; a stall cut by the window's edge counts its part."""
-
-    def share_waiting_more_than(x: float) -> float:
-        return stall_share_waiting(stalls, window, x)
-
-    truth = {}
-    longest = max((e - s for s, e in stalls), default=0.0)
-    for p in PERCENTILES:
-        tail = 1 - p / 100
-        low, high = 0.0, longest
-        if share_waiting_more_than(0.0) <= tail:
-            truth[p] = 0.0
-            continue
-        for _ in range(60):  # bisection, to far below a microsecond
-            middle = (low + high) / 2
-            low, high = (middle, high) if share_waiting_more_than(middle) > tail else (low, middle)
-        truth[p] = high * 1_000_000
-    return truth
 
 
 class CalibrationServer:
@@ -288,108 +214,6 @@ def measurements(
             )
         )
     return rows
-
-
-# -- the table ---------------------------------------------------------------------------
-
-
-def _us(value: float) -> str:
-    if abs(value) >= 10_000:
-        return f"{value / 1000:,.0f} ms"
-    if abs(value) >= 1000:
-        return f"{value / 1000:,.2f} ms"
-    return f"{value:,.0f} µs"
-
-
-def _signed(value: float) -> str:
-    return ("+" if value >= 0 else "−") + _us(abs(value))
-
-
-def floors(rows: Sequence[Measurement]) -> dict[str, Measurement]:
-    """Per model, the 0 ms case: the generator's floor."""
-    return {r.model: r for r in rows if r.case == FLOOR_CASE}
-
-
-def table(rows: Sequence[Measurement]) -> str:
-    floor = floors(rows)
-    lines = [
-        "| case | model | samples | p50 | p99 | p99.9 | error p50 | error p99 | error p99.9 "
-        "| above floor p50 | above floor p99 | server's own overshoot p50 / p99 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        base = floor.get(r.model)
-        above = ["–", "–"]
-        if base is not None and r.case not in (FLOOR_CASE, STALL):
-            above = [_signed(r.error_us(p) - base.error_us(p)) for p in (50.0, 99.0)]
-        cells = [
-            r.case if r.case != STALL else f"stall ({r.stalls} × {STALL_S:g} s)",
-            r.model,
-            f"{r.samples:,}" + (f" ({r.errors:,} failed)" if r.errors else ""),
-            *(_us(r.measured_us[p]) for p in PERCENTILES),
-            *(_signed(r.error_us(p)) for p in PERCENTILES),
-            *above,
-            " / ".join(_signed(r.held_us[p] - r.truth_us[p]) for p in (50.0, 99.0))
-            if r.case != STALL
-            else "–",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def verdicts(rows: Sequence[Measurement]) -> list[str]:
-    """The targets, each said plainly, met or not."""
-    said: list[str] = []
-    floor = floors(rows)
-    for model, zero in floor.items():
-        said.append(
-            f"floor ({model}): the generator adds {_us(zero.error_us(50.0))} at p50, "
-            f"{_us(zero.error_us(99.0))} at p99, {_us(zero.error_us(99.9))} at p99.9"
-        )
-    for r in rows:
-        base = floor.get(r.model)
-        if r.case in (FLOOR_CASE, STALL) or base is None or r.model == "open, service time":
-            continue
-        above = {p: r.error_us(p) - base.error_us(p) for p in (50.0, 99.0)}
-        met = all(abs(v) <= ABOVE_FLOOR_LIMIT_US for v in above.values())
-        said.append(
-            f"{r.case}, {r.model}: error above the floor {_signed(above[50.0])} at p50, "
-            f"{_signed(above[99.0])} at p99 — target ≤ {ABOVE_FLOOR_LIMIT_US} µs "
-            + ("met" if met else "NOT met")
-        )
-    for r in rows:
-        if r.case != STALL:
-            continue
-        truth = r.truth_us[99.9]
-        if not truth:
-            said.append(f"stall, {r.model}: no stall fell in the measured window (too short)")
-            continue
-        off = r.measured_us[99.9] / truth - 1
-        if r.model == "open":
-            met = abs(off) <= STALL_TOLERANCE
-            said.append(
-                f"stall, open model from intended start: p99.9 {_us(r.measured_us[99.9])} against "
-                f"a truth of {_us(truth)} ({off:+.1%}) — target within "
-                f"{STALL_TOLERANCE:.0%} " + ("met" if met else "NOT met")
-            )
-        else:
-            said.append(
-                f"stall, {r.model}: "
-                + "; ".join(
-                    f"p{p:g} {_us(r.measured_us[p])} against a truth of {_us(r.truth_us[p])} "
-                    f"({r.measured_us[p] / r.truth_us[p] - 1:+.0%})"
-                    for p in (99.0, 99.9)
-                    if r.truth_us[p]
-                )
-            )
-        if r.true_slow_share:
-            ratio = r.slow_share / r.true_slow_share
-            said.append(
-                f"stall, {r.model}: {r.slow_share:.2%} of the requests measured waited more "
-                f"than half the stall ({_us(STALL_S / 2 * 1e6)}); in truth {r.true_slow_share:.2%} "
-                f"of arrivals do ({ratio:.2f}× the truth)"
-            )
-    return said
 
 
 def write(settings: Settings, rows: Sequence[Measurement], command: str) -> Path:

@@ -11,7 +11,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from harness.run.calibrate import Measurement, stall_truth_us, table, verdicts
+from harness.report.calibration import table, verdicts
+from harness.results.calibration import Measurement, stall_truth_us
 from servers.calibration import CalibrationSettings, create_app, hold_until
 from servers.metrics import decode
 
