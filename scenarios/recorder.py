@@ -87,6 +87,8 @@ class HdrRecorder:
 
     # -- measuring -----------------------------------------------------------------------
     def on_test_start(self, environment: Environment, **_: Any) -> None:
+        # A worker on another host has the master's options only from now on.
+        self.record.warmup_s = float(getattr(environment.parsed_options, "warmup", 0.0) or 0.0)
         if self.generates_load and not self._greenlets:
             self._greenlets = [gevent.spawn(self._sample_cpu), gevent.spawn(self._flush_often)]
 
