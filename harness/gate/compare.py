@@ -20,8 +20,9 @@ Which figure is judged by which rule depends on what the send time is made of:
   ``--abs-band`` (50%), significant, and when the form page (the control, served by the
   same process) did not slow down by the min change too: then the machine was busier;
 * a current run whose accounting is not sound (:attr:`Accounting.sound`: an email
-  ``lost`` or ``unexpected``) always fails, as does a share of failed requests more than
-  one percentage point above the baseline's; ``duplicates`` are shown, never judged.
+  ``lost`` or ``unexpected``, or most requests failed) always fails, as does a share of
+  failed requests more than one percentage point above the baseline's; ``duplicates``
+  are shown, never judged.
 
 With fewer than ``--min-samples`` seconds on either side no test is possible: the row
 says "insufficient data" with the pooled change, and does not fail.
@@ -294,7 +295,12 @@ def _errors_row(mode: str, baseline: Sequence[Run], current: Sequence[Run]) -> R
 
     base, cur = share(baseline), share(current)
     bad = cur is not None and cur - (base or 0.0) > MAX_ERROR_INCREASE
-    return Row(mode, "failed requests", "%", "errors", base, cur, verdict=REGRESSION if bad else OK)
+    # A current run that mostly failed is not sound, however the baseline did.
+    counts = _pooled_accounting(current, mode)
+    failures = counts.failures if counts is not None else None
+    note = f"accounting {counts.verdict}: {failures}" if counts is not None and failures else ""
+    verdict = REGRESSION if bad or failures else OK
+    return Row(mode, "failed requests", "%", "errors", base, cur, verdict=verdict, note=note)
 
 
 def _accounting_rows(mode: str, baseline: Sequence[Run], current: Sequence[Run]) -> list[Row]:

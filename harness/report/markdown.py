@@ -10,8 +10,7 @@ from typing import Any
 
 from harness.report.charts import METRIC_LABELS, caption, format_us
 from harness.results import machine
-from harness.results.accounting import COLUMNS as ACCOUNTING_COUNTS
-from harness.results.accounting import Accounting
+from harness.results.accounting import EMAIL_COUNTS, Accounting
 from harness.results.folder import Run
 from servers.modes import IN_REQUEST, MODES
 
@@ -188,11 +187,17 @@ def sweep_table(run: Run) -> str:
 def accounting_table(run: Run) -> str:
     if not run.accounting:
         return "(no accounting: no mode finished)"
+    # The requests are counted in the latency table; here only when they fail the mode.
     rows = [
-        {"mode": r.mode, **r.counts.as_row(), "verdict": verdict_cell(r.counts)}
+        {
+            "mode": r.mode,
+            **r.counts.as_row(),
+            "verdict": verdict_cell(r.counts)
+            + (f" ({r.counts.failures})" if r.counts.failures else ""),
+        }
         for r in run.accounting
     ]
-    columns = ["mode", *ACCOUNTING_COUNTS, "verdict"]
+    columns = ["mode", *EMAIL_COUNTS, "verdict"]
     headers = {"dead_lettered": "dead-lettered"}
     return table(rows, columns, {c: str for c in columns}, headers)
 
@@ -238,6 +243,12 @@ def warnings(run: Run) -> list[str]:
             found.append(f"**{mode}**: {c.duplicates:,} duplicate deliveries (same send).")
         if c.dead_lettered:
             found.append(f"**{mode}**: {c.dead_lettered:,} emails dead-lettered.")
+        if c.mostly_failed:
+            found.append(
+                f"**{mode}**: {c.failed_requests:,} of {c.requests:,} form and send requests "
+                f"failed ({c.failed_requests / c.requests:.0%}): its figures are those of "
+                f"failures, not of the server; accounting **{c.verdict}**."
+            )
     for r in run.summary:
         total = r.count + r.errors
         if r.errors:

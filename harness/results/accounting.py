@@ -15,9 +15,17 @@ made the call (one of ours, several, or an app in another language). Per mode:
   by the end of the run or a crash, or the server failed after the broker had taken
   the job). Not an error: the outcome of such a send was unknown to its client.
 
-The verdict is :attr:`Accounting.sound` (nothing lost, nothing unexpected), and what a
-table shows for it :attr:`Accounting.verdict`: every report, the chaos table and the CI
-gate ask these two, never the counts themselves.
+Beside the emails, the requests they came from (summary.csv's form and send rows, the
+same measured window):
+
+* ``requests`` — form and send requests the load generator made;
+* ``failed_requests`` — those that failed (no 2xx, or no answer).
+
+The verdict is :attr:`Accounting.sound` — nothing lost, nothing unexpected, and no more
+than half the requests failed (a mode that mostly failed measured its failures, not the
+server: a dead target, a crashed server) — and what a table shows for it
+:attr:`Accounting.verdict`, why in :attr:`Accounting.reasons`: every report, the chaos
+table and the CI gate ask these, never the counts themselves.
 
 Test-mode ledger entries (``o:testmode``) are not deliveries and are ignored.
 """
@@ -26,14 +34,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from hdrh.histogram import HdrHistogram
 
 from servers.metrics import new_histogram, record_us
 
-COLUMNS = (
+EMAIL_COUNTS = (
     "accepted",
     "delivered",
     "duplicates",
@@ -42,8 +50,13 @@ COLUMNS = (
     "unexpected",
     "unacknowledged",
 )
+REQUEST_COUNTS = ("requests", "failed_requests")
+COLUMNS = (*EMAIL_COUNTS, *REQUEST_COUNTS)
 Verdict = Literal["ok", "duplicates", "FAILED"]
 FAILED: Verdict = "FAILED"
+# The requests whose failures are judged: what the load generator asks of the server.
+JUDGED_REQUESTS = ("form", "send")
+MOST_FAILED = 0.5  # a share of failed requests above this is not a measurement
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +68,20 @@ class Accounting:
     lost: int
     unexpected: int
     unacknowledged: int = 0
+    # 0 and 0 in folders written before these columns: the share is not judged there.
+    requests: int = 0
+    failed_requests: int = 0
 
     def as_row(self) -> dict[str, int]:
         return asdict(self)
+
+    def with_requests(self, answered: Mapping[str, int], failed: Mapping[str, int]) -> Accounting:
+        """These counts with the load generator's requests: ``answered`` (successes, the
+        histograms' counts) and ``failed`` (summary.csv's ``errors``), by metric."""
+        made = sum(answered.get(m, 0) + failed.get(m, 0) for m in JUDGED_REQUESTS)
+        return replace(
+            self, requests=made, failed_requests=sum(failed.get(m, 0) for m in JUDGED_REQUESTS)
+        )
 
     def __add__(self, other: Accounting) -> Accounting:
         """Counts of two runs (or modes) together."""
@@ -65,9 +89,29 @@ class Accounting:
         return Accounting(**{column: mine[column] + theirs[column] for column in COLUMNS})
 
     @property
+    def mostly_failed(self) -> bool:
+        """More than half the form and send requests failed."""
+        return self.failed_requests > self.requests * MOST_FAILED
+
+    @property
+    def failures(self) -> str | None:
+        """``"56 of 56 requests failed"`` when most requests failed, else None."""
+        if not self.mostly_failed:
+            return None
+        return f"{self.failed_requests:,} of {self.requests:,} requests failed"
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the verdict is ``FAILED``, in words: ``["3 lost", "56 of 56 requests
+        failed"]``; empty when :attr:`sound`."""
+        found = [f"{self.lost:,} lost"] if self.lost else []
+        found += [f"{self.unexpected:,} unexpected"] if self.unexpected else []
+        return found + ([self.failures] if self.failures else [])
+
+    @property
     def sound(self) -> bool:
-        """Nothing lost and nothing delivered that nobody sent."""
-        return self.lost == 0 and self.unexpected == 0
+        """Nothing lost, nothing delivered that nobody sent, and most requests answered."""
+        return not self.reasons
 
     @property
     def verdict(self) -> Verdict:

@@ -292,9 +292,10 @@ def warn_unsound(results: list[ModeResult]) -> None:
     for result in results:
         counts = result.accounting
         if not counts.sound:
+            failures = f"; {counts.failures}" if counts.failures else ""
             print(
                 f"WARNING: {result.mode}: accounting {counts.verdict}, lost={counts.lost} "
-                f"unexpected={counts.unexpected}",
+                f"unexpected={counts.unexpected}{failures}",
                 file=sys.stderr,
             )
 

@@ -17,6 +17,8 @@ def test_every_accepted_delivered_once() -> None:
         "lost": 0,
         "unexpected": 0,
         "unacknowledged": 0,
+        "requests": 0,  # the load generator's, counted by collect_mode
+        "failed_requests": 0,
     }
     assert counts.sound
     assert lag.get_total_count() == 2

@@ -99,8 +99,9 @@ def test_the_files_keep_their_columns_and_number_formats(folder: Path) -> None:
     )
     assert "direct,api,0,1,0.0,0.0,0,0,0,0,0" in summary
     assert layout.accounting.read_text() == (
-        "mode,accepted,delivered,duplicates,dead_lettered,lost,unexpected,unacknowledged\n"
-        "direct,199,197,1,1,1,0,2\nredis,199,197,1,1,1,0,2\n"
+        "mode,accepted,delivered,duplicates,dead_lettered,lost,unexpected,unacknowledged,"
+        "requests,failed_requests\n"
+        "direct,199,197,1,1,1,0,2,0,0\nredis,199,197,1,1,1,0,2,0,0\n"
     )
     assert layout.timeseries.read_text().splitlines()[-3:] == [
         "redis,0,form,120,0,1300,2100,",
@@ -171,10 +172,11 @@ def test_a_malformed_folder_names_the_file_and_the_column(
 
 
 def test_a_column_added_later_may_be_missing_from_an_older_folder(folder: Path) -> None:
-    """``unacknowledged`` (default 0) came after the first folders were written."""
+    """``unacknowledged``, ``requests`` and ``failed_requests`` (default 0) came after the
+    first folders were written."""
     lines = (folder / "accounting.csv").read_text().splitlines()
     (folder / "accounting.csv").write_text(
-        "".join(f"{line.rpartition(',')[0]}\n" for line in lines)
+        "".join(",".join(line.split(",")[:-3]) + "\n" for line in lines)
     )
     assert load_run(folder).accounting_of("direct") == Accounting(199, 197, 1, 1, 1, 0, 0)
 
