@@ -92,6 +92,30 @@ def blocking_sentence(run: Run) -> str | None:
     )
 
 
+FLOOR_FACTOR = 3  # form figures within this many times the floor are mostly the generator
+
+
+def floor_sentence(run: Run) -> str | None:
+    """What the load generator adds to every request, from the floor sample the run took
+    at its start (``generator_floor_us`` in the manifest; :mod:`harness.run.calibrate`),
+    and which modes' form pages are too fast to tell apart from it."""
+    floor = run.manifest.get("generator_floor_us") or {}
+    if not floor.get("p50"):
+        return None
+    p50, p99 = float(floor["p50"]), float(floor.get("p99") or 0)
+    near = [
+        f"{mode} ({format_us(row.p50_us)})"
+        for mode in run.modes
+        if (row := run.row(mode, "form")) and row.count and row.p50_us <= FLOOR_FACTOR * p50
+    ]
+    return (
+        f"The generator adds ~{format_us(p50)} (p50; p99 {format_us(p99)}: its floor, "
+        "measured against a 0 ms page under this run's load at its start, see "
+        f"`mailbench calibrate`); form figures within {FLOOR_FACTOR}× of it are dominated "
+        "by the generator" + (f" — here {', '.join(near)}." if near else ".")
+    )
+
+
 def _title(mode: str) -> str:
     known = MODES.get(mode)
     return known.title if known is not None else mode
@@ -310,6 +334,7 @@ def render(run: Run, charts: list[str]) -> str:
         f"# mailbench run {run.manifest.get('run_id', run.path.name)}",
         " ".join(s for s in [f"**{headline(run)}**", *extra] if s),
         f"*{caption(run)}*",
+        floor_sentence(run) or "",
         "## The gap\n\n"
         + gap_table(run)
         + ("\n\n" + chart_section("gap") if "gap" in charts else ""),

@@ -26,16 +26,19 @@ import datetime as dt
 import json
 import logging
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harness.errors import MailbenchError
 from harness.process import Children, mailbench_command, wait_ready
 from harness.results import machine
 from harness.results.collect import collect_mode
 from harness.results.folder import ModeResult, write_manifest, write_results
 from harness.results.rows import SweepRow
+from harness.run.calibrate import measure_floor
 from harness.run.config import RunConfig
 from harness.run.drain import drain
 from harness.run.locust import LocustRun
@@ -112,6 +115,7 @@ class Driver:
         write_manifest(self.run_dir, manifest)
         fake = self.fake = self._start_fake()
         manifest["fakegun"] = {"url": fake.url}
+        manifest["generator_floor_us"] = self._measure_floor()
         starter = TierStarter(cfg, self.children, fake.url, secrets.token_urlsafe(32))
         locust = LocustRun(cfg, self.children, self._tick, self.services)
         for name in cfg.modes:
@@ -133,6 +137,22 @@ class Driver:
         manifest["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         write_manifest(self.run_dir, manifest)
         return self.results
+
+    def _measure_floor(self) -> dict[str, Any] | None:
+        """What the load generator adds to every request under this run's load, for the
+        report to say (:func:`harness.run.calibrate.measure_floor`); a sample that fails
+        is a warning, not a failed run."""
+        try:
+            floor = measure_floor(self.config, self.children)
+        except MailbenchError as exc:
+            print(f"WARNING: the generator's floor was not measured: {exc}", file=sys.stderr)
+            return None
+        print(
+            f"generator floor: {floor['p50']} µs p50, {floor['p99']} µs p99 "
+            f"(a 0 ms page, {floor['samples']} requests)",
+            flush=True,
+        )
+        return floor
 
     def _start_fake(self) -> FakegunAdmin:
         cfg = self.config

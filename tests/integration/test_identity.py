@@ -94,6 +94,10 @@ def test_fakegun_port_0_is_any_free_port_and_the_run_says_which(
     assert run.manifest["config"]["target"]["fakegun"] == "started on any free port"
     log = (out / "latest" / "logs" / "fakegun.log").read_text()
     assert f"listening on http://127.0.0.1:{port}" in log, log
+    # The run took its generator-floor sample first, and its report says it.
+    floor = run.manifest["generator_floor_us"]
+    assert 0 < floor["p50"] <= floor["p99"] and floor["samples"] > 0, floor
+    assert "The generator adds ~" in (out / "latest" / "report.md").read_text()
 
 
 def test_a_server_readiness_check_rejects_a_stranger_on_its_port(
