@@ -6,7 +6,9 @@ figure is called a regression only when **both** hold:
 * it changed by at least ``--min-change`` (10%): the pooled figure of the current runs
   against that of the baseline runs (HdrHistograms merged, never percentiles averaged);
 * the change is significant: a one-sided Mann–Whitney U test over the per-second samples
-  of ``timeseries.csv`` (warm-up seconds left out) gives p < ``--alpha``.
+  of ``timeseries.csv`` gives p < ``--alpha``. The warm-up seconds a run's manifest
+  records (``config.warmup_s``; 1 s for folders without it) are left out, or the first
+  ``--warmup`` seconds when given.
 
 Which figure is judged by which rule depends on what the send time is made of:
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from collections.abc import Iterable, Sequence
@@ -67,12 +70,12 @@ class GateSettings:
     alpha: float = 0.01
     abs_band: float = 0.50
     min_samples: int = 5
-    warmup_s: int = 1
+    warmup_s: float | None = None  # None: the warm-up each run's manifest records
 
     def __post_init__(self) -> None:
         if not (self.min_change >= 0 and 0 < self.alpha < 1 and self.abs_band >= 0):
             raise ConfigError("--min-change and --abs-band must be ≥ 0, --alpha in (0, 1).")
-        if self.min_samples < 2 or self.warmup_s < 0:
+        if self.min_samples < 2 or (self.warmup_s is not None and self.warmup_s < 0):
             raise ConfigError("--min-samples must be at least 2 and --warmup at least 0.")
 
 
@@ -164,27 +167,43 @@ def pooled(runs: Sequence[Run], mode: str, metric: str) -> dict[float, float | N
     }
 
 
-def series(run: Run, mode: str, metric: str, percentile: float, warmup: int) -> dict[int, float]:
+OLD_WARMUP_S = 1.0  # what the gate left out before runs recorded their warm-up
+
+
+def warmup_of(run: Run, warmup: float | None = None) -> float:
+    """The seconds of ``run``'s timeline to leave out: ``warmup`` when given, else the
+    warm-up its manifest records."""
+    if warmup is not None:
+        return warmup
+    recorded = run.manifest.get("config", {}).get("warmup_s")
+    return float(recorded) if recorded is not None else OLD_WARMUP_S
+
+
+def series(
+    run: Run, mode: str, metric: str, percentile: float, warmup: float | None = None
+) -> dict[int, float]:
     """Second → that second's percentile (50 or 99). Seconds without requests (sends are
-    sparse at low rates) and the warm-up are left out."""
+    sparse at low rates) and the warm-up (:func:`warmup_of`; a second it ends in
+    included) are left out."""
+    first = math.ceil(warmup_of(run, warmup))
     return {
         r.second: float(value)
         for r in run.timeseries
         if r.mode == mode
         and r.metric == metric
-        and r.second >= warmup
+        and r.second >= first
         and (r.requests or 0) > 0
         and (value := r.us_at(percentile)) is not None
     }
 
 
 def per_second(
-    runs: Sequence[Run], mode: str, metric: str, percentile: float, warmup: int
+    runs: Sequence[Run], mode: str, metric: str, percentile: float, warmup: float | None
 ) -> list[float]:
     return [v for run in runs for v in series(run, mode, metric, percentile, warmup).values()]
 
 
-def per_second_gap(runs: Sequence[Run], mode: str, warmup: int) -> list[float]:
+def per_second_gap(runs: Sequence[Run], mode: str, warmup: float | None) -> list[float]:
     """``send p50 / form p50`` of the same second, for every second that has both."""
     gaps: list[float] = []
     for run in runs:
@@ -403,7 +422,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.01, help="significance, default 0.01")
     parser.add_argument("--abs-band", type=float, default=0.50, help="absolute figures, 0.50")
     parser.add_argument("--min-samples", type=int, default=5, help="seconds per side, 5")
-    parser.add_argument("--warmup", type=int, default=1, help="first seconds left out, 1")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        help="first seconds of each run's timeline left out (default: the warm-up its "
+        f"manifest records; {OLD_WARMUP_S:g} for folders without one)",
+    )
     parser.add_argument("--json", type=Path, help="also write the comparison here as JSON")
 
 

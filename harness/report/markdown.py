@@ -27,9 +27,10 @@ CHART_EXPLAINED = {
     "of the user.",
     "sweep": "An open-model load raised step by step until each mode's knee (ringed): "
     "visits served per second against the p99 from each visit's intended start.",
-    "timeline": "Each second of each mode's run: the form page's p99 (gaps are seconds in "
-    "which no form page was answered) and the requests answered. The first and last "
-    "seconds are partial.",
+    "timeline": "Each second of each mode's run, from its first request: the form page's "
+    "p99 (gaps are seconds in which no form page was answered) and the requests answered. "
+    "Shaded first seconds, if any, are the warm-up, left out of every other figure; the "
+    "last second is partial.",
 }
 
 US_COLUMNS = ("mean_us", "p50_us", "p90_us", "p99_us", "p999_us", "max_us")
@@ -309,6 +310,17 @@ def configuration(run: Run) -> str:
     return "\n".join(lines)
 
 
+def _warmup_sentence(run: Run) -> str:
+    warmup = float(run.manifest.get("config", {}).get("warmup_s") or 0.0)
+    if not warmup:
+        return ""
+    return (
+        f"The load generator's figures leave out the requests sent in the warm-up, the first "
+        f"{warmup:g} s after each mode's first request (their `per s` is per second after "
+        "it). "
+    )
+
+
 def _plain(value: Any) -> str:
     return ", ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
@@ -353,7 +365,14 @@ def render(run: Run, charts: list[str]) -> str:
         "from the send being posted to the API's acceptance, `queue_wait` from "
         "the server's acceptance to a worker's claim, `render` (with `--render-ms`) the CPU "
         "work of one email's card, in the handler (`direct`, `blocking`) or the worker. "
-        "`per s` is successful requests per second of the mode's run.\n\n" + summary_table(run),
+        "`form_server` and `send_server` are the handler's own time as the server reported "
+        "it (its `Server-Timing` header): what `form` and `send` spent beyond it went to the "
+        "network, HTTP parsing, waiting for the server's event loop and the load generator. "
+        "`*_intended` (open model) time each request from when it was due, counting those "
+        "that failed or were never answered. "
+        + _warmup_sentence(run)
+        + "`per s` is successful requests per second of the mode's run.\n\n"
+        + summary_table(run),
         "## Accounting\n\nEvery send goes to an address of its own, which the fake Mailgun's "
         "ledger records. Every accepted (2xx) email must be delivered: `lost` (accepted − "
         "delivered − dead-lettered) and `unexpected` (delivered, but no send made it) must be "

@@ -260,7 +260,7 @@ def test_cli_exit_codes_table_and_json(tmp_path: Path, capsys: pytest.CaptureFix
         "alpha": 0.01,
         "abs_band": 0.5,
         "min_samples": 5,
-        "warmup_s": 1,
+        "warmup_s": None,  # each run's own
     }
     assert data["baseline"] == [str(base)] and data["current"] == [str(lost)]
     row = next(r for r in data["rows"] if r["mode"] == "sqlite" and r["metric"] == "lost")
@@ -305,6 +305,18 @@ def test_wrong_folder_arguments_say_so(argv: list[str]) -> None:
     compare.add_cli_arguments(parser)
     with pytest.raises(ConfigError):
         compare.sides(parser.parse_args(argv))
+
+
+def test_the_warm_up_each_run_records_is_left_out(tmp_path: Path) -> None:
+    recorded = {"users": 20, "warmup_s": 3.0}
+    base = load_runs([write_run(tmp_path / "b", Mode(seconds=10), seed=1, config=recorded)])
+    older = load_runs([write_run(tmp_path / "o", Mode(seconds=10), seed=2)])  # no warmup_s
+    send = rows_of(compare_runs(base, older), "send p50")
+    assert (send.n_baseline, send.n_current) == (7, 9)  # 3 s recorded; 1 s before records
+    send = rows_of(compare_runs(base, older, GateSettings(warmup_s=0)), "send p50")
+    assert (send.n_baseline, send.n_current) == (10, 10)  # --warmup given: for both
+    send = rows_of(compare_runs(base, older, GateSettings(warmup_s=2.5)), "send p50")
+    assert (send.n_baseline, send.n_current) == (7, 7)  # the second it ends in is out
 
 
 def test_settings_out_of_range() -> None:
