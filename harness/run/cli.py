@@ -25,6 +25,7 @@ from harness.run.config import (
     RunConfig,
 )
 from harness.run.driver import Driver, Hooks
+from harness.run.locust import on_loopback
 from harness.run.target import DEFAULT_FAKEGUN_PORT, Target
 from harness.services.manager import Services, add_service_arguments, settings_from_args
 from harness.services.settings import ServiceSettings
@@ -75,6 +76,22 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results"), help="results root folder")
     add_tier_arguments(parser)
+    remote = parser.add_argument_group("load generators on other hosts (see docs/scaling.md)")
+    remote.add_argument(
+        "--expect-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the load comes from N Locust workers started on other hosts (locust -f "
+        "scenarios/SCENARIO.py --worker --master-host HOST --master-port PORT), which join "
+        "this run's Locust master; they quit with it, once per mode",
+    )
+    remote.add_argument(
+        "--master-host",
+        default="127.0.0.1",
+        help="address the Locust master listens on for them (default: 127.0.0.1)",
+    )
+    remote.add_argument("--master-port", type=int, default=5557, help="its port (default: 5557)")
     add_service_arguments(parser, dir_flag="--services-dir")
     parser.add_argument(
         "--inject-send-delay-ms",
@@ -224,6 +241,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     modes = (target.name,) if target is not None else parse_modes(args.modes)
     users = args.users if args.users is not None else profile.users
     duration = args.duration if args.duration is not None else profile.duration_s
+    if args.expect_workers < 0 or (args.expect_workers and args.locust_processes):
+        raise ConfigError(
+            "--expect-workers N takes N ≥ 0 workers from other hosts, instead of "
+            "--locust-procs: give one or the other"
+        )
+    if args.expect_workers and (target is None or on_loopback(target.url)):
+        raise ConfigError(
+            "--expect-workers needs --target URL at an address the other hosts reach "
+            "(mailbench's own servers listen on 127.0.0.1), e.g. --target http://10.0.0.5:8080"
+        )
     if not 0 <= args.warmup < duration:
         raise ConfigError(
             f"--warmup {args.warmup:g} must be at least 0 and shorter than the load "
@@ -245,6 +272,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         seed=args.seed,
         out=args.out,
         locust_processes=args.locust_processes,
+        expect_workers=args.expect_workers,
+        master_host=args.master_host,
+        master_port=args.master_port,
         server_procs=args.server_procs,
         worker_procs=args.worker_procs,
         worker_concurrency=args.concurrency or profile.worker_concurrency,

@@ -60,6 +60,10 @@ class RunConfig:
     seed: int = 1
     out: Path = Path("results")
     locust_processes: int = 0  # 0: one Locust process; N: Locust's --processes N
+    # N: Locust workers on other hosts join the master, which listens on master_host:port.
+    expect_workers: int = 0
+    master_host: str = "127.0.0.1"
+    master_port: int = 5557  # Locust's own default
     server_procs: int = 1  # server processes sharing one port (SO_REUSEPORT)
     worker_procs: int = 1  # worker processes per queued mode
     worker_concurrency: int = 200

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ipaddress
 import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from harness.errors import ProcessFailed, ResultsError
 from harness.process import Children
@@ -25,6 +27,7 @@ from harness.run.tiers import Tiers, pin
 from harness.services.settings import ServiceSettings
 
 Tick = Callable[[Tiers, float], None]  # (tiers, seconds into the load)
+EXPECT_WORKERS_WAIT_S = 120.0  # how long a master waits for workers of other hosts
 
 
 def locust_argv(
@@ -78,7 +81,27 @@ def locust_argv(
             # The master listens for its workers on loopback only.
             argv += ["--processes", str(cfg.locust_processes)]
             argv += ["--master-bind-host", "127.0.0.1"]
+    if remote_workers(cfg, base_url):
+        # Workers on other hosts: the load starts once they have all joined.
+        argv += ["--master", "--expect-workers", str(cfg.expect_workers)]
+        argv += ["--master-bind-host", cfg.master_host, "--master-bind-port", str(cfg.master_port)]
+        argv += ["--expect-workers-max-wait", f"{EXPECT_WORKERS_WAIT_S:g}"]
     return argv
+
+
+def remote_workers(config: RunConfig, base_url: str) -> bool:
+    """Whether Locust workers of other hosts drive ``base_url``: with ``--expect-workers``,
+    unless it is on loopback, which only this host reaches (a sample the harness takes of
+    a server of its own is loaded from here)."""
+    return bool(config.expect_workers) and not on_loopback(base_url)
+
+
+def on_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: another host may resolve it
 
 
 class LocustRun:
@@ -122,6 +145,13 @@ class LocustRun:
         )
         pin(cfg, locust, "locust")  # before it forks any --processes workers
         deadline = time.monotonic() + duration + 60
+        if remote_workers(cfg, tiers.base_url):
+            deadline += EXPECT_WORKERS_WAIT_S
+            print(
+                f"[{name:>8}] waiting for {cfg.expect_workers} Locust workers at "
+                f"{cfg.master_host}:{cfg.master_port}",
+                flush=True,
+            )
         started = time.monotonic()
         next_second = started
         # Keyed by when each sample was taken: the timeline puts it in its second since
