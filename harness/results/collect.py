@@ -37,11 +37,11 @@ from servers.metrics import HIGHEST_US, Recorder, Summary, clamped
 GENERATOR_BOUND_CPU = 90.0  # percent of one core, as Locust's own cpu_warning
 LOCUST_FILE = "locust-hdr.json"  # written by the Locust master (or single process) at quit
 LOCUST_JOURNALS = "locust-hdr-*.jsonl"  # one per Locust process, a chunk a line
-_SERVER = frozenset({"api", "render"})  # the histograms taken from server processes
-# and from workers: their API calls by outcome (see servers.worker), first claims, renders
-_WORKER = frozenset(
-    {"api", "api_rate_limited", "api_retryable", "api_failed", "queue_wait", "render"}
-)
+# The histograms taken from server processes (API calls by outcome: SendResult.metric,
+# and renders), and from workers (those, and first claims).
+_API = frozenset({"api", "api_rate_limited", "api_retryable", "api_failed"})
+_SERVER = _API | {"render"}
+_WORKER = _API | {"queue_wait", "render"}
 
 
 def collect_mode(
