@@ -359,11 +359,13 @@ def render(run: Run, charts: list[str]) -> str:
         "## Load sweep\n\n" + chart_section("sweep") + "\n\n" + sweep_table(run)
         if "sweep" in charts
         else "",
-        "## Latency\n\nTimes recorded in µs into HdrHistograms (1 µs … 60 s, 3 significant "
+        "## Latency\n\nTimes recorded in µs into HdrHistograms (1 µs … 1 h, 3 significant "
         "digits) and shown in the unit that reads best. `form` and `send` are measured by the "
-        "load generator, `api` by the caller of the API (the handler or a worker), `delivery` "
+        "load generator, `api` by the caller of the API (the handler or a worker) for the "
+        "calls it accepted (`api_rate_limited`, `api_retryable` and `api_failed` hold the "
+        "others), `delivery` "
         "from the send being posted to the API's acceptance, `queue_wait` from "
-        "the server's acceptance to a worker's claim, `render` (with `--render-ms`) the CPU "
+        "the server's acceptance to a worker's first claim, `render` (with `--render-ms`) the CPU "
         "work of one email's card, in the handler (`direct`, `blocking`) or the worker. "
         "`form_server` and `send_server` are the handler's own time as the server reported "
         "it (its `Server-Timing` header): what `form` and `send` spent beyond it went to the "
