@@ -145,7 +145,8 @@ def test_a_run_keeps_its_secrets_and_listens_on_loopback_only(tmp_path: Path) ->
     env = {**os.environ, "MAILGUN_API_KEY": API_KEY}
     env.pop("MAILBENCH_SECRET", None)  # the harness makes one per run
     command = [sys.executable, "-m", "harness.cli", "run", "--modes", "direct,sqlite"]
-    command += ["--scenario", "sender", "--duration", "3", "--users", "3", "--out", str(out)]
+    command += ["--scenario", "sender", "--duration", "3", "--warmup", "1", "--users", "3"]
+    command += ["--out", str(out)]
     seen = Watched()
     with (tmp_path / "run.log").open("w+") as log:
         run = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
