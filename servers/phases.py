@@ -28,6 +28,7 @@ whenever it changes, looking every :data:`POLL_S` seconds.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import bisect
 import json
@@ -101,6 +102,16 @@ class PhasedRecorder(Recorder):
     @property
     def current(self) -> str:
         return self.phases[-1].folder
+
+
+def add_phase_argument(parser: argparse.ArgumentParser) -> None:
+    """``--phase-file``, for every process that keeps its histograms by phase."""
+    parser.add_argument(
+        "--phase-file",
+        type=Path,
+        help="follow the phases of the run that this control file names (the harness "
+        "writes it): each phase's histograms go to their own folder",
+    )
 
 
 def read_control(path: Path) -> list[PhaseSpec] | None:

@@ -55,7 +55,7 @@ from servers.mailgun import (
     mailgun_settings_from_args,
 )
 from servers.metrics import Summary
-from servers.phases import PhasedRecorder, PhaseFile, write_phases
+from servers.phases import PhasedRecorder, PhaseFile, add_phase_argument, write_phases
 from servers.render import Renderer
 
 log = logging.getLogger(__name__)
@@ -490,12 +490,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="append a JSON line per dead-lettered job here as it happens (survives a kill)",
     )
-    parser.add_argument(
-        "--phase-file",
-        type=Path,
-        help="follow the phases of the run that this control file names (the harness "
-        "writes it): each phase's histograms go to their own folder",
-    )
+    add_phase_argument(parser)
 
 
 def cli_main(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from queues.errors import MailbenchError
 from servers.identity import identity_from
 from servers.mailgun import MailgunSettings, add_mailgun_arguments, mailgun_settings_from_args
 from servers.modes import MODES, mode
-from servers.phases import PhasedRecorder, PhaseFile, write_phases
+from servers.phases import PhasedRecorder, PhaseFile, add_phase_argument, write_phases
 from servers.senders.base import Sender, SenderContext, open_sender
 from servers.web.csrf import FIELD as CSRF_FIELD
 from servers.web.csrf import Csrf, CsrfError
@@ -325,12 +325,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="share the port with other server processes (SO_REUSEPORT; the kernel spreads "
         "connections over them)",
     )
-    parser.add_argument(
-        "--phase-file",
-        type=Path,
-        help="follow the phases of the run that this control file names (the harness "
-        "writes it): each phase's histograms go to their own folder",
-    )
+    add_phase_argument(parser)
 
 
 def cli_main(args: argparse.Namespace) -> int:
