@@ -99,6 +99,15 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="add a known delay to POST /send (to test the CI gate)",
     )
+    for page, where in (("send", "POST /send"), ("form", "the form page")):
+        parser.add_argument(
+            f"--inject-{page}-work-us",
+            type=float,
+            default=0.0,
+            metavar="US",
+            help=f"spend US µs computing in every {where}, the event loop held (to test "
+            "the CI gate with a slowdown finer than a sleep)",
+        )
     target = parser.add_argument_group("an external server (see docs/target.md for the contract)")
     target.add_argument("--target", metavar="URL", help="drive this server instead of ours")
     target.add_argument("--target-name", default="target", help="its name in the results")
@@ -283,6 +292,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         nice=parse_nice(args.nice),
         drain_timeout_s=profile.drain_timeout_s,
         send_delay_ms=args.inject_send_delay_ms,
+        send_work_us=args.inject_send_work_us,
+        form_work_us=args.inject_form_work_us,
         target=target,
     )
 

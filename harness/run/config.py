@@ -70,6 +70,8 @@ class RunConfig:
     render_ms: float = 0.0  # CPU work per email: in the handler (direct), else the worker
     drain_timeout_s: float = 60
     send_delay_ms: float = 0.0
+    send_work_us: float = 0.0  # CPU time added to every POST /send (a known slowdown)
+    form_work_us: float = 0.0  # and to every form page
     fake_options: tuple[str, ...] = ()  # extra `mailbench fakegun` options (faults...)
     target: Target | None = None  # an external server instead of the reference ones
     # Tier ("fakegun", "server", "worker", "locust") -> CPUs it may run on; absent: any.

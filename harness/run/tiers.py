@@ -99,6 +99,10 @@ class TierStarter:
             args += ["--queue-url", tiers.queue_url, "--queue-name", tiers.queue_name]
         if cfg.send_delay_ms:
             args += ["--inject-send-delay-ms", str(cfg.send_delay_ms)]
+        if cfg.send_work_us:
+            args += ["--inject-send-work-us", f"{cfg.send_work_us:g}"]
+        if cfg.form_work_us:
+            args += ["--inject-form-work-us", f"{cfg.form_work_us:g}"]
         if cfg.render_ms and not mode.queued:  # queued modes render in the worker
             args += ["--render-ms", f"{cfg.render_ms:g}"]
         server = self.children.start(

@@ -60,6 +60,9 @@ class ServerSettings:
     metrics_out: Path | None = None  # histograms and the accepted count, written at shutdown
     phase_file: Path | None = None  # the harness's phases of the run (servers.phases)
     send_delay_ms: float = 0.0  # fault knob: a known extra delay on the send path
+    # Fault knobs: CPU time spent in a handler (the event loop blocked, as slower code does).
+    send_work_us: float = 0.0
+    form_work_us: float = 0.0
     csrf_secret: str | None = field(default=None, repr=False)  # None: $MAILBENCH_SECRET
     render_ms: float = 0.0  # CPU work per email, a card rendered in the request (0: none)
     # The harness's token for this process (servers.identity), answered in its metrics.
@@ -185,9 +188,20 @@ def _refuse(
 
 async def form_page(request: web.Request) -> web.Response:
     """The benchmark's control request: a pre-rendered page plus one signed token."""
-    _note_first_request(request.app[STATE])
+    state = request.app[STATE]
+    _note_first_request(state)
+    busy(state.settings.form_work_us)
     token, new_cookie = _visitor_token(request)
     return _html(empty_form(token), 200, new_cookie)
+
+
+def busy(us: float) -> None:
+    """Spend ``us`` µs of wall-clock time computing, holding the event loop: a known
+    slowdown finer than a sleep, which the loop rounds up to a millisecond."""
+    if us > 0:
+        deadline = time.perf_counter() + us / 1e6
+        while time.perf_counter() < deadline:
+            pass
 
 
 def _note_first_request(state: ServerState) -> None:
@@ -225,6 +239,7 @@ async def send(request: web.Request) -> web.Response:
     )
     if state.settings.send_delay_ms:
         await asyncio.sleep(state.settings.send_delay_ms / 1000)
+    busy(state.settings.send_work_us)
     assert state.sender is not None
     handed = await state.sender.hand(job)
     if not handed.accepted:
@@ -311,6 +326,15 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="add a known delay to every POST /send (for testing the CI gate)",
     )
+    for page in ("send", "form"):
+        parser.add_argument(
+            f"--inject-{page}-work-us",
+            type=float,
+            default=0.0,
+            metavar="US",
+            help=f"spend US µs computing in every {'POST /send' if page == 'send' else 'GET /'}"
+            ", the event loop held (a known slowdown, for testing the CI gate)",
+        )
     parser.add_argument(
         "--render-ms",
         type=float,
@@ -339,6 +363,8 @@ def cli_main(args: argparse.Namespace) -> int:
         metrics_out=args.metrics_out,
         phase_file=args.phase_file,
         send_delay_ms=args.inject_send_delay_ms,
+        send_work_us=args.inject_send_work_us,
+        form_work_us=args.inject_form_work_us,
         render_ms=args.render_ms,
         identity=identity_from(os.environ),
     )
