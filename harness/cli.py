@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "harness.gate.bench_ci",
         "CI gate: measure baseline and candidate side by side, then compare",
     ),
+    "trend": (
+        "harness.gate.trend",
+        "change points in the figures of successive main commits (a slow drift)",
+    ),
     "chaos": (
         "harness.run.chaos",
         "kill workers, restart brokers, break the API under load; prove nothing is lost",
