@@ -130,11 +130,15 @@ class Delivery:
     ``handle`` is the backend's own receipt (a delivery tag, a stream entry id, a row id
     with its lease token); callers treat it as opaque. ``received_at`` is when the
     consumer got it, so ``received_at - job.enqueued_at`` is the queue wait.
+    ``deliveries`` counts the times the broker has handed this job out, this one
+    included: a redelivery after a crash, a lease expiry or a visibility timeout counts,
+    although no API call was made (``job.attempt`` counts those).
     """
 
     job: Job
     handle: Any
     received_at: float = field(default_factory=time.time)
+    deliveries: int = 1
 
 
 @runtime_checkable
