@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from hdrh.histogram import HdrHistogram
 
 LOWEST_US = 1
@@ -60,6 +61,23 @@ def merge(histograms: Iterable[HdrHistogram]) -> HdrHistogram:
     return total
 
 
+def mean_us(histogram: HdrHistogram) -> float:
+    """The histogram's mean, as ``get_mean_value`` gives it (each count at the middle of
+    its bucket), from its non-empty buckets only: hdrh walks all of them in Python,
+    about 0.2 s for a 1 µs–1 h histogram."""
+    total = int(histogram.get_total_count())
+    if not total:
+        return 0.0
+    counts = np.ctypeslib.as_array(histogram.counts)[: histogram.counts_len]
+    weighted: int = 0
+    for index in np.flatnonzero(counts):
+        value = histogram.get_value_from_index(int(index))
+        low = histogram.get_lowest_equivalent_value(value)
+        size = histogram.get_highest_equivalent_value(value) - low + 1
+        weighted += int(counts[index]) * int(low + (size >> 1))
+    return weighted / total
+
+
 @dataclass(frozen=True, slots=True)
 class Summary:
     """The percentile row that summary.csv holds for one mode and metric."""
@@ -79,7 +97,7 @@ class Summary:
         values = {k: int(histogram.get_value_at_percentile(p)) for k, p in PERCENTILES.items()}
         return cls(
             count=int(histogram.get_total_count()),
-            mean_us=round(float(histogram.get_mean_value()), 1),
+            mean_us=round(mean_us(histogram), 1),
             max_us=int(histogram.get_max_value()),
             **values,
         )
