@@ -33,13 +33,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError, ProcessFailed
-from harness.gate.compare import Comparison, GateSettings, Row, compare_runs, load_runs
+from harness.gate.compare import (
+    SCHEDULES,
+    Comparison,
+    GateSettings,
+    Row,
+    compare_runs,
+    load_runs,
+)
 from harness.process import port_taken
 from harness.services.manager import Services
 from harness.services.settings import ENV_VARS, ServiceSettings
@@ -55,7 +62,19 @@ class Side:
 
     name: str  # "baseline" or "candidate"
     source: Path  # the checkout whose code runs
-    delay_ms: float = 0.0
+    knobs: tuple[str, ...] = ()  # extra ``mailbench run`` options: injected slowdowns
+
+
+def knobs(
+    delay_ms: float = 0.0, send_work_us: float = 0.0, form_work_us: float = 0.0
+) -> tuple[str, ...]:
+    """The ``mailbench run`` options that inject a known slowdown into a side."""
+    given = (
+        ("--inject-send-delay-ms", delay_ms),
+        ("--inject-send-work-us", send_work_us),
+        ("--inject-form-work-us", form_work_us),
+    )
+    return tuple(part for flag, value in given if value for part in (flag, f"{value:g}"))
 
 
 def run_args(args: argparse.Namespace) -> list[str]:
@@ -70,8 +89,7 @@ def start_run(
 ) -> subprocess.Popen[bytes]:
     """``mailbench run`` as a subprocess, from the side's own checkout."""
     command = [sys.executable, "-m", "harness.cli", "run", *argv, "--out", str(out)]
-    if side.delay_ms:
-        command += ["--inject-send-delay-ms", str(side.delay_ms)]
+    command += side.knobs
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "run.log").open("ab")
     child_env = {**env, "PYTHONPATH": str(side.source)}  # that checkout's packages first
@@ -138,28 +156,56 @@ def worktree(ref: str, parent: Path) -> Iterator[Path]:
         subprocess.run([*git, "remove", "--force", str(path)], capture_output=True)
 
 
+@contextlib.contextmanager
+def side_brokers(
+    modes: Sequence[str], sides: Sequence[Side], tmp: Path, env: Mapping[str, str]
+) -> Iterator[dict[str, dict[str, str]]]:
+    """Each side its own brokers (concurrent runs must not share queues or a disk): side
+    name → the environment variables that point ``mailbench run`` at them."""
+    with contextlib.ExitStack() as stack:
+        yield {s.name: stack.enter_context(brokers(modes, tmp / s.name, env)) for s in sides}
+
+
+def run_round(
+    n: int,
+    sides: Sequence[Side],
+    argv: Sequence[str],
+    out: Callable[[Side], Path],
+    env: Mapping[str, Mapping[str, str]],
+    schedule: str = "concurrent",
+) -> dict[str, Path]:
+    """Round ``n`` (from 0): every side once, at the same time or one after the other;
+    who starts first alternates from round to round, in case starting first is an
+    advantage. Returns side name → results folder."""
+    order = list(sides) if n % 2 == 0 else list(reversed(sides))
+    batch = []
+    for side in order:
+        process = start_run(side, argv, out(side), env[side.name])
+        batch.append((side, process, out(side)))
+        if schedule == "sequential":
+            wait_runs(batch[-1:])
+    wait_runs([run for run in batch if run[1].returncode is None])
+    return {side.name: folder / "latest" for side, _, folder in batch}
+
+
 def measure(args: argparse.Namespace, sides: Sequence[Side], tmp: Path) -> dict[str, list[Path]]:
-    """Run every side ``--rounds`` times; returns the results folders of each side."""
+    """Run every side ``--rounds`` times; returns the results folders of each side, in
+    round order (round k of one side is the pair of round k of the other)."""
     env = dict(os.environ)
     modes = parse_modes(args.modes)
     folders: dict[str, list[Path]] = {side.name: [] for side in sides}
     for side in sides:  # no stale rounds of an earlier invocation among the artifacts
         shutil.rmtree(args.out / side.name, ignore_errors=True)
-    with contextlib.ExitStack() as stack:
-        # Each side its own brokers: concurrent runs must not share queues or a disk.
-        urls = {s.name: stack.enter_context(brokers(modes, tmp / s.name, env)) for s in sides}
+    with side_brokers(modes, sides, tmp, env) as urls:
         for n in range(args.rounds):
-            # Alternate who goes first, in case starting first is an advantage.
-            order = list(sides) if n % 2 == 0 else list(reversed(sides))
-            batch = []
-            for side in order:
-                out = args.out / side.name / f"round-{n + 1}"
-                process = start_run(side, run_args(args), out, {**env, **urls[side.name]})
-                batch.append((side, process, out))
-                if args.schedule == "sequential":
-                    wait_runs(batch[-1:])
-            wait_runs([run for run in batch if run[1].returncode is None])
-            folders.update({s.name: [*folders[s.name], out / "latest"] for s, _, out in batch})
+
+            def out(side: Side, n: int = n) -> Path:
+                return Path(args.out) / side.name / f"round-{n + 1}"
+
+            side_env = {name: {**env, **urls[name]} for name in urls}
+            done = run_round(n, sides, run_args(args), out, side_env, args.schedule)
+            for name, folder in done.items():
+                folders[name].append(folder)
     return folders
 
 
@@ -202,38 +248,68 @@ def write_outputs(comparison: Comparison, out: Path) -> None:
     (out / "benchmark.json").write_text(json.dumps(entries, indent=2, ensure_ascii=False) + "\n")
 
 
+ROUNDS = 6  # chosen from the measured calibration: docs/gate.md
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--modes", default="sqlite,redis")
     parser.add_argument("--scenario", default="sender", help="sender: every user only sends")
     parser.add_argument(
-        "--users", type=int, default=10, help="few: the two sides' own load adds to the noise"
+        "--users",
+        type=int,
+        default=20,
+        help="enough requests that a run's p50 is known to a few %%, few enough that the "
+        "two sides' own load stays light (docs/gate.md)",
     )
     parser.add_argument("--duration", type=float, default=20, help="seconds of load per mode")
     parser.add_argument("--latency", default="uniform:0.5,1.0")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--schedule", choices=("concurrent", "sequential"), default="concurrent")
-    parser.add_argument("--rounds", type=int, default=1, help="runs per side, pooled")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="concurrent")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=ROUNDS,
+        help=f"runs a side, in rounds; the gate tests across them (default {ROUNDS})",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/ci"))
     parser.add_argument("--baseline-commit", help="measure this git ref as the baseline")
     parser.add_argument("--baseline-dir", help="compare with these results folders (comma list)")
-    parser.add_argument("--candidate-delay-ms", type=float, default=0.0, help="fault knob")
-    parser.add_argument("--min-change", type=float, default=0.10)
-    parser.add_argument("--alpha", type=float, default=0.01)
-    parser.add_argument("--abs-band", type=float, default=0.50)
+    knobs = parser.add_argument_group(
+        "known slowdowns of the candidate, to see the gate catch them"
+    )
+    knobs.add_argument("--candidate-delay-ms", type=float, default=0.0, metavar="MS")
+    knobs.add_argument("--candidate-send-work-us", type=float, default=0.0, metavar="US")
+    knobs.add_argument("--candidate-form-work-us", type=float, default=0.0, metavar="US")
+    defaults = GateSettings()
+    parser.add_argument("--min-change", type=float, default=defaults.min_change)
+    parser.add_argument("--alpha", type=float, default=defaults.alpha)
+    parser.add_argument("--abs-band", type=float, default=defaults.abs_band)
 
 
 def cli_main(args: argparse.Namespace) -> int:
     """``mailbench bench-ci``: measure both sides, compare, write the tables; exit 1 on a
     regression (the entry point answers 2, in one sentence, when a side cannot be had)."""
+    if args.rounds < 1:
+        raise ConfigError("--rounds must be at least 1.")
     args.out = args.out.resolve()
     started = time.monotonic()
-    settings = GateSettings(args.min_change, args.alpha, args.abs_band)
+    # Folders measured before are neither paired with these runs nor beside them.
+    settings = GateSettings(
+        min_change=args.min_change,
+        alpha=args.alpha,
+        abs_band=args.abs_band,
+        paired=not args.baseline_dir,
+        schedule="sequential" if args.baseline_dir else args.schedule,
+    )
+    injected = knobs(
+        args.candidate_delay_ms, args.candidate_send_work_us, args.candidate_form_work_us
+    )
     with tempfile.TemporaryDirectory(prefix="mailbench-ci-") as tmp_name:
         tmp = Path(tmp_name)
         tmp.chmod(0o711)  # PostgreSQL runs as its own user and must reach its data
-        candidate = Side("candidate", REPO, args.candidate_delay_ms)
+        candidate = Side("candidate", REPO, injected)
         with contextlib.ExitStack() as stack:
             if args.baseline_dir:
                 sides: list[Side] = [candidate]

@@ -1,33 +1,44 @@
-"""``mailbench compare``: the CI gate that neither misses a slower send path nor cries wolf.
+"""``mailbench compare``: the CI gate, deciding on runs, not on the seconds of one run.
 
-Shared CI machines swing by tens of percent between two runs of the same code, so a
-figure is called a regression only when **both** hold:
+Two runs of the same code differ by more than the seconds inside one run do, so the
+seconds of a run are not independent draws and a test over them cries wolf. The gate
+takes **the run as the unit**: each run gives one figure per mode (its p50 or p99 from
+its own HdrHistogram, the warm-up left out), and a figure is called a regression only
+when both hold:
 
-* it changed by at least ``--min-change`` (10%): the pooled figure of the current runs
-  against that of the baseline runs (HdrHistograms merged, never percentiles averaged);
-* the change is significant: a one-sided Mann–Whitney U test over the per-second samples
-  of ``timeseries.csv`` gives p < ``--alpha``. The warm-up seconds a run's manifest
-  records (``config.warmup_s``; 1 s for folders without it) are left out, or the first
-  ``--warmup`` seconds when given.
+* it changed by at least ``--min-change`` (5%): the geometric mean of the current runs'
+  figures over that of the baseline runs (with ``--paired``, the geometric mean of the
+  rounds' ratios, which is the same number);
+* the change is significant across runs: a one-sided t-test on the runs' log figures —
+  paired by round with ``--paired`` (round k of the baseline ran beside, or next to,
+  round k of the current side), else Welch's — and its p-value, **Holm-adjusted over every
+  figure tested in the comparison** (all modes, all metrics), is below ``--alpha``
+  (0.01): the chance that unchanged code fails the gate, per gate run, not per figure.
 
-Which figure is judged by which rule depends on what the send time is made of:
+With fewer than ``--min-runs`` (3) runs a side there is no between-run spread to test
+against: a figure then counts as a regression only beyond ``--abs-band`` (50%).
 
-* **queued modes**: POST /send is server work plus one broker round trip, which scales
-  with the machine as the form page does; the machine-independent figure is the gap,
-  ``send p50 / form p50`` of the same second;
+Which figure is judged by which rule depends on what it is made of:
+
+* **queued modes**: the gap, ``send p50 / form p50`` of the same run: server work plus
+  a broker round trip over the form page, which scales with the machine as POST /send
+  does, so it holds still when the machine is busier;
 * **direct, blocking**: POST /send waits for the API, whose latency the fake's model
-  sets, so ``send p50`` itself is machine-independent there, while the gap moves with
-  every change of the form page and is only shown;
-* **absolute percentiles** (the other send p50/p99) are flagged only beyond the wider
-  ``--abs-band`` (50%), significant, and when the form page (the control, served by the
-  same process) did not slow down by the min change too: then the machine was busier;
+  sets, so ``send p50`` itself is judged; the gap moves with the form page and is shown;
+* **the form page** is judged too when the two sides ran at the same time
+  (``--schedule concurrent``): then both saw the same machine; one after the other
+  (``sequential``, the default for folders measured apart) it is the control;
+* **send p99** is judged beyond ``--abs-band``; in sequential runs, not when the form
+  page slowed down by the min change too: that is a busier machine; a queued mode's
+  send p50 is its gap times its form page, both judged, and is only shown;
 * a current run whose accounting is not sound (:attr:`Accounting.sound`: an email
-  ``lost`` or ``unexpected``, or most requests failed) always fails, as does a share of
-  failed requests more than one percentage point above the baseline's; ``duplicates``
-  are shown, never judged.
+  ``lost`` or ``unexpected``, or most requests failed) fails, as does a share of failed
+  requests more than one percentage point above the baseline's; ``duplicates`` are shown.
 
-With fewer than ``--min-samples`` seconds on either side no test is possible: the row
-says "insufficient data" with the pooled change, and does not fail.
+Blind spots are failures: a mode of the baseline absent from a current run, or a mode
+without accounting on the current side, fails (``missing``). Folders without histograms
+are refused: percentiles cannot be averaged. ``docs/gate.md`` has the false-alarm and
+detection rates of these rules, measured.
 """
 
 from __future__ import annotations
@@ -37,46 +48,48 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from scipy.stats import mannwhitneyu
+from scipy.stats import ttest_1samp, ttest_ind
 
 from harness.errors import ConfigError, ResultsError
 from harness.results.accounting import Accounting
 from harness.results.folder import Run, load_run
-from servers.metrics import merge
 from servers.modes import MODES
 
-REGRESSION, OK, FASTER, INSUFFICIENT, INFO, MISSING = (
+REGRESSION, OK, FASTER, INFO, MISSING, NEW = (
     "regression",
     "ok",
     "faster",
-    "insufficient data",
     "info",
     "missing",
+    "new",
 )
+FAILING = (REGRESSION, MISSING)
 MAX_ERROR_INCREASE = 0.01  # share of failed requests, in absolute terms
-Samples = tuple[list[float], list[float]]  # (baseline, current)
-Pair = tuple[float | None, float | None]
-PERCENTILES = (50.0, 99.0)
+SCHEDULES = ("sequential", "concurrent")
+GAP = "gap (send/form p50)"
 
 
 @dataclass(frozen=True, slots=True)
 class GateSettings:
-    min_change: float = 0.10
-    alpha: float = 0.01
+    min_change: float = 0.05
+    alpha: float = 0.01  # family-wise: per gate run, over every figure tested
     abs_band: float = 0.50
-    min_samples: int = 5
-    warmup_s: float | None = None  # None: the warm-up each run's manifest records
+    min_runs: int = 3  # runs a side for a test across runs
+    paired: bool = False  # baseline run k and current run k are a pair (one round)
+    schedule: str = "sequential"  # how the two sides' runs were measured
 
     def __post_init__(self) -> None:
         if not (self.min_change >= 0 and 0 < self.alpha < 1 and self.abs_band >= 0):
             raise ConfigError("--min-change and --abs-band must be ≥ 0, --alpha in (0, 1).")
-        if self.min_samples < 2 or (self.warmup_s is not None and self.warmup_s < 0):
-            raise ConfigError("--min-samples must be at least 2 and --warmup at least 0.")
+        if self.min_runs < 2:
+            raise ConfigError("--min-runs must be at least 2: one run has no spread.")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule is one of {', '.join(SCHEDULES)}.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +100,14 @@ class Row:
     metric: str
     unit: str
     rule: str  # "min-change", "abs-band", "must be 0", "errors", "info"
-    baseline: float | None
+    baseline: float | None  # the geometric mean of the runs' figures (counts: the sum)
     current: float | None
     change: float | None = None  # current / baseline − 1
-    p_value: float | None = None
-    n_baseline: int = 0  # per-second samples
+    p_value: float | None = None  # one-sided, across runs, before the Holm adjustment
+    p_holm: float | None = None  # Holm-adjusted over every figure tested
+    n_baseline: int = 0  # runs with this figure
     n_current: int = 0
-    spread: float | None = None  # half the IQR of the current per-second samples
+    spread: float | None = None  # between-run SD of the current runs' log figure
     verdict: str = INFO
     note: str = ""
 
@@ -108,7 +122,12 @@ class Comparison:
 
     @property
     def regressions(self) -> list[Row]:
-        return [row for row in self.rows if row.verdict == REGRESSION]
+        """The rows that fail the gate: regressions, and figures missing on the current side."""
+        return [row for row in self.rows if row.verdict in FAILING]
+
+    @property
+    def tested(self) -> int:
+        return sum(row.p_value is not None for row in self.rows)
 
     @property
     def exit_code(self) -> int:
@@ -117,13 +136,16 @@ class Comparison:
     def markdown(self) -> str:
         s = self.settings
         result = f"**FAIL**, {len(self.regressions)} regression(s)" if self.regressions else "pass"
+        test = "paired by round" if s.paired else "Welch"
+        runs = f"{len(self.baseline)} baseline and {len(self.current)} current runs ({s.schedule})"
         lines = [
             f"### mailbench compare: {result}",
             "",
-            f"A regression needs a change of at least {s.min_change:.0%} and p < {s.alpha:g} "
-            "(one-sided Mann–Whitney U over per-second samples); absolute percentiles only "
-            f"beyond {s.abs_band:.0%}. Baseline {_names(self.baseline)}, "
-            f"current {_names(self.current)}.",
+            f"{runs}. A regression needs a change of at least {s.min_change:.0%} and a "
+            f"Holm-adjusted p < {s.alpha:g} over the {self.tested} figures tested (one-sided "
+            f"t-test across runs, {test}); send p99 only beyond {s.abs_band:.0%}, as every "
+            f"figure with under {s.min_runs} runs a side. "
+            f"Baseline {_names(self.baseline)}, current {_names(self.current)}.",
             "",
             "| metric | baseline | current | change | verdict |",
             "|---|---:|---:|---:|---|",
@@ -140,6 +162,7 @@ class Comparison:
         return {
             "result": "fail" if self.regressions else "pass",
             "regressions": len(self.regressions),
+            "tested": self.tested,
             "settings": asdict(self.settings),
             "baseline": [str(p) for p in self.baseline],
             "current": [str(p) for p in self.current],
@@ -148,162 +171,250 @@ class Comparison:
         }
 
 
-# -- reading the results folders --------------------------------------------------------
+# -- one figure per run -----------------------------------------------------------------
+
+Figure = Callable[[Run], float | None]
 
 
-def pooled(runs: Sequence[Run], mode: str, metric: str) -> dict[float, float | None]:
-    """p50 and p99 over every request of every run: merged histograms when all runs have
-    them, else (older or hand-made folders) the summary rows weighted by count."""
-    if all((mode, metric) in run.histograms for run in runs):
-        total = merge(run.histograms[(mode, metric)] for run in runs)
-        if not total.get_total_count():
-            return dict.fromkeys(PERCENTILES)
-        found = total.get_percentile_to_value_dict(list(PERCENTILES))
-        return {p: float(found[p]) for p in PERCENTILES}
-    rows = [row for run in runs if (row := run.row(mode, metric)) and row.count > 0]
-    weight = sum(row.count for row in rows)
-    return {
-        p: sum(r.us_at(p) * r.count for r in rows) / weight if weight else None for p in PERCENTILES
-    }
+def percentile(mode: str, metric: str, pct: float) -> Figure:
+    """The run's ``pct`` percentile of ``metric`` from its histogram (None: no requests)."""
+
+    def of(run: Run) -> float | None:
+        histogram = run.histograms.get((mode, metric))
+        if histogram is None:
+            raise ResultsError(
+                f"{run.path} has no histogram of {mode} {metric}: the gate compares "
+                "histograms and never averages percentiles; measure it again with "
+                "`mailbench run`."
+            )
+        if not histogram.get_total_count():
+            return None
+        return float(histogram.get_value_at_percentile(pct))
+
+    return of
 
 
-OLD_WARMUP_S = 1.0  # what the gate left out before runs recorded their warm-up
+def gap(mode: str) -> Figure:
+    """``send p50 / form p50`` of the run."""
+    send, form = percentile(mode, "send", 50.0), percentile(mode, "form", 50.0)
+
+    def of(run: Run) -> float | None:
+        s, f = send(run), form(run)
+        return s / f if s is not None and f else None
+
+    return of
 
 
-def warmup_of(run: Run, warmup: float | None = None) -> float:
-    """The seconds of ``run``'s timeline to leave out: ``warmup`` when given, else the
-    warm-up its manifest records."""
-    if warmup is not None:
-        return warmup
-    recorded = run.manifest.get("config", {}).get("warmup_s")
-    return float(recorded) if recorded is not None else OLD_WARMUP_S
+# -- the test across runs ---------------------------------------------------------------
 
 
-def series(
-    run: Run, mode: str, metric: str, percentile: float, warmup: float | None = None
-) -> dict[int, float]:
-    """Second → that second's percentile (50 or 99). Seconds without requests (sends are
-    sparse at low rates) and the warm-up (:func:`warmup_of`; a second it ends in
-    included) are left out."""
-    first = math.ceil(warmup_of(run, warmup))
-    return {
-        r.second: float(value)
-        for r in run.timeseries
-        if r.mode == mode
-        and r.metric == metric
-        and r.second >= first
-        and (r.requests or 0) > 0
-        and (value := r.us_at(percentile)) is not None
-    }
+@dataclass(frozen=True, slots=True)
+class Across:
+    """A figure on both sides, as logs: the change and its one-sided p-values."""
+
+    baseline: float | None
+    current: float | None
+    change: float | None
+    p_greater: float | None
+    p_less: float | None
+    n_baseline: int
+    n_current: int
+    spread: float | None
 
 
-def per_second(
-    runs: Sequence[Run], mode: str, metric: str, percentile: float, warmup: float | None
-) -> list[float]:
-    return [v for run in runs for v in series(run, mode, metric, percentile, warmup).values()]
+def across_runs(
+    base: Sequence[float | None], cur: Sequence[float | None], settings: GateSettings
+) -> Across:
+    """The change of a figure from the baseline runs to the current runs, and how
+    surprising it is given how much the runs of each side differ."""
+    if settings.paired:
+        pairs = [(b, c) for b, c in zip(base, cur, strict=True) if b and c]
+        lb, lc = [math.log(b) for b, _ in pairs], [math.log(c) for _, c in pairs]
+    else:
+        lb, lc = [math.log(b) for b in base if b], [math.log(c) for c in cur if c]
+    if not lb or not lc:
+        geo_b = math.exp(statistics.fmean(lb)) if lb else None
+        geo_c = math.exp(statistics.fmean(lc)) if lc else None
+        return Across(geo_b, geo_c, None, None, None, len(lb), len(lc), None)
+    shift = statistics.fmean(lc) - statistics.fmean(lb)
+    p_greater = p_less = None
+    if min(len(lb), len(lc)) >= settings.min_runs:
+        p_greater, p_less = _one_sided(lb, lc, settings.paired)
+    spread = statistics.stdev(lc) if len(lc) > 1 else None
+    return Across(
+        math.exp(statistics.fmean(lb)),
+        math.exp(statistics.fmean(lc)),
+        math.expm1(shift),
+        p_greater,
+        p_less,
+        len(lb),
+        len(lc),
+        spread,
+    )
 
 
-def per_second_gap(runs: Sequence[Run], mode: str, warmup: float | None) -> list[float]:
-    """``send p50 / form p50`` of the same second, for every second that has both."""
-    gaps: list[float] = []
-    for run in runs:
-        send = series(run, mode, "send", 50.0, warmup)
-        form = series(run, mode, "form", 50.0, warmup)
-        gaps += [value / form[t] for t, value in send.items() if form.get(t)]
-    return gaps
+def _one_sided(lb: Sequence[float], lc: Sequence[float], paired: bool) -> tuple[float, float]:
+    """p of "the current side is slower" and of "it is faster" (the two add up to 1)."""
+    if paired:
+        d = [c - b for b, c in zip(lb, lc, strict=True)]
+        if max(d) == min(d):  # no spread at all: a constant shift, or none
+            return (0.0, 1.0) if d[0] > 0 else (1.0, 0.0) if d[0] < 0 else (1.0, 1.0)
+        p = float(ttest_1samp(d, 0.0, alternative="greater").pvalue)
+    elif max(lb) == min(lb) and max(lc) == min(lc):
+        shift = lc[0] - lb[0]
+        return (0.0, 1.0) if shift > 0 else (1.0, 0.0) if shift < 0 else (1.0, 1.0)
+    else:
+        p = float(ttest_ind(lc, lb, equal_var=False, alternative="greater").pvalue)
+    return p, 1.0 - p
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment: reject where the adjusted p is below alpha, and the
+    chance of any false rejection among them all stays below alpha."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [1.0] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 # -- the rules --------------------------------------------------------------------------
 
 
-def judge(row: Row, samples: Samples, settings: GateSettings, control: float | None = None) -> Row:
-    """Apply the row's rule ("min-change", "abs-band" or "info") to its figure;
-    ``control`` is the change of the form page, which excuses an absolute figure."""
-    base, cur = samples
-    change = row.current / row.baseline - 1 if row.baseline and row.current is not None else None
-    row = replace(row, change=change, n_baseline=len(base), n_current=len(cur))
-    row = replace(row, spread=_half_iqr(cur))
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """A row waiting for its verdict, which needs every other row's p-value (Holm)."""
+
+    row: Row
+    across: Across
+    control: float | None = None  # the form page's change, which may excuse the row
+
+
+def measured(
+    mode: str,
+    metric: str,
+    unit: str,
+    rule: str,
+    figure: Figure,
+    baseline: Sequence[Run],
+    current: Sequence[Run],
+    settings: GateSettings,
+) -> Judged:
+    across = across_runs([figure(r) for r in baseline], [figure(r) for r in current], settings)
+    row = Row(
+        mode,
+        metric,
+        unit,
+        rule,
+        across.baseline,
+        across.current,
+        across.change,
+        across.p_greater if rule != "info" else None,
+        n_baseline=across.n_baseline,
+        n_current=across.n_current,
+        spread=across.spread,
+    )
+    return Judged(row, across)
+
+
+def decide(judged: Sequence[Judged], settings: GateSettings) -> list[Row]:
+    """The verdicts: Holm over every tested row, then each row's rule."""
+    tested = [j for j in judged if j.row.p_value is not None]
+    adjusted = dict(zip(map(id, tested), holm([j.row.p_value or 1.0 for j in tested]), strict=True))
+    return [_verdict_of(j, adjusted.get(id(j)), settings) for j in judged]
+
+
+def _verdict_of(judged: Judged, p_holm: float | None, settings: GateSettings) -> Row:
+    row, change = replace(judged.row, p_holm=p_holm), judged.row.change
     if row.rule == "info" or change is None:
         return row
     threshold = settings.min_change if row.rule == "min-change" else settings.abs_band
-    if min(len(base), len(cur)) < settings.min_samples:
-        big = "; the pooled change is above the threshold" if abs(change) >= threshold else ""
-        return replace(row, verdict=INSUFFICIENT, note=f"under {settings.min_samples} s{big}")
-    direction = "greater" if change > 0 else "less"
-    p = float(mannwhitneyu(cur, base, alternative=direction).pvalue)
-    row = replace(row, verdict=OK, p_value=p)
-    if abs(change) < threshold or p >= settings.alpha:
-        return row
-    if change < 0:
+    if p_holm is None:  # too few runs for a test: only a change beyond the band counts
+        band = settings.abs_band
+        note = f"under {settings.min_runs} runs a side: no test, only a change ≥ {band:.0%}"
+        slower = change >= max(threshold, settings.abs_band)
+        faster = change <= -max(threshold, settings.abs_band)
+        return replace(row, verdict=REGRESSION if slower else FASTER if faster else OK, note=note)
+    if change <= -threshold and (judged.across.p_less or 1.0) < settings.alpha:
         return replace(row, verdict=FASTER)
-    if control is not None and control >= settings.min_change:
-        return replace(row, note=f"form page {control:+.0%} too: a busier machine")
+    if change < threshold or p_holm >= settings.alpha:
+        return replace(row, verdict=OK)
+    if judged.control is not None and judged.control >= settings.min_change:
+        return replace(
+            row, verdict=OK, note=f"form page {judged.control:+.0%} too: a busier machine"
+        )
     return replace(row, verdict=REGRESSION)
-
-
-def _half_iqr(samples: Sequence[float]) -> float | None:
-    if len(samples) < 4:
-        return None
-    q1, _, q3 = statistics.quantiles(samples, n=4)
-    return (q3 - q1) / 2
 
 
 def compare_runs(
     baseline: Sequence[Run], current: Sequence[Run], settings: GateSettings | None = None
 ) -> Comparison:
     settings = settings or GateSettings()
+    if settings.paired and len(baseline) != len(current):
+        raise ConfigError(
+            f"--paired needs as many baseline runs as current runs ({len(baseline)} vs "
+            f"{len(current)}): run k of one side pairs with run k of the other."
+        )
     comparison = Comparison([r.path for r in baseline], [r.path for r in current], settings)
     comparison.notes += _config_differences(baseline, current)
+    judged: list[Judged | Row] = []
     for mode in dict.fromkeys(m for run in [*baseline, *current] for m in run.modes):
-        in_base = any(mode in run.modes for run in baseline)
-        in_cur = any(mode in run.modes for run in current)
-        if in_base and in_cur:
-            comparison.rows += _mode_rows(mode, baseline, current, settings)
-        else:
-            note = f"not in the {'current' if in_base else 'baseline'} runs"
-            comparison.rows.append(
-                Row(mode, "mode", "", "info", None, None, None, verdict=MISSING, note=note)
+        without = [run for run in current if mode not in run.modes]
+        if not any(mode in run.modes for run in baseline):
+            judged.append(
+                Row(
+                    mode,
+                    "mode",
+                    "",
+                    "info",
+                    None,
+                    None,
+                    verdict=NEW,
+                    note="only in the current runs",
+                )
             )
-        comparison.rows += _accounting_rows(mode, baseline, current)
+        elif without:
+            note = f"not in the current run {_names([without[0].path])}"
+            if len(without) > 1:
+                note = f"not in {len(without)} of the {len(current)} current runs"
+            judged.append(
+                Row(mode, "mode", "", "must be 0", None, None, verdict=MISSING, note=note)
+            )
+        else:
+            judged += _mode_rows(mode, list(baseline), list(current), settings)
+            judged.append(_errors_row(mode, baseline, current))
+        if any(mode in run.modes for run in baseline):
+            judged += _accounting_rows(mode, baseline, current)
+    decided = iter(decide([j for j in judged if isinstance(j, Judged)], settings))
+    comparison.rows = [next(decided) if isinstance(j, Judged) else j for j in judged]
     return comparison
 
 
 def _mode_rows(
-    mode: str, baseline: Sequence[Run], current: Sequence[Run], settings: GateSettings
-) -> list[Row]:
-    w = settings.warmup_s
-
-    def both(metric: str) -> dict[float, Pair]:
-        base, cur = pooled(baseline, mode, metric), pooled(current, mode, metric)
-        return {p: (base[p], cur[p]) for p in PERCENTILES}
-
-    def seconds(metric: str, percentile: float) -> Samples:
-        return per_second(baseline, mode, metric, percentile, w), per_second(
-            current, mode, metric, percentile, w
-        )
-
+    mode: str, baseline: list[Run], current: list[Run], settings: GateSettings
+) -> list[Judged]:
     known = MODES.get(mode)  # a --target's server is judged as a queued one
     api_bound = known is not None and not known.queued  # POST /send awaits the API
-    send, form = both("send"), both("form")
-    gap = _ratio(send[50.0][0], form[50.0][0]), _ratio(send[50.0][1], form[50.0][1])
-    gap_rule = "info" if api_bound else "min-change"
-    gap_samples = per_second_gap(baseline, mode, w), per_second_gap(current, mode, w)
-    rows = [judge(Row(mode, "gap (send/form p50)", "×", gap_rule, *gap), gap_samples, settings)]
-    for pct in PERCENTILES:
-        rule = "min-change" if api_bound and pct == 50.0 else "abs-band"
-        form_ratio = _ratio(form[pct][1], form[pct][0])
-        control = form_ratio - 1 if rule == "abs-band" and form_ratio is not None else None
-        row = Row(mode, f"send p{pct:.0f}", "µs", rule, *send[pct])
-        rows.append(judge(row, seconds("send", pct), settings, control))
-    rows.append(
-        judge(Row(mode, "form p50", "µs", "info", *form[50.0]), seconds("form", 50.0), settings)
-    )
-    rows.append(_errors_row(mode, baseline, current))
-    return rows
+    concurrent = settings.schedule == "concurrent"
+
+    def row(metric: str, unit: str, rule: str, figure: Figure) -> Judged:
+        return measured(mode, metric, unit, rule, figure, baseline, current, settings)
+
+    form_rule = "min-change" if concurrent else "info"
+    form = row("form p50", "µs", form_rule, percentile(mode, "form", 50.0))
+    # A queued mode's send p50 is its gap times its form page, both judged: only shown.
+    rows = [
+        row(GAP, "×", "info" if api_bound else "min-change", gap(mode)),
+        row(
+            "send p50", "µs", "min-change" if api_bound else "info", percentile(mode, "send", 50.0)
+        ),
+    ]
+    tail = row("send p99", "µs", "abs-band", percentile(mode, "send", 99.0))
+    if not concurrent:  # the control excuses a busier machine
+        tail = replace(tail, control=form.row.change)
+    return [*rows, tail, form]
 
 
 def _errors_row(mode: str, baseline: Sequence[Run], current: Sequence[Run]) -> Row:
@@ -324,20 +435,25 @@ def _errors_row(mode: str, baseline: Sequence[Run], current: Sequence[Run]) -> R
 
 def _accounting_rows(mode: str, baseline: Sequence[Run], current: Sequence[Run]) -> list[Row]:
     """``lost``, ``unexpected`` and ``duplicates`` over each side's runs. Current runs
-    whose accounting is not sound fail, on the rows that make it so; the accounting's
-    verdict (``FAILED``, ``duplicates``) is noted on each row that counts towards it."""
+    whose accounting is not sound fail, on the rows that make it so, as does a current
+    run with no accounting of the mode; the accounting's verdict (``FAILED``,
+    ``duplicates``) is noted on each row that counts towards it."""
     base, cur = (_pooled_accounting(runs, mode) for runs in (baseline, current))
-    if base is None and cur is None:
+    unaccounted = [run for run in current if mode in run.modes and run.accounting_of(mode) is None]
+    if base is None and cur is None and not unaccounted:
         return []
     rows = []
     for column in ("lost", "unexpected", "duplicates"):
         b, c = (None if side is None else side.as_row()[column] for side in (base, cur))
         rule = "info" if column == "duplicates" else "must be 0"
-        if cur is None or rule == "info":
-            verdict = MISSING if cur is None else INFO
-        else:
-            verdict = OK if cur.sound or not c else REGRESSION
         notes = [f"accounting {cur.verdict}"] if cur is not None and c else []
+        if unaccounted:
+            verdict = MISSING
+            notes.append(f"no accounting in {len(unaccounted)} of the {len(current)} current runs")
+        elif rule == "info":
+            verdict = INFO
+        else:
+            verdict = OK if cur is None or cur.sound or not c else REGRESSION
         notes += [f"the baseline has {b} too"] if b else []
         rows.append(Row(mode, column, "emails", rule, b, c, verdict=verdict, note="; ".join(notes)))
     return rows
@@ -352,7 +468,16 @@ def _config_differences(baseline: Sequence[Run], current: Sequence[Run]) -> list
     def values(runs: Sequence[Run], key: str) -> str:
         return "/".join(sorted({str(run.manifest.get("config", {}).get(key)) for run in runs}))
 
-    keys = ("scenario", "users", "duration_s", "latency", "seed", "send_delay_ms")
+    keys = (
+        "scenario",
+        "users",
+        "duration_s",
+        "latency",
+        "seed",
+        "send_delay_ms",
+        "send_work_us",
+        "form_work_us",
+    )
     return [
         f"configs differ: {key} {b} (baseline) vs {c} (current)"
         for key in keys
@@ -384,13 +509,15 @@ def _change(change: float | None) -> str:
 
 
 def _verdict(row: Row) -> str:
-    details = [f"p={row.p_value:.2g}"] if row.p_value is not None else []
+    details = []
+    if row.p_holm is not None:
+        details.append(f"p={row.p_holm:.2g} Holm")
     if row.n_baseline or row.n_current:
-        details.append(f"n={row.n_baseline}/{row.n_current} s")
+        details.append(f"{row.n_baseline}/{row.n_current} runs")
     if row.rule in ("min-change", "abs-band"):
         details.append(row.rule)
     details += [row.note] if row.note else []
-    text = f"**{row.verdict.upper()}**" if row.verdict == REGRESSION else row.verdict
+    text = f"**{row.verdict.upper()}**" if row.verdict in FAILING else row.verdict
     return text + (f" ({'; '.join(details)})" if details else "")
 
 
@@ -409,6 +536,7 @@ def load_runs(paths: Iterable[Path]) -> list[Run]:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = GateSettings()
     parser.add_argument(
         "dirs",
         nargs="*",
@@ -418,15 +546,29 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--baseline", action="append", default=[], help="baseline run folder(s)")
     parser.add_argument("--current", action="append", default=[], help="current run folder(s)")
-    parser.add_argument("--min-change", type=float, default=0.10, help="default 0.10 (10%%)")
-    parser.add_argument("--alpha", type=float, default=0.01, help="significance, default 0.01")
-    parser.add_argument("--abs-band", type=float, default=0.50, help="absolute figures, 0.50")
-    parser.add_argument("--min-samples", type=int, default=5, help="seconds per side, 5")
     parser.add_argument(
-        "--warmup",
-        type=float,
-        help="first seconds of each run's timeline left out (default: the warm-up its "
-        f"manifest records; {OLD_WARMUP_S:g} for folders without one)",
+        "--min-change", type=float, default=defaults.min_change, help="default 0.05 (5%%)"
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=defaults.alpha, help="per comparison (Holm), 0.01"
+    )
+    parser.add_argument(
+        "--abs-band", type=float, default=defaults.abs_band, help="other percentiles, 0.50"
+    )
+    parser.add_argument(
+        "--min-runs", type=int, default=defaults.min_runs, help="runs a side for a test, 3"
+    )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="baseline run k and current run k were measured together (one round)",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=defaults.schedule,
+        help="concurrent: both sides ran at the same time, so the form page is judged too "
+        "(default: sequential)",
     )
     parser.add_argument("--json", type=Path, help="also write the comparison here as JSON")
 
@@ -451,12 +593,20 @@ def sides(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
     return base, cur
 
 
+def settings_from(args: argparse.Namespace) -> GateSettings:
+    return GateSettings(
+        min_change=args.min_change,
+        alpha=args.alpha,
+        abs_band=args.abs_band,
+        min_runs=args.min_runs,
+        paired=args.paired,
+        schedule=args.schedule,
+    )
+
+
 def cli_main(args: argparse.Namespace) -> int:
     base, cur = sides(args)
-    settings = GateSettings(
-        args.min_change, args.alpha, args.abs_band, args.min_samples, args.warmup
-    )
-    comparison = compare_runs(load_runs(base), load_runs(cur), settings)
+    comparison = compare_runs(load_runs(base), load_runs(cur), settings_from(args))
     sys.stdout.write(comparison.markdown())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
