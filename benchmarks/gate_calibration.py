@@ -20,6 +20,11 @@ the same over *disjoint* decisions only (no two sharing a pair), which are indep
         [--pairs 49] [--budget-min 60]
     python benchmarks/gate_calibration.py analyse results/gate-calibration \\
         [--rounds 6] [--decisions 500] [--json table.json]
+
+``trend`` does the same for ``mailbench trend`` on simulated histories: how often pure
+noise, a step and a slow drift are flagged, per penalty.
+
+    python benchmarks/gate_calibration.py trend [--series 300] [--noise 0.04]
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from scipy.stats import binomtest
 
 from harness.gate import bench_ci, compare
 from harness.gate.compare import Figure, GateSettings, compare_runs, load_runs
+from harness.gate.trend import Point, change_points
 from harness.results.folder import Run, load_run
 from servers.modes import MODES, parse_modes
 
@@ -287,6 +293,46 @@ def analyse(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- mailbench trend, on simulated histories -------------------------------------------
+
+
+def trend(args: argparse.Namespace) -> int:
+    """How often ``mailbench trend`` flags a history of pure noise, a step and a drift:
+    ``--series`` simulated histories of ``--commits`` commits each, the commit-to-commit
+    noise lognormal with sigma ``--noise``."""
+    rng = random.Random(args.seed)
+    n, sigma = args.commits, args.noise
+    shapes: dict[str, Callable[[int], float]] = {
+        "noise only": lambda i: 1.0,
+        f"step of +10% at commit {n // 2}": lambda i: 1.10 if i >= n // 2 else 1.0,
+        "drift of +1% a commit for 20 commits": lambda i: 1.01 ** max(0, min(i - n // 4, 20)),
+    }
+    lines = [
+        f"{args.series} simulated histories of {n} commits, lognormal noise of sigma "
+        f"{sigma:.0%} a commit.",
+        "",
+        "| penalty × log(n) | history | flagged (an upward change point) | 95% CI |",
+        "|---:|---|---:|---|",
+    ]
+    for penalty in args.penalties:
+        for name, level in shapes.items():
+            flagged = 0
+            for _ in range(args.series):
+                points = [
+                    Point(str(i), {"gap": 2.5 * level(i) * rng.lognormvariate(0.0, sigma)})
+                    for i in range(n)
+                ]
+                found = change_points(points, args.min_change, penalty)
+                flagged += any(c.regression for c in found)
+            low, high = interval(flagged, args.series)
+            lines.append(
+                f"| {penalty:g} | {name} | {flagged}/{args.series} = {flagged / args.series:.1%} "
+                f"| {low:.1%}–{high:.1%} |"
+            )
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -308,8 +354,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument("--min-change", type=float, help="default: bench-ci's")
     a.add_argument("--seed", type=int, default=1)
     a.add_argument("--json", type=Path)
+    t = commands.add_parser("trend", help="mailbench trend on simulated histories")
+    t.add_argument("--series", type=int, default=300)
+    t.add_argument("--commits", type=int, default=40)
+    t.add_argument("--noise", type=float, default=0.04, help="sigma a commit, default 0.04")
+    t.add_argument("--min-change", type=float, default=0.05)
+    t.add_argument(
+        "--penalties",
+        type=lambda text: [float(p) for p in text.split(",")],
+        default=[3.0, 5.0, 8.0],
+    )
+    t.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    return collect(args) if args.command == "collect" else analyse(args)
+    run = {"collect": collect, "analyse": analyse, "trend": trend}[args.command]
+    return run(args)
 
 
 if __name__ == "__main__":

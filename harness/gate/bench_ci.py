@@ -222,7 +222,8 @@ def benchmark_entries(comparison: Comparison) -> list[dict[str, Any]]:
                 "name": f"{row.mode} {row.metric}",
                 "unit": units[row.unit],
                 "value": round(row.current * scale, 4),
-                "range": f"± {row.spread * scale:.4g}" if row.spread is not None else "",
+                # the spread between the current runs, in log terms (≈ a share of the value)
+                "range": f"± {row.spread:.1%}" if row.spread is not None else "",
                 "extra": _extra(row),
             }
         )
