@@ -18,11 +18,12 @@ from typing import NoReturn
 import aio_pika
 import pytest
 
-from harness.errors import QueueError, ServiceUnavailable
+from harness.errors import ConfigError, QueueError, ServiceUnavailable
 from harness.services.manager import Services
 from harness.services.settings import ServiceSettings
 from queues import Delivery, Email, Job, open_queue
 from queues.rabbitmq import RETRY_LADDER_MS
+from queues.urls import redact_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -232,3 +233,15 @@ async def test_a_retry_survives_a_broker_crash_after_the_ack_of_its_original(
     finally:
         await survivor.close()
         await delete_queues(url, name)
+
+
+async def test_a_queue_declared_otherwise_is_one_clear_sentence(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    async with await aio_pika.connect(rabbitmq_url) as admin:
+        await (await admin.channel()).declare_queue(queue_name, durable=True)  # classic
+    with pytest.raises(ConfigError) as caught:
+        await open_queue(rabbitmq_url, queue_name)
+    message = str(caught.value)
+    assert message.startswith(f"RabbitMQ at {redact_url(rabbitmq_url)} refused queue")
+    assert "must be deleted first" in message and "x-queue-type" in message
