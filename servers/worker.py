@@ -273,8 +273,10 @@ class Worker:
             delivery.job.id,
             delivery.deliveries,
         )
-        await self._hand_back_unstarted()
-        await asyncio.wait({self._start(delivery, after=set(self._in_flight))})
+        # Started first, so that a stop meanwhile hands it back with the others.
+        task = self._start(delivery, after=set(self._in_flight))
+        await self._hand_back_unstarted(keep=task)
+        await asyncio.wait({task})
 
     def _start(
         self, delivery: Delivery, after: set[asyncio.Task[None]] | None = None
@@ -350,9 +352,10 @@ class Worker:
         await self.queue.hand_back(delivery)
         self.handed_back += 1
 
-    async def _hand_back_unstarted(self) -> None:
-        """Give every delivery still waiting for an API slot back to the queue."""
-        waiting = {task: self._in_flight[task] for task in self._unstarted}
+    async def _hand_back_unstarted(self, keep: asyncio.Task[None] | None = None) -> None:
+        """Give every delivery still waiting for an API slot (but ``keep``'s) back to the
+        queue."""
+        waiting = {task: self._in_flight[task] for task in self._unstarted if task is not keep}
         if not waiting:
             return
         for task in waiting:

@@ -478,6 +478,32 @@ async def test_a_job_on_its_last_delivery_is_sent_alone(backend: str, queue: Spy
     assert await queue.depth() == 0
 
 
+async def test_a_stop_hands_back_a_job_waiting_to_be_sent_alone(
+    backend: str, queue: SpyQueue
+) -> None:
+    [suspect] = await enqueue(queue, 1)
+    holder = await open_queue(backend)
+    assert isinstance(holder, MemoryQueue)
+    await asyncio.wait_for(anext(holder.consume(prefetch=1)), 2)
+    [busy] = await enqueue(queue, 1)
+    client = FakeMailgun()
+    client.gate = asyncio.Event()
+    settings = make_settings(backend, concurrency=2, prefetch=10, max_deliveries=2)
+    worker = Worker(settings, queue, client)
+    task = asyncio.create_task(worker.run())
+    await wait_until(lambda: client.in_flight == 1)  # the other job, held up by the API
+    holder.requeue_unacked()  # the suspect's consumer "dies": its last delivery is next
+    await wait_until(lambda: len(queue.received) == 2)
+    stopping = asyncio.create_task(worker.stop())
+    await wait_until(lambda: len(queue.handed_back) == 1)
+    [handed_back] = queue.handed_back
+    assert (handed_back.job.id, handed_back.deliveries) == (suspect.id, 2)
+    client.gate.set()
+    await stopping
+    await task
+    assert [key for key, _ in client.calls] == [busy.id] and worker.acked == 1
+
+
 async def test_drain_timeout_leaves_unsettled_jobs_on_the_queue(
     backend: str, queue: SpyQueue
 ) -> None:
