@@ -3,7 +3,9 @@
 :class:`TierStarter` knows the command lines: ``mailbench serve`` for the servers (with
 ``--reuse-port`` when there are several) and the mode's worker command for the workers
 (see :mod:`servers.modes`), each with its files under the mode's ``raw/`` folder and a
-number per process started, so a replacement (chaos) never overwrites a file.
+number per process started, so a replacement never overwrites a file. It also replaces
+a worker that exited by itself, as a supervisor would (a poison job kills each worker
+it reaches until the worker dead-letters it: see ``--max-deliveries``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from harness.process import (
     Child,
@@ -23,6 +26,13 @@ from harness.process import (
 from harness.run.config import RunConfig
 from harness.run.phases import CONTROL_FILE
 from servers.modes import Mode
+
+# How long a dead worker's jobs wait for another worker where the URL does not say: the
+# default lease of the SQL queues and visibility timeout of Redis (queues.sql, .redis).
+DEFAULT_REDELIVERY_S = 30.0
+# Workers replaced per mode at most: past that, something other than a job kills them
+# (a broken setup), and starting more would only hide it.
+MAX_REPLACEMENTS = 50
 
 
 @dataclass
@@ -39,6 +49,7 @@ class Tiers:
     servers: list[Child] = field(default_factory=list)
     workers: list[Child] = field(default_factory=list)
     started: dict[str, int] = field(default_factory=lambda: {"server": 0, "worker": 0})
+    replaced: int = 0  # workers that exited by themselves and were replaced
 
     def next_index(self, kind: str) -> int:
         index = self.started[kind]
@@ -135,6 +146,25 @@ class TierStarter:
         tiers.workers.append(worker)
         return worker
 
+    def replace_exited_workers(self, tiers: Tiers) -> list[str]:
+        """Start a worker for each one that exited by itself; a line on each."""
+        notes = []
+        for worker in [w for w in tiers.workers if not w.alive()]:
+            tiers.workers.remove(worker)
+            code = self.children.stop(worker)
+            if tiers.replaced >= MAX_REPLACEMENTS:
+                notes.append(
+                    f"{worker.name} exited by itself (code {code}); not replaced: "
+                    f"{MAX_REPLACEMENTS} workers were already"
+                )
+                continue
+            tiers.replaced += 1
+            replacement = self.start_worker(tiers)
+            notes.append(
+                f"{worker.name} exited by itself (code {code}); started {replacement.name}"
+            )
+        return notes
+
     def stop(self, tiers: Tiers) -> list[str]:
         """Stop workers, then servers (each writes its metrics); notes on bad exits."""
         notes = []
@@ -146,6 +176,15 @@ class TierStarter:
         tiers.workers.clear()
         tiers.servers.clear()
         return notes
+
+
+def redelivery_s(mode: Mode | None, queue_url: str | None) -> float:
+    """Seconds until the jobs a dead worker held reach another worker: its lease or
+    visibility timeout (as the queue URL sets it), 0 where the broker notices at once."""
+    if mode is None or queue_url is None or mode.lease_parameter is None:
+        return 0.0
+    given = parse_qs(urlsplit(queue_url).query).get(mode.lease_parameter)
+    return float(given[-1]) if given else DEFAULT_REDELIVERY_S
 
 
 def pin(config: RunConfig, child: Child, tier: str) -> None:
