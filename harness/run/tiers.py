@@ -3,7 +3,9 @@
 :class:`TierStarter` knows the command lines: ``mailbench serve`` for the servers (with
 ``--reuse-port`` when there are several) and the mode's worker command for the workers
 (see :mod:`servers.modes`), each with its files under the mode's ``raw/`` folder and a
-number per process started, so a replacement (chaos) never overwrites a file.
+number per process started, so a replacement (chaos) never overwrites a file. The queue
+URL, which carries the broker's password, goes to them in the environment
+(:data:`servers.queue_url.QUEUE_URL_VAR`), never on a command line.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from harness.process import (
 from harness.run.config import RunConfig
 from harness.run.phases import CONTROL_FILE
 from servers.modes import Mode
+from servers.queue_url import QUEUE_URL_VAR
 
 
 @dataclass
@@ -34,7 +37,7 @@ class Tiers:
     raw: Path
     base_url: str
     port: int
-    queue_url: str | None
+    queue_url: str | None = field(repr=False)  # with the broker's password
     queue_name: str
     servers: list[Child] = field(default_factory=list)
     workers: list[Child] = field(default_factory=list)
@@ -95,8 +98,10 @@ class TierStarter:
         args += ["--phase-file", str(tiers.raw / CONTROL_FILE)]
         if cfg.server_procs > 1:
             args.append("--reuse-port")
+        env = {"MAILBENCH_SECRET": self.secret}
         if tiers.queue_url:
-            args += ["--queue-url", tiers.queue_url, "--queue-name", tiers.queue_name]
+            args += ["--queue-name", tiers.queue_name]
+            env[QUEUE_URL_VAR] = tiers.queue_url
         if cfg.send_delay_ms:
             args += ["--inject-send-delay-ms", str(cfg.send_delay_ms)]
         if cfg.send_work_us:
@@ -109,7 +114,7 @@ class TierStarter:
             f"server {index} ({mode.name})",
             mailbench_command(*args),
             self.config.run_dir / "logs" / f"{mode.name}-server-{index}.log",
-            env={"MAILBENCH_SECRET": self.secret},
+            env=env,
         )
         pin(cfg, server, "server")
         tiers.servers.append(server)
@@ -119,7 +124,7 @@ class TierStarter:
         cfg, mode = self.config, tiers.mode
         assert mode is not None and mode.worker is not None and tiers.queue_url is not None
         index = tiers.next_index("worker")
-        args = [mode.worker, "--backend", tiers.queue_url, "--queue-name", tiers.queue_name]
+        args = [mode.worker, "--queue-name", tiers.queue_name]
         args += ["--concurrency", str(cfg.worker_concurrency), "--mailgun-url", self.fake_url]
         args += ["--metrics-out", str(tiers.raw / f"worker-{index}.json")]
         args += ["--phase-file", str(tiers.raw / CONTROL_FILE)]
@@ -130,6 +135,7 @@ class TierStarter:
             f"worker {index} ({mode.name})",
             mailbench_command(*args),
             self.config.run_dir / "logs" / f"{mode.name}-worker-{index}.log",
+            env={QUEUE_URL_VAR: tiers.queue_url},
         )
         pin(cfg, worker, "worker")
         tiers.workers.append(worker)
