@@ -200,6 +200,24 @@ async def test_postgres_refuses_a_client_without_the_password(
                 )
 
 
+@pytest.mark.parametrize("name", ["redis", "postgres"])
+async def test_a_restarted_broker_keeps_its_credentials(
+    name: str,
+    make_service_settings: Callable[[], ServiceSettings],
+    service_unavailable: Callable[[str], NoReturn],
+) -> None:
+    # What `mailbench chaos` does: a crash, then a start on the same data.
+    with Services(_no_url_vars(make_service_settings())) as services:
+        url = _start(services, name, service_unavailable)
+        assert services.restart(name) == url
+        if name == "redis":
+            with redis.Redis.from_url(url) as client:
+                assert client.ping() is True
+        else:
+            connection = await asyncpg.connect(url)
+            await connection.close()
+
+
 def _open_to_others(path: Path, top: Path) -> bool:
     """Whether a user other than the owner can read ``path`` (a file) or list it (a
     directory), every directory from ``top`` down being theirs to enter."""
