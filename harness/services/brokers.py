@@ -127,7 +127,8 @@ class Redis:
     env_var = ENV_VARS["redis"]
     login = "mailbench"
     stop_signal: int = signal.SIGTERM  # Redis flushes the AOF and exits
-    # Replies follow the AOF write (to the page cache at least), so nothing acked is lost.
+    # With appendfsync always a reply follows the AOF's write and fsync, so nothing acked
+    # is lost; with everysec, see REDIS_FSYNC.
     crash_signal: int = signal.SIGKILL
 
     def installed(self, settings: ServiceSettings) -> bool:

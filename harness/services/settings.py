@@ -20,11 +20,12 @@ ENV_VARS: Final[Mapping[str, str]] = {
 }
 
 
-# Redis's appendfsync for the Redis mailbench starts. "always": the AOF is fsynced before
-# Redis replies, so a 2xx survives a host crash. "everysec": replies follow the write to
-# the page cache; a background fsync runs once a second, and while one is slow Redis
-# delays the next write up to 2 s and then writes without waiting for it, so a host
-# crash or power loss can take the last ~2 s of acknowledged jobs.
+# Redis's appendfsync for the Redis mailbench starts. "always": Redis writes and fsyncs
+# the AOF before it replies, so an accepted job survives a host crash. "everysec": a
+# background fsync once a second; a reply usually follows the write to the page cache,
+# but while a background fsync is still running Redis postpones the write for up to 2 s
+# and replies meanwhile, so a crash (of the host, or then even of Redis) can take the
+# last ~2 s of accepted jobs.
 REDIS_FSYNC: Final = ("always", "everysec")
 
 
