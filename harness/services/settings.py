@@ -51,8 +51,9 @@ class ServiceSettings:
     start_timeout: float = 60.0  # RabbitMQ needs ~5 s alone, far more on a busy 2-core box
     stop_timeout: float = 10.0
     # The caller's environment, taken once when the settings are made (at the entry
-    # point); nothing here reads os.environ later.
-    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), hash=False)
+    # point); nothing here reads os.environ later. Not in the repr: it holds secrets
+    # (MAILGUN_API_KEY, URLs with passwords).
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), hash=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.redis_fsync not in REDIS_FSYNC:

@@ -100,3 +100,8 @@ def test_a_status_does_not_show_the_password_in_its_repr() -> None:
         "redis", "running", f"redis://mailbench:{PASSWORD}@h:1/0", (os.getpid(),)
     )
     assert PASSWORD not in repr(status)
+
+
+def test_service_settings_keep_the_environment_out_of_their_repr(tmp_path: Path) -> None:
+    given = ServiceSettings(base_dir=tmp_path, env={"REDIS_URL": f"redis://:{PASSWORD}@h/0"})
+    assert PASSWORD not in repr(given)
