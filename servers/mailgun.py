@@ -27,7 +27,7 @@ import mimetypes
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -85,7 +85,7 @@ class SendResult:
 @dataclass(frozen=True, slots=True)
 class MailgunSettings:
     base_url: str = "https://api.mailgun.net"
-    api_key: str = "key-mailbench"
+    api_key: str = field(default="key-mailbench", repr=False)
     domain: str = "mailbench.test"
     connect_timeout: float = 2.0
     timeout: float = 10.0

@@ -46,7 +46,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -68,6 +68,7 @@ from servers.mailgun import (
 )
 from servers.metrics import Summary
 from servers.phases import PhasedRecorder, PhaseFile, add_phase_argument, write_phases
+from servers.queue_url import QUEUE_URL_VAR, queue_url_from
 from servers.render import Renderer
 
 log = logging.getLogger(__name__)
@@ -544,9 +545,9 @@ async def run_worker(settings: WorkerSettings) -> None:
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
-        required=True,
         metavar="URL",
-        help="queue URL: amqp://, redis://, sqlite:///path, postgresql://, memory://",
+        help="queue URL: amqp://, redis://, sqlite:///path, postgresql://, memory:// "
+        f"(default: ${QUEUE_URL_VAR}; on a command line, ps shows its password to everyone)",
     )
     parser.add_argument(
         "--queue-name", default="mailbench", help="the queue to consume (default: mailbench)"
@@ -602,9 +603,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def cli_main(args: argparse.Namespace) -> int:
-    settings = WorkerSettings(
-        backend=args.backend,
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> WorkerSettings:
+    backend = queue_url_from(args.backend, environ, "--backend")
+    if backend is None:
+        raise ConfigError(
+            f"the worker needs a queue URL: set {QUEUE_URL_VAR} (or pass --backend URL)."
+        )
+    return WorkerSettings(
+        backend=backend,
         queue_name=args.queue_name,
         concurrency=args.concurrency,
         prefetch=args.prefetch,
@@ -617,5 +623,8 @@ def cli_main(args: argparse.Namespace) -> int:
         phase_file=args.phase_file,
         inject_crash_subject=args.inject_crash_subject,
     )
-    asyncio.run(run_worker(settings))
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    asyncio.run(run_worker(settings_from_args(args, os.environ)))
     return 0

@@ -5,7 +5,9 @@
 (see :mod:`servers.modes`), each with its files under the mode's ``raw/`` folder and a
 number per process started, so a replacement never overwrites a file. It also replaces
 a worker that exited by itself, as a supervisor would (a poison job kills each worker
-it reaches until the worker dead-letters it: see ``--max-deliveries``).
+it reaches until the worker dead-letters it: see ``--max-deliveries``). The queue URL,
+which carries the broker's password, goes to them in the environment
+(:data:`servers.queue_url.QUEUE_URL_VAR`), never on a command line.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from harness.process import (
 from harness.run.config import RunConfig
 from harness.run.phases import CONTROL_FILE
 from servers.modes import Mode
+from servers.queue_url import QUEUE_URL_VAR
 
 # How long a dead worker's jobs wait for another worker where the URL does not say: the
 # default lease of the SQL queues and visibility timeout of Redis (queues.sql, .redis).
@@ -44,7 +47,7 @@ class Tiers:
     raw: Path
     base_url: str
     port: int
-    queue_url: str | None
+    queue_url: str | None = field(repr=False)  # with the broker's password
     queue_name: str
     servers: list[Child] = field(default_factory=list)
     workers: list[Child] = field(default_factory=list)
@@ -106,8 +109,10 @@ class TierStarter:
         args += ["--phase-file", str(tiers.raw / CONTROL_FILE)]
         if cfg.server_procs > 1:
             args.append("--reuse-port")
+        env = {"MAILBENCH_SECRET": self.secret}
         if tiers.queue_url:
-            args += ["--queue-url", tiers.queue_url, "--queue-name", tiers.queue_name]
+            args += ["--queue-name", tiers.queue_name]
+            env[QUEUE_URL_VAR] = tiers.queue_url
         if cfg.send_delay_ms:
             args += ["--inject-send-delay-ms", str(cfg.send_delay_ms)]
         if cfg.send_work_us:
@@ -120,7 +125,7 @@ class TierStarter:
             f"server {index} ({mode.name})",
             mailbench_command(*args),
             self.config.run_dir / "logs" / f"{mode.name}-server-{index}.log",
-            env={"MAILBENCH_SECRET": self.secret},
+            env=env,
         )
         pin(cfg, server, "server")
         tiers.servers.append(server)
@@ -130,7 +135,7 @@ class TierStarter:
         cfg, mode = self.config, tiers.mode
         assert mode is not None and mode.worker is not None and tiers.queue_url is not None
         index = tiers.next_index("worker")
-        args = [mode.worker, "--backend", tiers.queue_url, "--queue-name", tiers.queue_name]
+        args = [mode.worker, "--queue-name", tiers.queue_name]
         args += ["--concurrency", str(cfg.worker_concurrency), "--mailgun-url", self.fake_url]
         args += ["--metrics-out", str(tiers.raw / f"worker-{index}.json")]
         args += ["--phase-file", str(tiers.raw / CONTROL_FILE)]
@@ -141,6 +146,7 @@ class TierStarter:
             f"worker {index} ({mode.name})",
             mailbench_command(*args),
             self.config.run_dir / "logs" / f"{mode.name}-worker-{index}.log",
+            env={QUEUE_URL_VAR: tiers.queue_url},
         )
         pin(cfg, worker, "worker")
         tiers.workers.append(worker)
