@@ -30,6 +30,7 @@ noise, a step and a slow drift are flagged, per penalty.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import itertools
 import json
@@ -93,6 +94,13 @@ def collect(args: argparse.Namespace) -> int:
         "run": argv,
         "pairs": [],
     }
+    cycle: Sequence[str] = CYCLE
+    if args.more:  # more pairs of one variant, added to the pool measured before
+        pool = json.loads(pool_file.read_text())
+        pool.setdefault("more", []).append(" ".join(sys.argv))
+        cycle = [args.more]
+    first, spent = len(pool["pairs"]), float(pool.get("elapsed_s", 0.0))
+    sized = pool.get("sized_on", {})
     started = time.monotonic()
     deadline = started + args.budget_min * 60
     env = dict(os.environ)
@@ -104,8 +112,9 @@ def collect(args: argparse.Namespace) -> int:
             bench_ci.side_brokers(parse_modes(config.modes), sides, tmp, env)
         )
         side_env = {name: {**env, **found} for name, found in urls.items()}
-        send_us = form_us = 0.0
-        for n, variant in zip(range(args.pairs), itertools.cycle(CYCLE), strict=False):
+        send_us, form_us = sized.get("send_p50_us", 0.0), sized.get("form_p50_us", 0.0)
+        numbers = range(first, first + args.pairs)
+        for n, variant in zip(numbers, itertools.cycle(cycle), strict=False):
             if time.monotonic() > deadline:
                 print(f"calibration: the {args.budget_min:g} min budget is spent", flush=True)
                 break
@@ -137,7 +146,7 @@ def collect(args: argparse.Namespace) -> int:
                     "seconds": round(seconds, 1),
                 }
             )
-            pool["elapsed_s"] = round(time.monotonic() - started, 1)
+            pool["elapsed_s"] = round(spent + time.monotonic() - started, 1)
             pool_file.write_text(json.dumps(pool, indent=2) + "\n")
             print(
                 f"calibration: pair {n + 1} {variant} {' '.join(knobs)} {seconds:.0f} s", flush=True
@@ -227,7 +236,28 @@ def effects(pairs: dict[str, list[tuple[Run, Run]]], modes: Sequence[str]) -> di
     return table
 
 
+def remember_figures() -> None:
+    """Each run's figures computed once: thousands of decisions reuse the same runs, and
+    a percentile of an HdrHistogram is a walk over its buckets."""
+    figure_of = compare.percentile
+    known: dict[tuple[Path, str, str, float], float | None] = {}
+
+    def percentile(mode: str, metric: str, pct: float) -> Figure:
+        of = figure_of(mode, metric, pct)
+
+        def cached(run: Run) -> float | None:
+            key = (run.path, mode, metric, pct)
+            if key not in known:
+                known[key] = of(run)
+            return known[key]
+
+        return cached
+
+    compare.percentile = percentile
+
+
 def analyse(args: argparse.Namespace) -> int:
+    remember_figures()
     pool, pairs = load_pool(args.pool)
     config = bench_ci_defaults()
     settings = replace(settings_of(config), min_change=args.min_change or config.min_change)
@@ -249,21 +279,27 @@ def analyse(args: argparse.Namespace) -> int:
         f"{result['pool_minutes']} min ({seconds:.0f} s a pair); gate: min change "
         f"{settings.min_change:.0%}, alpha {settings.alpha:g} (Holm), paired, concurrent.",
         "",
-        "| K | variant | decisions | fail | rate | 95% CI | disjoint: fail/n | rows that failed |",
+        "| K | variant | decisions | fail | rate | 95% CI | disjoint: fail/n | "
+        "rows that failed (decisions) |",
         "|---:|---|---:|---:|---:|---|---:|---|",
     ]
     for k in args.rounds:
         by_variant = {}
-        for variant, found in pairs.items():
+        # A/A twice: sides as measured (what bench-ci decides on), and exchanged at random
+        # (the same code either side: a check that neither side is favoured).
+        cases = [(v, v, False) for v in VARIANTS] + [("aa, sides swapped", "aa", True)]
+        for variant, source, swap in cases:
+            found = pairs[source]
             if len(found) < k:
                 continue
-            decisions = draws(found, k, args.decisions, rng, swap=variant == "aa")
+            decisions = draws(found, k, args.decisions, rng, swap=swap)
             failed = [rows for d in decisions if (rows := decide(d, settings))]
             shuffled = rng.sample(found, len(found))
             disjoint = [shuffled[i : i + k] for i in range(0, len(found) - k + 1, k)]
             disjoint_failed = sum(bool(decide(d, settings)) for d in disjoint)
             low, high = interval(len(failed), len(decisions))
-            rows = sorted({r for f in failed for r in f})
+            counted = collections.Counter(r for f in failed for r in f)
+            rows = [f"{row} {count}" for row, count in sorted(counted.items())]
             by_variant[variant] = {
                 "decisions": len(decisions),
                 "failed": len(failed),
@@ -342,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--out", type=Path, default=Path("results/gate-calibration"))
     c.add_argument("--pairs", type=int, default=49)
     c.add_argument("--budget-min", type=float, default=60, help="stop starting pairs after this")
+    c.add_argument("--more", choices=VARIANTS, help="add --pairs pairs of this variant to --out")
     a = commands.add_parser("analyse", help="gate decisions drawn from a pool")
     a.add_argument("pool", type=Path)
     a.add_argument(

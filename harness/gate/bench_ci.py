@@ -294,6 +294,12 @@ def cli_main(args: argparse.Namespace) -> int:
     regression (the entry point answers 2, in one sentence, when a side cannot be had)."""
     if args.rounds < 1:
         raise ConfigError("--rounds must be at least 1.")
+    if args.rounds < ROUNDS and not args.baseline_dir:
+        print(
+            f"bench-ci: {args.rounds} rounds, fewer than the {ROUNDS} the gate's rates were "
+            "measured with (docs/gate.md): it will miss more of the changes it should catch",
+            file=sys.stderr,
+        )
     args.out = args.out.resolve()
     started = time.monotonic()
     # Folders measured before are neither paired with these runs nor beside them.

@@ -339,8 +339,11 @@ def _verdict_of(judged: Judged, p_holm: float | None, settings: GateSettings) ->
         return replace(row, verdict=REGRESSION if slower else FASTER if faster else OK, note=note)
     if change <= -threshold and (judged.across.p_less or 1.0) < settings.alpha:
         return replace(row, verdict=FASTER)
-    if change < threshold or p_holm >= settings.alpha:
+    if change < threshold:
         return replace(row, verdict=OK)
+    if p_holm >= settings.alpha:
+        runs = min(row.n_baseline, row.n_current)
+        return replace(row, verdict=OK, note=f"not significant over {runs} runs a side")
     if judged.control is not None and judged.control >= settings.min_change:
         return replace(
             row, verdict=OK, note=f"form page {judged.control:+.0%} too: a busier machine"

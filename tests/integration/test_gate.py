@@ -1,10 +1,11 @@
-"""The CI gate on real runs: ``mailbench bench-ci`` measures three paired rounds of a
-baseline and a candidate whose POST /send sleeps 2 ms more, side by side, and fails it;
+"""The CI gate on real runs: ``mailbench bench-ci`` measures four short paired rounds of
+a baseline and a candidate whose POST /send sleeps 5 ms more, side by side, and fails it;
 the same code twice passes.
 
-On this kind of machine a queued send takes a few ms, so 2 ms is a large change of the
-gap: the test is of the plumbing (rounds, pairing, the tables, the exit codes), the rates
-of false alarms and detections are measured by ``benchmarks/gate_calibration.py``.
+On this kind of machine a queued send takes a few ms, so 5 ms doubles the gap: the test
+is of the plumbing (rounds, pairing, the tables, the exit codes); the rates of false
+alarms and detections at bench-ci's own six rounds and 2 ms are measured by
+``benchmarks/gate_calibration.py`` (docs/gate.md).
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ from harness.cli import main as mailbench
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
-ROUNDS = 3
-BENCH = ["--modes", "sqlite", "--users", "10", "--duration", "8", "--rounds", str(ROUNDS)]
+ROUNDS = 4
+BENCH = ["--modes", "sqlite", "--users", "20", "--duration", "8", "--rounds", str(ROUNDS)]
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
     out = tmp_path_factory.mktemp("gate") / "ci"
-    argv = ["bench-ci", *BENCH, "--candidate-delay-ms", "2", "--out", str(out)]
+    argv = ["bench-ci", *BENCH, "--candidate-delay-ms", "5", "--out", str(out)]
     done = subprocess.run(
         [sys.executable, "-m", "harness.cli", *argv],
         capture_output=True,

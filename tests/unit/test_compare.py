@@ -485,3 +485,12 @@ def test_benchmark_json_is_custom_smaller_is_better(tmp_path: Path) -> None:
     assert "verdict: regression" in gap["extra"] and "change: +" in gap["extra"]
     assert next(e for e in entries if e["name"] == "sqlite lost")["value"] == 0
     assert (tmp_path / "ci" / "compare.md").read_text() == result.markdown()
+
+
+def test_a_change_not_significant_over_few_rounds_says_so(tmp_path: Path) -> None:
+    """+30% of the send path, but three rounds whose gaps swing by 25%: not enough."""
+    slower = [replace(BUSY, send_us=4000 * 1.3)]
+    base, cur = rounds(tmp_path, [BUSY], slower, k=3, gap_sigma=0.25)
+    gap = rows_of(compare_runs(base, cur, PAIRED), GAP)
+    assert gap.change is not None and gap.change > 0.05
+    assert gap.verdict == "ok" and gap.note == "not significant over 3 runs a side"
