@@ -396,9 +396,9 @@ class RedisQueue:
 async def open_redis(url: str, name: str) -> RedisQueue:
     redis_url, settings = split_settings(url, Settings(), "Redis")
     shown = redact_url(url)
-    # redis-py reads the pool's size from the URL (``max_connections``, default 50). Our
-    # gate lets no more commands at it than that, so the pool itself never has a waiter
-    # but at the start; it blocks rather than failing all the same.
+    # redis-py reads the pool's size from the URL (``max_connections``, default 50). The
+    # queue's gate lets no more commands at it than that, so only the two commands of
+    # opening could ever wait in the pool itself; it blocks rather than fails all the same.
     try:
         pool = aioredis.BlockingConnectionPool.from_url(redis_url, timeout=settings.connection_wait)
     except ValueError as exc:  # a port or parameter that does not parse

@@ -18,10 +18,11 @@ A job that kills its worker (a *poison job*: it exhausts memory, crashes the cli
 library) never gets as far as a failed API call, so its attempts never grow; the broker
 counts its deliveries instead (:attr:`queues.base.Delivery.deliveries`). A delivery
 beyond ``max_deliveries`` is dead-lettered, with the count in the reason, before any
-call. The other jobs a dying worker held come back counted too, so that they are not
-dead-lettered with it a delivery on its last chance (``deliveries == max_deliveries``,
-after at least one redelivery) is sent alone: the worker hands back everything it has
-not started, lets the calls in flight end, sends that one job and only then goes on.
+call. The other jobs a dying worker held come back counted too; so that they do not
+follow it into the dead letter, a delivery on its last chance (``deliveries ==
+max_deliveries``, after at least one redelivery) is sent alone: the worker hands back
+everything it has not started, lets the calls in flight end, sends that one job and
+only then goes on.
 
 On SIGTERM/SIGINT the worker stops taking deliveries and hands back at once every
 delivery it has not started, so other workers get them without waiting out a lease; it
@@ -571,9 +572,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=5,
         metavar="N",
-        help="deliveries of a job's attempt that ended without it being settled (its "
-        "worker crashed, its lease expired) before it goes to the dead letter as a poison "
-        "job; the last one is sent alone (default: 5)",
+        help="times a job may be delivered without being settled (its worker crashed, "
+        "its lease expired): the next delivery goes to the dead letter, as a poison job's, "
+        "and the last one allowed is sent alone (default: 5)",
     )
     add_mailgun_arguments(parser)
     parser.add_argument(

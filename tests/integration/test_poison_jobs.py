@@ -5,7 +5,8 @@ worker's ``--inject-crash-subject``). Its worker dies before any API call, so th
 attempts never grow; only the broker's count of its deliveries does. A supervisor (this
 test, as ``mailbench chaos`` does) restarts each worker that dies. The poison must end
 in the dead letter after ``--max-deliveries`` deliveries, every other job must reach the
-fake Mailgun, and nothing may be lost.
+fake Mailgun, and nothing may be lost. ``mailbench run`` and ``mailbench chaos`` supervise
+their workers the same way, and their drain waits a lease longer per worker replaced.
 
 RabbitMQ counts deliveries in the ``x-delivery-count`` header of a quorum queue; its
 tests pass once the RabbitMQ backend fills :attr:`queues.base.Delivery.deliveries` from
@@ -27,8 +28,12 @@ import pytest
 
 from harness.process import Child, Children, mailbench_command
 from harness.results.accounting import reconcile
+from harness.results.collect import LOCUST_FILE
+from harness.run.drain import drain
+from harness.run.tiers import Tiers
 from queues import Delivery, Email, Job, Queue, open_queue
 from servers.fakegun.admin import FakegunAdmin
+from servers.mailgun import BlockingMailgunClient, MailgunSettings
 from servers.worker import CRASH_EXIT_CODE
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -222,3 +227,33 @@ def test_a_stopping_worker_hands_back_at_once_what_it_never_started(
     [sent] = recipients(fake)
     assert {d.job.email.to for d in taken} | {sent} == {job.email.to for job in jobs}
     assert asyncio.run(queue_counts(broker.long_lease_url, broker.name)) == (0, 0)
+
+
+def test_the_drain_waits_a_lease_longer_for_each_worker_replaced(
+    children: Children, tmp_path: Path
+) -> None:
+    """A worker that died during the drain held jobs that come back only after its lease:
+    the drain must not give up on them meanwhile."""
+    fake = start_fake(children, tmp_path / "logs", "fixed:0")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    email = Email(to="late@example.com", subject="hello", text="body")
+    (raw / LOCUST_FILE).write_text(json.dumps({"sends_ok": [[email.to, time.time()]]}))
+    tiers = Tiers(None, "late", raw, "http://127.0.0.1:9", 9, None, "")
+    sender = BlockingMailgunClient(MailgunSettings(base_url=fake.url))
+
+    polls = 0
+
+    def supervise() -> int:
+        # The first poll replaces a worker; its job reaches the API a poll later.
+        nonlocal polls
+        polls += 1
+        if polls == 2:
+            sender.send(email, "late-key")
+        return 1 if polls == 1 else 0
+
+    assert drain(tiers, fake, 0.0, 1, supervise, grace_s=30.0)
+    # Negative control: without the grace, the same drain gives up at its timeout.
+    fake.reset()
+    polls = 0
+    assert not drain(tiers, fake, 0.0, 1, supervise, grace_s=0.0)

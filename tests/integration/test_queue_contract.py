@@ -626,3 +626,24 @@ async def test_redis_gone_is_one_clear_sentence_not_a_wait(
     assert message.startswith("Redis at redis://") and "failed to add job" in message
     assert "***" in message or "@" not in message  # the password stays hidden
     assert caught.value.__cause__ is not None
+
+
+async def test_a_sqlite_file_from_before_delivery_counts_gets_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:  # the table as it was made before
+        conn.execute(
+            "CREATE TABLE mailbench_jobs (id INTEGER PRIMARY KEY, queue TEXT NOT NULL,"
+            " state TEXT NOT NULL DEFAULT 'available', payload BLOB NOT NULL,"
+            " run_at REAL NOT NULL, locked_until REAL, locked_by TEXT, reason TEXT)"
+        )
+        conn.execute(
+            "INSERT INTO mailbench_jobs (queue, payload, run_at) VALUES ('jobs', ?, 0)",
+            (encode_job(make_job()),),
+        )
+    queue = await open_queue(f"sqlite:///{path}", "jobs")
+    try:
+        delivery = await next_delivery(queue.consume(prefetch=1))
+        assert delivery.deliveries == 1
+        await queue.ack(delivery)
+    finally:
+        await queue.close()
