@@ -75,6 +75,29 @@ async def test_deliveries_counts_every_handout_of_a_message(
     await consumer.close()
 
 
+async def test_a_hand_back_is_not_counted_and_carries_the_count_so_far(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    """A nack would count as one more delivery; a hand-back (a job the worker never
+    started) must not, yet must not forget the deliveries before it either."""
+    job = make_job()
+    crashed = await open_queue(rabbitmq_url, queue_name)
+    await crashed.enqueue(job)
+    await next_delivery(crashed.consume(prefetch=1))
+    await crashed.close()  # unsettled: counted
+    holder = await open_queue(rabbitmq_url, queue_name)
+    delivery = await next_delivery(holder.consume(prefetch=1))
+    assert delivery.deliveries == 2
+    await holder.hand_back(delivery)  # not counted
+    assert await holder.depth() == 1
+    await holder.close()
+    for handout in (2, 3):
+        consumer = await open_queue(rabbitmq_url, queue_name)
+        delivery = await next_delivery(consumer.consume(prefetch=1))
+        assert (delivery.job, delivery.deliveries) == (job, handout)
+        await consumer.close()  # unsettled again: counted on top of what was carried
+
+
 async def test_a_retry_is_a_new_message_delivered_for_the_first_time(
     rabbitmq_url: str, queue_name: str
 ) -> None:
