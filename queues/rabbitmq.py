@@ -54,6 +54,21 @@ RETRY_LADDER_MS: tuple[int, ...] = (
 
 
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+# The broker's own backstop for a job redelivered without end, far above the worker's
+# limit (--max-deliveries): RabbitMQ 4 sets 20 by default, and drops what exceeds it
+# unless the queue dead-letters.
+DELIVERY_LIMIT = 20
+
+
+def _main_queue_args(name: str) -> dict[str, Any]:
+    return {
+        **QUORUM,
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": f"{name}.dead",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
 
 
 def _wait_queue_args(name: str, ttl_ms: int) -> dict[str, Any]:
@@ -113,7 +128,9 @@ class RabbitMQQueue:
         self._exchange = self._publisher.default_exchange
         with self._refused(self._name):
             # On the robust channel, which declares them again after a reconnect.
-            await self._publisher.declare_queue(self._name, durable=True, arguments=QUORUM)
+            await self._publisher.declare_queue(
+                self._name, durable=True, arguments=_main_queue_args(self._name)
+            )
             await self._publisher.declare_queue(
                 f"{self._name}.dead", durable=True, arguments=QUORUM
             )
@@ -175,7 +192,9 @@ class RabbitMQQueue:
         with self._errors(f"start consuming {self._name!r}"):
             channel = await self._connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=prefetch)
-            queue = await channel.declare_queue(self._name, durable=True, arguments=QUORUM)
+            queue = await channel.declare_queue(
+                self._name, durable=True, arguments=_main_queue_args(self._name)
+            )
             consumer_tag = await queue.consume(on_message)
         self._inboxes.add(inbox)
         try:

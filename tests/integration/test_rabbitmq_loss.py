@@ -22,7 +22,7 @@ from harness.errors import ConfigError, QueueError, ServiceUnavailable
 from harness.services.manager import Services
 from harness.services.settings import ServiceSettings
 from queues import Delivery, Email, Job, open_queue
-from queues.rabbitmq import RETRY_LADDER_MS
+from queues.rabbitmq import DELIVERY_LIMIT, RETRY_LADDER_MS
 from queues.urls import redact_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -268,3 +268,32 @@ async def test_a_queue_declared_otherwise_is_one_clear_sentence(
     message = str(caught.value)
     assert message.startswith(f"RabbitMQ at {redact_url(rabbitmq_url)} refused queue")
     assert "must be deleted first" in message and "x-queue-type" in message
+
+
+async def test_beyond_the_brokers_delivery_limit_a_job_is_dead_lettered_not_dropped(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    """A backstop far above the worker's own limit, for consumers that never settle
+    (RabbitMQ 4 has one of 20 by default, and drops what exceeds it unless the queue
+    dead-letters)."""
+    queue = await open_queue(rabbitmq_url, queue_name)
+    try:
+        await queue.enqueue(make_job())
+        handouts = 0
+        async with await aio_pika.connect(rabbitmq_url) as connection:
+            while handouts <= DELIVERY_LIMIT + 1:
+                channel = await connection.channel()
+                main = await channel.get_queue(queue_name, ensure=False)
+                message = await main.get(no_ack=False, fail=False)
+                await channel.close()  # unsettled: returned, and counted
+                if message is None:
+                    break
+                handouts += 1
+        assert handouts == DELIVERY_LIMIT + 1
+        assert (await queue.depth(), await queue.dead_letters()) == (0, 1)
+        async with await aio_pika.connect(rabbitmq_url) as connection:
+            dead = await (await connection.channel()).get_queue(f"{queue_name}.dead")
+            message = await dead.get(no_ack=False)
+            assert message.headers["x-first-death-reason"] == "delivery_limit"
+    finally:
+        await queue.close()
