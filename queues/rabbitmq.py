@@ -13,7 +13,8 @@ while the broker recovers from a crash, is dropped). A quorum wait queue with
 ``x-dead-letter-strategy: at-least-once`` keeps the message until the target has
 confirmed it, retrying every ``dead_letter_worker_publisher_confirm_timeout`` (180 s by
 default); that strategy needs ``x-overflow: reject-publish``. Quorum queues also count a
-message's deliveries (``x-delivery-count``), which a classic queue does not.
+message's deliveries (``x-delivery-count``), which a classic queue does not; ``name``
+dead-letters a job beyond :data:`DELIVERY_LIMIT` into ``name.dead`` itself.
 """
 
 from __future__ import annotations
