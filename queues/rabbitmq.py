@@ -13,7 +13,8 @@ while the broker recovers from a crash, is dropped). A quorum wait queue with
 ``x-dead-letter-strategy: at-least-once`` keeps the message until the target has
 confirmed it, retrying every ``dead_letter_worker_publisher_confirm_timeout`` (180 s by
 default); that strategy needs ``x-overflow: reject-publish``. Quorum queues also count a
-message's deliveries (``x-delivery-count``), which a classic queue does not.
+message's deliveries (``x-delivery-count``), which a classic queue does not; ``name``
+dead-letters a job beyond :data:`DELIVERY_LIMIT` into ``name.dead`` itself.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from queues.urls import redact_url
 log = logging.getLogger(__name__)
 
 REASON_HEADER = "x-mailbench-reason"
+# A handed-back job is published again, as a new message: this carries its deliveries so far.
+CARRIED_HEADER = "x-mailbench-deliveries"
 CONNECT_TIMEOUT = 10.0
 _ERRORS = (*CONNECTION_EXCEPTIONS, MessageProcessError)
 # 10 ms … 10 000 s in 1-1.5-2-3-5-7 steps: a retry is at most 1.7x late, never early.
@@ -52,6 +55,21 @@ RETRY_LADDER_MS: tuple[int, ...] = (
 
 
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+# The broker's own backstop for a job redelivered without end, far above the worker's
+# limit (--max-deliveries): RabbitMQ 4 sets 20 by default, and drops what exceeds it
+# unless the queue dead-letters.
+DELIVERY_LIMIT = 20
+
+
+def _main_queue_args(name: str) -> dict[str, Any]:
+    return {
+        **QUORUM,
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": f"{name}.dead",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
 
 
 def _wait_queue_args(name: str, ttl_ms: int) -> dict[str, Any]:
@@ -66,13 +84,16 @@ def _wait_queue_args(name: str, ttl_ms: int) -> dict[str, Any]:
 
 
 def _deliveries(message: AbstractIncomingMessage) -> int:
-    """The times the broker has handed ``message`` out, this one included: a quorum
-    queue counts the earlier ones in ``x-delivery-count`` (absent the first time); a
-    classic queue only flags a redelivery."""
-    count = (message.headers or {}).get("x-delivery-count")
+    """The times the broker has handed ``message``'s job out, this one included: a quorum
+    queue counts the earlier ones in ``x-delivery-count`` (absent the first time), a
+    classic queue only flags a redelivery; plus those a hand-back carried over."""
+    headers = message.headers or {}
+    carried = headers.get(CARRIED_HEADER)
+    earlier = carried if isinstance(carried, int) and carried > 0 else 0
+    count = headers.get("x-delivery-count")
     if isinstance(count, int) and count >= 0:
-        return count + 1
-    return 2 if message.redelivered else 1
+        return earlier + count + 1
+    return earlier + (2 if message.redelivered else 1)
 
 
 @contextlib.contextmanager
@@ -106,21 +127,33 @@ class RabbitMQQueue:
             publisher_confirms=True, on_return_raises=True
         )
         self._exchange = self._publisher.default_exchange
+        with self._refused(self._name):
+            # On the robust channel, which declares them again after a reconnect.
+            await self._publisher.declare_queue(
+                self._name, durable=True, arguments=_main_queue_args(self._name)
+            )
+            await self._publisher.declare_queue(
+                f"{self._name}.dead", durable=True, arguments=QUORUM
+            )
         # All wait queues exist from the start, so depth() can count them from any process.
         # Declared on the plain underlying channel: a robust channel would remember every
         # declaration to replay it after a reconnect.
         underlay = await self._publisher.get_underlay_channel()
-        queues = [(self._name, QUORUM), (f"{self._name}.dead", QUORUM), *self._wait_queues()]
-        for queue, arguments in queues:
-            try:
+        for queue, arguments in self._wait_queues():
+            with self._refused(queue):
                 await underlay.queue_declare(queue, durable=True, arguments=arguments)
-            except ChannelPreconditionFailed as exc:
-                raise ConfigError(
-                    f"RabbitMQ at {self._url} refused queue {queue!r} as mailbench declares it "
-                    f"({exc.args[0] if exc.args else exc!r}): quorum queues with message TTL "
-                    "and at-least-once dead-lettering need RabbitMQ 3.10 or later, and a queue "
-                    "left by an older mailbench (a classic queue) must be deleted first."
-                ) from exc
+
+    @contextlib.contextmanager
+    def _refused(self, queue: str) -> Iterator[None]:
+        try:
+            yield
+        except ChannelPreconditionFailed as exc:
+            raise ConfigError(
+                f"RabbitMQ at {self._url} refused queue {queue!r} as mailbench declares it "
+                f"({exc.args[0] if exc.args else exc!r}): quorum queues with message TTL "
+                "and at-least-once dead-lettering need RabbitMQ 3.10 or later, and a queue "
+                "left by an older mailbench (a classic queue) must be deleted first."
+            ) from exc
 
     def _wait_queues(self) -> list[tuple[str, dict[str, Any]]]:
         return [
@@ -160,7 +193,9 @@ class RabbitMQQueue:
         with self._errors(f"start consuming {self._name!r}"):
             channel = await self._connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=prefetch)
-            queue = await channel.declare_queue(self._name, durable=True, arguments=QUORUM)
+            queue = await channel.declare_queue(
+                self._name, durable=True, arguments=_main_queue_args(self._name)
+            )
             consumer_tag = await queue.consume(on_message)
         self._inboxes.add(inbox)
         try:
@@ -181,7 +216,7 @@ class RabbitMQQueue:
                         await queue.cancel(consumer_tag)
                         while not inbox.empty():
                             if (left := inbox.get_nowait()) is not None:
-                                await self._settle(left, "hand back", left.nack)
+                                await self._give_back(left, _deliveries(left) - 1)
                 except QueueError as exc:
                     log.warning("%s", exc)
 
@@ -195,10 +230,24 @@ class RabbitMQQueue:
             with self._errors(f"{what} message {message.message_id}"):
                 await action()
         except QueueError:
-            await self._hand_back(message)
+            await self._requeue(message)
             raise
 
-    async def _hand_back(self, message: AbstractIncomingMessage) -> None:
+    async def hand_back(self, delivery: Delivery) -> None:
+        await self._give_back(delivery.handle, delivery.deliveries - 1)
+
+    async def _give_back(self, message: AbstractIncomingMessage, earlier: int) -> None:
+        """Return a message never started to the queue at once, uncounted. A nack would
+        count as a delivery (``x-delivery-count``); so a copy that carries the count so
+        far is published, confirmed, and then the original acknowledged."""
+        headers = {CARRIED_HEADER: earlier} if earlier > 0 else {}
+        publish = self._publish(
+            message.body, self._name, message_id=message.message_id, headers=headers
+        )
+        await self._publish_or_requeue(message, f"hand back message {message.message_id}", publish)
+        await self._settle(message, "acknowledge", message.ack)
+
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
         """Requeue a message that could not be settled. Left unacknowledged on a live
         channel it would be redelivered only when the channel closes, and hold one of
         the consumer's prefetch slots until then; on a closed channel the broker has
@@ -218,7 +267,7 @@ class RabbitMQQueue:
                 exc,
             )
 
-    async def _publish_or_hand_back(
+    async def _publish_or_requeue(
         self, message: AbstractIncomingMessage, what: str, publish: Awaitable[None]
     ) -> None:
         """The confirmed publish that comes before settling ``message``; if it fails, the
@@ -228,7 +277,7 @@ class RabbitMQQueue:
                 await publish
         except QueueError:
             self._unacked -= 1
-            await self._hand_back(message)
+            await self._requeue(message)
             raise
 
     async def ack(self, delivery: Delivery) -> None:
@@ -237,7 +286,7 @@ class RabbitMQQueue:
 
     async def retry(self, delivery: Delivery, delay: float) -> None:
         job = delivery.job.next_attempt()
-        await self._publish_or_hand_back(
+        await self._publish_or_requeue(
             delivery.handle, f"schedule the retry of job {job.id}", self._publish_retry(job, delay)
         )
         # Only now: until the wait queue has confirmed the new attempt, the original is
@@ -279,7 +328,7 @@ class RabbitMQQueue:
             message_id=message.message_id,
             headers={REASON_HEADER: reason},
         )
-        await self._publish_or_hand_back(
+        await self._publish_or_requeue(
             message, f"dead-letter message {message.message_id}", publish
         )
         await self._settle(message, "acknowledge", message.ack)

@@ -22,7 +22,7 @@ from harness.errors import ConfigError, QueueError, ServiceUnavailable
 from harness.services.manager import Services
 from harness.services.settings import ServiceSettings
 from queues import Delivery, Email, Job, open_queue
-from queues.rabbitmq import RETRY_LADDER_MS
+from queues.rabbitmq import DELIVERY_LIMIT, RETRY_LADDER_MS
 from queues.urls import redact_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -73,6 +73,29 @@ async def test_deliveries_counts_every_handout_of_a_message(
     await consumer.ack(delivery)
     assert await consumer.depth() == 0
     await consumer.close()
+
+
+async def test_a_hand_back_is_not_counted_and_carries_the_count_so_far(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    """A nack would count as one more delivery; a hand-back (a job the worker never
+    started) must not, yet must not forget the deliveries before it either."""
+    job = make_job()
+    crashed = await open_queue(rabbitmq_url, queue_name)
+    await crashed.enqueue(job)
+    await next_delivery(crashed.consume(prefetch=1))
+    await crashed.close()  # unsettled: counted
+    holder = await open_queue(rabbitmq_url, queue_name)
+    delivery = await next_delivery(holder.consume(prefetch=1))
+    assert delivery.deliveries == 2
+    await holder.hand_back(delivery)  # not counted
+    assert await holder.depth() == 1
+    await holder.close()
+    for handout in (2, 3):
+        consumer = await open_queue(rabbitmq_url, queue_name)
+        delivery = await next_delivery(consumer.consume(prefetch=1))
+        assert (delivery.job, delivery.deliveries) == (job, handout)
+        await consumer.close()  # unsettled again: counted on top of what was carried
 
 
 async def test_a_retry_is_a_new_message_delivered_for_the_first_time(
@@ -244,4 +267,33 @@ async def test_a_queue_declared_otherwise_is_one_clear_sentence(
         await open_queue(rabbitmq_url, queue_name)
     message = str(caught.value)
     assert message.startswith(f"RabbitMQ at {redact_url(rabbitmq_url)} refused queue")
-    assert "must be deleted first" in message and "x-queue-type" in message
+    assert "inequivalent arg" in message and "must be deleted first" in message
+
+
+async def test_beyond_the_brokers_delivery_limit_a_job_is_dead_lettered_not_dropped(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    """A backstop far above the worker's own limit, for consumers that never settle
+    (RabbitMQ 4 has one of 20 by default, and drops what exceeds it unless the queue
+    dead-letters)."""
+    queue = await open_queue(rabbitmq_url, queue_name)
+    try:
+        await queue.enqueue(make_job())
+        handouts = 0
+        async with await aio_pika.connect(rabbitmq_url) as connection:
+            while handouts <= DELIVERY_LIMIT + 1:
+                channel = await connection.channel()
+                main = await channel.get_queue(queue_name, ensure=False)
+                message = await main.get(no_ack=False, fail=False)
+                await channel.close()  # unsettled: returned, and counted
+                if message is None:
+                    break
+                handouts += 1
+        assert handouts == DELIVERY_LIMIT + 1
+        assert (await queue.depth(), await queue.dead_letters()) == (0, 1)
+        async with await aio_pika.connect(rabbitmq_url) as connection:
+            dead = await (await connection.channel()).get_queue(f"{queue_name}.dead")
+            message = await dead.get(no_ack=False)
+            assert message.headers["x-first-death-reason"] == "delivery_limit"
+    finally:
+        await queue.close()
