@@ -81,7 +81,7 @@ CRASH_EXIT_CODE = 70  # --inject-crash-subject's exit, as a crash of the process
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
-    backend: str
+    backend: str = field(repr=False)  # the queue URL, with the broker's password
     queue_name: str = "mailbench"
     concurrency: int = 200
     prefetch: int | None = None  # None: the concurrency plus a quarter, see prefetch_count
