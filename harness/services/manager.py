@@ -4,12 +4,8 @@ Each broker runs from the machine's own binaries as a child process on loopback 
 private port, with its data, config and logs under ``base_dir/<name>/``::
 
     with Services(ServiceSettings()) as services:
-        url = services.start("redis")     # redis://mailbench:<password>@127.0.0.1:28379/0
+        url = services.start("redis")     # redis://127.0.0.1:28379/0
         ...                               # everything is stopped on exit and Ctrl-C
-
-Each broker mailbench starts lets in only the user and password drawn for its data
-(kept in ``base_dir/<name>/credentials.json``, 0600, and in the URL returned): other users
-of the machine can neither read the queued emails nor add jobs for the workers to send.
 
 A broker the user already runs is used instead when its variable is set (``AMQP_URL``,
 ``REDIS_URL``, ``DATABASE_URL``), and so is one left running by ``mailbench services up``
@@ -26,13 +22,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import shutil
 import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -48,19 +43,9 @@ from harness.process import (
     terminate,
     with_environment,
 )
-from harness.services.brokers import (
-    BROKERS,
-    Broker,
-    Credentials,
-    Launch,
-    as_user,
-    ensure_installed,
-    open_log,
-    private_dir,
-)
-from harness.services.settings import ENV_VARS, REDIS_FSYNC, SERVICE_NAMES, ServiceSettings
+from harness.services.brokers import BROKERS, Broker, Launch, as_user, ensure_installed
+from harness.services.settings import ENV_VARS, SERVICE_NAMES, ServiceSettings
 from harness.services.state import (
-    ENV_FILE,
     entry_alive,
     read_state,
     stop_entry,
@@ -85,7 +70,7 @@ log = logging.getLogger(__name__)
 class ServiceStatus:
     name: str
     state: str  # "running", "exited" (died on its own), "external" (not ours) or "stopped"
-    url: str | None = field(default=None, repr=False)  # with the password
+    url: str | None = None
     pids: tuple[int, ...] = ()  # every process of the broker we know of, leader first
     log: Path | None = None
 
@@ -93,7 +78,7 @@ class ServiceStatus:
 @dataclass
 class _Child:
     broker: Broker
-    url: str = field(repr=False)
+    url: str
     leader: Pid
     tag: str
     popen: subprocess.Popen[bytes]
@@ -160,19 +145,16 @@ class Services:
         workdir = settings.base_dir / name
         if self.fresh:
             shutil.rmtree(workdir, ignore_errors=True)
-        # Ours alone, but for root's brokers: PostgreSQL's user passes through to its data.
-        private_dir(settings.base_dir, 0o711 if os.geteuid() == 0 else 0o700)
-        private_dir(workdir)
-        credentials = Credentials.kept_in(workdir / "credentials.json", broker.login)
+        workdir.mkdir(parents=True, exist_ok=True)
         began = time.monotonic()
-        launch = broker.prepare(settings, workdir, credentials)
+        launch = broker.prepare(settings, workdir)
         # Readiness probes get the tag too: were one to spawn a process, it would be found.
         tag = f"{broker.name}-{uuid.uuid4().hex}"
         launch = dataclasses.replace(launch, env={**launch.env, TAG_VAR: tag})
-        child = self._spawn(broker, launch, workdir, tag, credentials)
+        child = self._spawn(broker, launch, workdir, tag)
         try:
-            self._wait_ready(child, launch, credentials)
-            broker.after_ready(settings, workdir, credentials)
+            self._wait_ready(child, launch)
+            broker.after_ready(settings, workdir)
         except BaseException:
             # Also on Ctrl-C while waiting: a half-started broker must not outlive us.
             self.stop(name)
@@ -180,7 +162,7 @@ class Services:
         log.info(
             "%s ready at %s in %.2f s (pid %d, log %s)",
             broker.title,
-            redact_url(child.url),
+            child.url,
             time.monotonic() - began,
             child.leader.pid,
             child.log_path,
@@ -285,12 +267,10 @@ class Services:
         self._children.clear()
         return entries
 
-    def _spawn(
-        self, broker: Broker, launch: Launch, workdir: Path, tag: str, credentials: Credentials
-    ) -> _Child:
+    def _spawn(self, broker: Broker, launch: Launch, workdir: Path, tag: str) -> _Child:
         log.debug("starting %s: %s", broker.title, " ".join(launch.argv))
         # Not cut half-way by a signal: registered at once, so that stop_all finds it.
-        with signals_deferred(), open_log(launch.log_path) as out:
+        with signals_deferred(), launch.log_path.open("ab") as out:
             popen = spawn(
                 launch.argv,
                 out,
@@ -300,16 +280,15 @@ class Services:
                 **as_user(launch.user),
             )
             leader = Pid.of(popen.pid) or Pid(popen.pid, 0)
-            url = broker.url(self.settings, credentials)
-            child = _Child(broker, url, leader, tag, popen, launch.log_path)
+            child = _Child(broker, broker.url(self.settings), leader, tag, popen, launch.log_path)
             self._children[broker.name] = child
         return child
 
-    def _wait_ready(self, child: _Child, launch: Launch, credentials: Credentials) -> None:
+    def _wait_ready(self, child: _Child, launch: Launch) -> None:
         broker, popen = child.broker, child.popen
         logs = " and ".join(str(p) for p in (launch.log_path, *launch.logs))
         deadline = time.monotonic() + self.settings.start_timeout
-        while not broker.ready(self.settings, launch, credentials):
+        while not broker.ready(self.settings, launch):
             if popen.poll() is not None:
                 raise ServiceUnavailable(
                     f"{broker.title} exited with code {popen.returncode} while starting: "
@@ -351,13 +330,6 @@ def add_service_arguments(parser: argparse.ArgumentParser, dir_flag: str = "--di
         help=f"override a broker port: {', '.join(_PORTS)}",
     )  # fmt: skip
     parser.add_argument("--no-install", action="store_true", help="never run apt-get")
-    parser.add_argument(
-        "--redis-fsync", choices=REDIS_FSYNC, default=ServiceSettings.redis_fsync,
-        help="when the Redis mailbench starts fsyncs its append-only file: always (before "
-        "each reply: an accepted job survives a host crash) or everysec (once a second: a "
-        "host crash can lose the last ~2 s of accepted jobs) (default: "
-        f"{ServiceSettings.redis_fsync})",
-    )  # fmt: skip
 
 
 # NAME of every NAME_port setting: what --port NAME=PORT may set.
@@ -374,7 +346,6 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         changes["base_dir"] = args.base_dir.resolve()
     if args.no_install:
         changes["install"] = False
-    changes["redis_fsync"] = args.redis_fsync
     for spec in args.port:
         key, _, value = spec.partition("=")
         name = key.replace("-", "_")
@@ -413,17 +384,8 @@ def _up(settings: ServiceSettings, names: tuple[str, ...]) -> int:
     state = {n: e for n, e in read_state(settings.base_dir).items() if entry_alive(e)}
     write_state(settings.base_dir, state | started)
     for name, url in urls.items():
-        print(f"{name:<9} running   {redact_url(url)}")
-    if urls:
-        # The passwords stay out of the terminal, where CI logs, scrollback and shared
-        # screens keep them: `mailbench run` finds these brokers by itself, and a user's
-        # own clients source the file, which only they can read.
-        print(f"URLs with their passwords (yours alone to read): . {_env_file(settings)}")
+        print(f"export {ENV_VARS[name]}={url}")
     return 1 if failed else 0
-
-
-def _env_file(settings: ServiceSettings) -> Path:
-    return settings.base_dir / ENV_FILE
 
 
 def _down(settings: ServiceSettings, names: tuple[str, ...]) -> int:
@@ -453,6 +415,4 @@ def _status(settings: ServiceSettings, names: tuple[str, ...]) -> int:
             print(f"{name:<9} running   {redact_url(entry['url'])} {where}")
         else:
             print(f"{name:<9} stopped")
-    if any(entry_alive(e) for e in state.values()):
-        print(f"URLs with their passwords (yours alone to read): . {_env_file(settings)}")
     return 0
