@@ -169,17 +169,6 @@ def load_pool(folder: Path) -> tuple[dict[str, Any], dict[str, list[tuple[Run, R
     return pool, pairs
 
 
-def settings_of(config: argparse.Namespace) -> GateSettings:
-    """What ``make bench-ci`` decides with: its defaults, its rounds paired, concurrent."""
-    return GateSettings(
-        min_change=config.min_change,
-        alpha=config.alpha,
-        abs_band=config.abs_band,
-        paired=True,
-        schedule="concurrent",
-    )
-
-
 def decide(pairs: Sequence[tuple[Run, Run]], settings: GateSettings) -> list[str]:
     """The rows one gate decision over these pairs fails on (none: it passes)."""
     comparison = compare_runs([b for b, _ in pairs], [c for _, c in pairs], settings)
@@ -260,7 +249,9 @@ def analyse(args: argparse.Namespace) -> int:
     remember_figures()
     pool, pairs = load_pool(args.pool)
     config = bench_ci_defaults()
-    settings = replace(settings_of(config), min_change=args.min_change or config.min_change)
+    settings = replace(
+        bench_ci.gate_settings(config), min_change=args.min_change or config.min_change
+    )
     rng = random.Random(args.seed)
     modes = parse_modes(config.modes)
     seconds = statistics.fmean(p["seconds"] for p in pool["pairs"])

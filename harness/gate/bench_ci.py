@@ -289,6 +289,18 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--abs-band", type=float, default=defaults.abs_band)
 
 
+def gate_settings(args: argparse.Namespace) -> GateSettings:
+    """What bench-ci decides with: its rounds paired, on its schedule; folders measured
+    before (``--baseline-dir``) are neither paired with these runs nor beside them."""
+    return GateSettings(
+        min_change=args.min_change,
+        alpha=args.alpha,
+        abs_band=args.abs_band,
+        paired=not args.baseline_dir,
+        schedule="sequential" if args.baseline_dir else args.schedule,
+    )
+
+
 def cli_main(args: argparse.Namespace) -> int:
     """``mailbench bench-ci``: measure both sides, compare, write the tables; exit 1 on a
     regression (the entry point answers 2, in one sentence, when a side cannot be had)."""
@@ -302,14 +314,7 @@ def cli_main(args: argparse.Namespace) -> int:
         )
     args.out = args.out.resolve()
     started = time.monotonic()
-    # Folders measured before are neither paired with these runs nor beside them.
-    settings = GateSettings(
-        min_change=args.min_change,
-        alpha=args.alpha,
-        abs_band=args.abs_band,
-        paired=not args.baseline_dir,
-        schedule="sequential" if args.baseline_dir else args.schedule,
-    )
+    settings = gate_settings(args)
     injected = knobs(
         args.candidate_delay_ms, args.candidate_send_work_us, args.candidate_form_work_us
     )
