@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install bench bench-full test lint format services-up services-down clean bench-ci microbench
+.PHONY: install bench bench-full test test-lowest lint format services-up services-down clean bench-ci microbench
 
 install: $(STAMP)
 
@@ -22,6 +22,17 @@ bench-full: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The unit tests against the lowest versions pyproject.toml allows (uv's lowest-direct
+# resolution: each direct dependency at its floor), in a venv of their own: a floor below
+# what the code uses fails here rather than on a user's machine.
+LOWEST ?= .venv-lowest
+test-lowest:
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet --upgrade pip uv
+	$(LOWEST)/bin/uv pip install --quiet --python $(LOWEST)/bin/python \
+		--resolution lowest-direct -e '.[dev]'
+	$(LOWEST)/bin/python -m pytest -p no:cacheprovider tests/unit
 
 # The CI gate: baseline and candidate measured side by side now, then `mailbench compare`.
 # BASELINE_COMMIT=<ref> measures that commit from a git worktree; BASELINE_DIR=<dirs>
@@ -58,5 +69,5 @@ services-down: install
 	$(BIN)/mailbench services down
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) $(LOWEST) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .benchmarks
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -14,9 +14,19 @@ Guarantees every backend gives (the contract tests in ``tests/`` check each one)
   lost its connection, or its lease expired — is delivered again. Jobs are therefore
   idempotent by their ``id``, which is sent to the email API as the idempotency key.
 * **No ordering.** Consumers must not assume FIFO; retries and redeliveries reorder.
-* **Settle once.** After ``ack``, ``retry`` or ``dead_letter`` the delivery is done with;
-  ``retry`` makes the job (with ``attempt`` increased by one) visible again after
-  ``delay`` seconds; ``dead_letter`` keeps it with the reason for a human to inspect.
+* **Settle once.** After ``ack``, ``retry``, ``dead_letter`` or ``hand_back`` the
+  delivery is done with; ``retry`` makes the job (with ``attempt`` increased by one)
+  visible again after ``delay`` seconds; ``dead_letter`` keeps it with the reason for a
+  human to inspect; ``hand_back`` returns a delivery its consumer never started, at
+  once and as if it had never been handed out (neither ``attempt`` nor ``deliveries``
+  grows), so a consumer that stops gives its backlog to the others without waiting
+  out a lease.
+* **Deliveries are counted.** :attr:`Delivery.deliveries` says how often the broker has
+  handed the job's current attempt out: 1, plus one per redelivery after a crash, a
+  lost connection or an expired lease. A job that kills every consumer it reaches
+  (a *poison job*) shows itself by a growing count although it never gets as far as an
+  API call, which is how a worker can dead-letter it (``servers/worker.py``). A retry
+  is a new attempt and counts from 1 again.
 * **Poison messages never block the queue.** A payload that does not decode into a job
   is dead-lettered by the backend itself with the decoding error as reason, and
   ``consume`` goes on with the next one.
@@ -132,7 +142,11 @@ class Delivery:
     consumer got it, so ``received_at - job.enqueued_at`` is the queue wait.
     ``deliveries`` counts the times the broker has handed this job out, this one
     included: a redelivery after a crash, a lease expiry or a visibility timeout counts,
-    although no API call was made (``job.attempt`` counts those).
+    although no API call was made (``job.attempt`` counts those). It counts since the
+    job's last ``retry``, and a ``hand_back`` takes back its own count. Where it comes
+    from: Redis, the stream entry's delivery count (``XPENDING``) plus what a hand-back
+    carried over; SQLite and PostgreSQL, the row's ``deliveries`` column, incremented by
+    the claim; RabbitMQ, the ``x-delivery-count`` header; memory, its own counter.
     """
 
     job: Job
@@ -160,6 +174,10 @@ class Queue(Protocol):
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move the job aside with ``reason``; it is never delivered again."""
+
+    async def hand_back(self, delivery: Delivery) -> None:
+        """Return a delivery that was never started, to be delivered again at once (to
+        any consumer), with the same ``attempt`` and without counting this delivery."""
 
     async def depth(self) -> int:
         """Jobs still to be sent, excluding dead letters. What each backend counts:

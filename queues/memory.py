@@ -3,7 +3,7 @@
 Queue objects opened with the same space and name share one store, so a server and a
 worker in one process (or a test and either) see the same jobs. Unsettled deliveries
 go back to the queue when their queue object is closed or on :meth:`requeue_unacked`,
-which is how a test simulates a consumer crash.
+which is how a test simulates a consumer crash; either counts as a delivery made.
 """
 
 from __future__ import annotations
@@ -30,11 +30,17 @@ class DeadLetter:
     job: Job | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    payload: bytes
+    delivered: int = 0  # times handed out before, for Delivery.deliveries
+
+
 @dataclass(slots=True)
 class _Store:
-    ready: deque[bytes] = field(default_factory=deque)
-    delayed: list[tuple[float, int, bytes]] = field(default_factory=list)
-    in_flight: dict[int, bytes] = field(default_factory=dict)
+    ready: deque[_Entry] = field(default_factory=deque)
+    delayed: list[tuple[float, int, _Entry]] = field(default_factory=list)
+    in_flight: dict[int, _Entry] = field(default_factory=dict)
     dead: list[DeadLetter] = field(default_factory=list)
     waiters: set[asyncio.Future[None]] = field(default_factory=set)
 
@@ -90,7 +96,7 @@ class MemoryQueue:
     def put_raw(self, payload: bytes) -> None:
         """Append ``payload`` as is, e.g. a poison message in a test."""
         self._check_open()
-        self._store.ready.append(payload)
+        self._store.ready.append(_Entry(payload))
         self._store.wake()
 
     async def consume(self, prefetch: int) -> AsyncIterator[Delivery]:
@@ -114,19 +120,19 @@ class MemoryQueue:
                 finally:
                     store.waiters.discard(waiter)
                 continue
-            payload = store.ready.popleft()
+            entry = store.ready.popleft()
             try:
-                job = decode_job(payload)
+                job = decode_job(entry.payload)
             except InvalidJob as exc:
-                store.dead.append(DeadLetter(payload, str(exc), None))
+                store.dead.append(DeadLetter(entry.payload, str(exc), None))
                 continue
             tag = next(_TAGS)
-            store.in_flight[tag] = payload
+            store.in_flight[tag] = entry
             self._unacked[tag] = slots
             slots.free -= 1
-            yield Delivery(job, _Handle(tag, slots))
+            yield Delivery(job, _Handle(tag, slots), deliveries=entry.delivered + 1)
 
-    def _settle(self, delivery: Delivery) -> bytes:
+    def _settle(self, delivery: Delivery) -> _Entry:
         handle = delivery.handle
         if not isinstance(handle, _Handle) or handle.tag not in self._unacked:
             raise QueueError(
@@ -142,17 +148,22 @@ class MemoryQueue:
 
     async def retry(self, delivery: Delivery, delay: float) -> None:
         self._settle(delivery)
-        payload = encode_job(delivery.job.next_attempt())
+        entry = _Entry(encode_job(delivery.job.next_attempt()))
         if delay <= 0:
-            self._store.ready.append(payload)
+            self._store.ready.append(entry)
         else:
             due = time.monotonic() + delay
-            heapq.heappush(self._store.delayed, (due, next(_SEQ), payload))
+            heapq.heappush(self._store.delayed, (due, next(_SEQ), entry))
         self._store.wake()
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        payload = self._settle(delivery)
-        self._store.dead.append(DeadLetter(payload, reason, delivery.job))
+        entry = self._settle(delivery)
+        self._store.dead.append(DeadLetter(entry.payload, reason, delivery.job))
+
+    async def hand_back(self, delivery: Delivery) -> None:
+        # Not counted: the entry goes back with the count it had before this delivery.
+        self._store.ready.append(self._settle(delivery))
+        self._store.wake()
 
     async def depth(self) -> int:
         """Ready, delayed and in flight, of every consumer of the store."""
@@ -171,7 +182,8 @@ class MemoryQueue:
         tags = list(self._unacked)
         for tag in tags:
             self._unacked.pop(tag).release()
-            self._store.ready.append(self._store.in_flight.pop(tag))
+            entry = self._store.in_flight.pop(tag)
+            self._store.ready.append(_Entry(entry.payload, entry.delivered + 1))
         self._store.wake()
         return len(tags)
 

@@ -1,9 +1,20 @@
-"""RabbitMQ backend (aio-pika): ``amqp://user:pass@host:port/vhost``.
+"""RabbitMQ backend (aio-pika): ``amqp://user:pass@host:port/vhost``; RabbitMQ 3.10 or later.
 
-Queues per name: ``name`` (durable), ``name.dead`` (dead letters, reason in the
+Queues per name: ``name``, ``name.dead`` (dead letters, reason in the
 ``x-mailbench-reason`` header) and ``name.retry.<ms>ms`` wait queues whose TTL
 dead-letters back into ``name``. Retry delays are rounded *up* to a fixed ladder, so
 every message in one wait queue shares its TTL and nothing waits behind a longer one.
+
+All of them are quorum queues. A retry leaves the worker's hands: its original is
+acknowledged once the wait queue has confirmed the new attempt, and the way back into
+``name`` is the broker's own dead-lettering, which publishes without confirms from a
+classic queue (at most once: a message whose target cannot take it at that moment, as
+while the broker recovers from a crash, is dropped). A quorum wait queue with
+``x-dead-letter-strategy: at-least-once`` keeps the message until the target has
+confirmed it, retrying every ``dead_letter_worker_publisher_confirm_timeout`` (180 s by
+default); that strategy needs ``x-overflow: reject-publish``. Quorum queues also count a
+message's deliveries (``x-delivery-count``), which a classic queue does not; ``name``
+dead-letters a job beyond :data:`DELIVERY_LIMIT` into ``name.dead`` itself.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, MessageProcessError
+from aiormq.exceptions import ChannelInvalidStateError, ChannelPreconditionFailed
 
 from queues.base import Delivery, Job, decode_job, encode_job
 from queues.errors import ConfigError, InvalidJob, MailbenchError, QueueError, ServiceUnavailable
@@ -31,6 +43,8 @@ from queues.urls import redact_url
 log = logging.getLogger(__name__)
 
 REASON_HEADER = "x-mailbench-reason"
+# A handed-back job is published again, as a new message: this carries its deliveries so far.
+CARRIED_HEADER = "x-mailbench-deliveries"
 CONNECT_TIMEOUT = 10.0
 _ERRORS = (*CONNECTION_EXCEPTIONS, MessageProcessError)
 # 10 ms … 10 000 s in 1-1.5-2-3-5-7 steps: a retry is at most 1.7x late, never early.
@@ -40,12 +54,46 @@ RETRY_LADDER_MS: tuple[int, ...] = (
 )
 
 
+QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+# The broker's own backstop for a job redelivered without end, far above the worker's
+# limit (--max-deliveries): RabbitMQ 4 sets 20 by default, and drops what exceeds it
+# unless the queue dead-letters.
+DELIVERY_LIMIT = 20
+
+
+def _main_queue_args(name: str) -> dict[str, Any]:
+    return {
+        **QUORUM,
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": f"{name}.dead",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
 def _wait_queue_args(name: str, ttl_ms: int) -> dict[str, Any]:
     return {
+        **QUORUM,
         "x-message-ttl": ttl_ms,
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": name,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",  # without it the strategy falls back to at-most-once
     }
+
+
+def _deliveries(message: AbstractIncomingMessage) -> int:
+    """The times the broker has handed ``message``'s job out, this one included: a quorum
+    queue counts the earlier ones in ``x-delivery-count`` (absent the first time), a
+    classic queue only flags a redelivery; plus those a hand-back carried over."""
+    headers = message.headers or {}
+    carried = headers.get(CARRIED_HEADER)
+    earlier = carried if isinstance(carried, int) and carried > 0 else 0
+    count = headers.get("x-delivery-count")
+    if isinstance(count, int) and count >= 0:
+        return earlier + count + 1
+    return earlier + (2 if message.redelivered else 1)
 
 
 @contextlib.contextmanager
@@ -78,13 +126,34 @@ class RabbitMQQueue:
         self._publisher = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
-        await self._publisher.declare_queue(self._name, durable=True)
-        await self._publisher.declare_queue(f"{self._name}.dead", durable=True)
         self._exchange = self._publisher.default_exchange
+        with self._refused(self._name):
+            # On the robust channel, which declares them again after a reconnect.
+            await self._publisher.declare_queue(
+                self._name, durable=True, arguments=_main_queue_args(self._name)
+            )
+            await self._publisher.declare_queue(
+                f"{self._name}.dead", durable=True, arguments=QUORUM
+            )
         # All wait queues exist from the start, so depth() can count them from any process.
+        # Declared on the plain underlying channel: a robust channel would remember every
+        # declaration to replay it after a reconnect.
         underlay = await self._publisher.get_underlay_channel()
         for queue, arguments in self._wait_queues():
-            await underlay.queue_declare(queue, durable=True, arguments=arguments)
+            with self._refused(queue):
+                await underlay.queue_declare(queue, durable=True, arguments=arguments)
+
+    @contextlib.contextmanager
+    def _refused(self, queue: str) -> Iterator[None]:
+        try:
+            yield
+        except ChannelPreconditionFailed as exc:
+            raise ConfigError(
+                f"RabbitMQ at {self._url} refused queue {queue!r} as mailbench declares it "
+                f"({exc.args[0] if exc.args else exc!r}): quorum queues with message TTL "
+                "and at-least-once dead-lettering need RabbitMQ 3.10 or later, and a queue "
+                "left by an older mailbench (a classic queue) must be deleted first."
+            ) from exc
 
     def _wait_queues(self) -> list[tuple[str, dict[str, Any]]]:
         return [
@@ -124,7 +193,9 @@ class RabbitMQQueue:
         with self._errors(f"start consuming {self._name!r}"):
             channel = await self._connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=prefetch)
-            queue = await channel.declare_queue(self._name, durable=True)
+            queue = await channel.declare_queue(
+                self._name, durable=True, arguments=_main_queue_args(self._name)
+            )
             consumer_tag = await queue.consume(on_message)
         self._inboxes.add(inbox)
         try:
@@ -134,7 +205,7 @@ class RabbitMQQueue:
                 except InvalidJob as exc:
                     await self._dead_letter(message, str(exc))
                     continue
-                yield Delivery(job, message)
+                yield Delivery(job, message, deliveries=_deliveries(message))
         finally:
             self._inboxes.discard(inbox)
             if not self._closed and not channel.is_closed:
@@ -145,38 +216,101 @@ class RabbitMQQueue:
                         await queue.cancel(consumer_tag)
                         while not inbox.empty():
                             if (left := inbox.get_nowait()) is not None:
-                                await self._settle(left, left.nack(requeue=True))
+                                await self._give_back(left, _deliveries(left) - 1)
                 except QueueError as exc:
                     log.warning("%s", exc)
 
-    async def _settle(self, message: AbstractIncomingMessage, action: Awaitable[None]) -> None:
+    async def _settle(
+        self, message: AbstractIncomingMessage, what: str, action: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Settle ``message`` once with ``action`` (its ack or nack); if that fails while
+        its channel lives, hand it back."""
         self._unacked -= 1
-        with self._errors(f"settle message {message.message_id}"):
-            await action
+        try:
+            with self._errors(f"{what} message {message.message_id}"):
+                await action()
+        except QueueError:
+            await self._requeue(message)
+            raise
+
+    async def hand_back(self, delivery: Delivery) -> None:
+        await self._give_back(delivery.handle, delivery.deliveries - 1)
+
+    async def _give_back(self, message: AbstractIncomingMessage, earlier: int) -> None:
+        """Return a message never started to the queue at once, uncounted. A nack would
+        count as a delivery (``x-delivery-count``); so a copy that carries the count so
+        far is published, confirmed, and then the original acknowledged."""
+        headers = {CARRIED_HEADER: earlier} if earlier > 0 else {}
+        publish = self._publish(
+            message.body, self._name, message_id=message.message_id, headers=headers
+        )
+        await self._publish_or_requeue(message, f"hand back message {message.message_id}", publish)
+        await self._settle(message, "acknowledge", message.ack)
+
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+        """Requeue a message that could not be settled. Left unacknowledged on a live
+        channel it would be redelivered only when the channel closes, and hold one of
+        the consumer's prefetch slots until then; on a closed channel the broker has
+        requeued it already."""
+        if message.processed:
+            return
+        try:
+            await message.nack(requeue=True)
+        except ChannelInvalidStateError:
+            pass  # the channel is closed: the broker has requeued it
+        except _ERRORS as exc:
+            log.warning(
+                "RabbitMQ at %s could not hand back message %s (%r): it returns when its "
+                "channel closes",
+                self._url,
+                message.message_id,
+                exc,
+            )
+
+    async def _publish_or_requeue(
+        self, message: AbstractIncomingMessage, what: str, publish: Awaitable[None]
+    ) -> None:
+        """The confirmed publish that comes before settling ``message``; if it fails, the
+        message goes back to the queue rather than stay unsettled."""
+        try:
+            with self._errors(what):
+                await publish
+        except QueueError:
+            self._unacked -= 1
+            await self._requeue(message)
+            raise
 
     async def ack(self, delivery: Delivery) -> None:
         message: AbstractIncomingMessage = delivery.handle
-        await self._settle(message, message.ack())
+        await self._settle(message, "acknowledge", message.ack)
 
     async def retry(self, delivery: Delivery, delay: float) -> None:
         job = delivery.job.next_attempt()
-        with self._errors(f"schedule the retry of job {job.id}"):
-            if delay <= 0:
-                routing_key = self._name
-            else:
-                routing_key = await self._declare_wait_queue(delay)
-            await self._publish(encode_job(job), routing_key, message_id=job.id)
+        await self._publish_or_requeue(
+            delivery.handle, f"schedule the retry of job {job.id}", self._publish_retry(job, delay)
+        )
+        # Only now: until the wait queue has confirmed the new attempt, the original is
+        # the one copy.
         await self.ack(delivery)
+
+    async def _publish_retry(self, job: Job, delay: float) -> None:
+        routing_key = self._name if delay <= 0 else await self._declare_wait_queue(delay)
+        await self._publish(encode_job(job), routing_key, message_id=job.id)
 
     async def _declare_wait_queue(self, delay: float) -> str:
         index = bisect.bisect_left(RETRY_LADDER_MS, delay * 1000)
         if index == len(RETRY_LADDER_MS):
-            limit = RETRY_LADDER_MS[-1] / 1000
-            raise QueueError(f"RabbitMQ retry delays are limited to {limit:g} s, not {delay} s")
+            # Early rather than never: a job that cannot be scheduled would come straight
+            # back, and hammer the API that asked for the wait.
+            index -= 1
+            log.warning(
+                "a retry delay of %g s is beyond RabbitMQ's wait queues; waiting %g s instead",
+                delay,
+                RETRY_LADDER_MS[index] / 1000,
+            )
         ttl_ms = RETRY_LADDER_MS[index]
         assert self._publisher is not None
-        # Declared again in case it was deleted, on the plain underlying channel: a robust
-        # channel would remember every declaration to replay it after a reconnect.
+        # Declared again in case it was deleted, on the plain underlying channel.
         underlay = await self._publisher.get_underlay_channel()
         wait_queue = f"{self._name}.retry.{ttl_ms}ms"
         await underlay.queue_declare(
@@ -188,14 +322,16 @@ class RabbitMQQueue:
         await self._dead_letter(delivery.handle, reason)
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
-        with self._errors(f"dead-letter message {message.message_id}"):
-            await self._publish(
-                message.body,
-                f"{self._name}.dead",
-                message_id=message.message_id,
-                headers={REASON_HEADER: reason},
-            )
-        await self._settle(message, message.ack())
+        publish = self._publish(
+            message.body,
+            f"{self._name}.dead",
+            message_id=message.message_id,
+            headers={REASON_HEADER: reason},
+        )
+        await self._publish_or_requeue(
+            message, f"dead-letter message {message.message_id}", publish
+        )
+        await self._settle(message, "acknowledge", message.ack)
 
     async def depth(self) -> int:
         """Ready messages, waiting retries, and this object's unsettled deliveries; not
@@ -259,7 +395,7 @@ async def open_rabbitmq(url: str, name: str) -> RabbitMQQueue:
             f"cannot declare queue {name!r} on RabbitMQ at {shown}", ServiceUnavailable, str
         ):
             await queue._start()
-    except ServiceUnavailable:
+    except MailbenchError:
         await connection.close()
         raise
     return queue

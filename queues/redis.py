@@ -3,12 +3,19 @@
 Query parameters (removed before the URL reaches redis-py): ``visibility`` — seconds
 an unsettled entry of a silent consumer stays claimed before another consumer takes it
 over (default 30; live consumers refresh theirs every third of it); ``poll`` — longest
-blocking read in seconds (default 1). Parameters of redis-py stay, e.g. ``max_connections``
-(pool size, default 50).
+blocking read in seconds (default 1); ``connection_wait`` — longest wait in seconds for
+one of the pool's connections (default 20). Parameters of redis-py stay, e.g.
+``max_connections`` (pool size, default 50).
+
+A burst of more commands than connections (a server's enqueues, a worker's acks) waits
+for a connection in arrival order. redis-py's own blocking pool wakes waiters through a
+condition that the task just releasing a connection wins again, so under a sustained
+burst a waiter starved until its timeout ("No connection available").
 
 Keys: ``mailbench:{name}:jobs`` (stream, group ``workers``; settled entries are
-deleted, so its length is the depth), ``…:delayed`` (sorted set of payloads scored by
-due time, moved back by consumers) and ``…:dead`` (stream of ``job`` + ``reason``).
+deleted, so its length is the depth; an entry handed back carries the deliveries it
+had made in a ``d`` field), ``…:delayed`` (sorted set of payloads scored by due time,
+moved back by consumers) and ``…:dead`` (stream of ``job`` + ``reason``).
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ return -1
 class Settings:
     visibility: float = 30.0
     poll: float = 1.0
+    connection_wait: float = 20.0
 
 
 @contextlib.contextmanager
@@ -78,11 +86,32 @@ class _Handle:
     slots: Slots
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A stream entry as read: ``deliveries`` counts this one."""
+
+    entry_id: bytes
+    payload: bytes
+    deliveries: int
+
+
+def _entry(entry_id: bytes, fields: dict[bytes, bytes] | None, delivered: int) -> _Entry:
+    """``delivered``: the stream's count for the entry (1 when read new); a hand-back
+    carried the earlier ones over in ``d``."""
+    fields = fields or {}
+    return _Entry(entry_id, fields.get(b"job", b""), int(fields.get(b"d", 0)) + delivered)
+
+
 class RedisQueue:
-    def __init__(self, url: str, name: str, client: aioredis.Redis, settings: Settings) -> None:
+    def __init__(
+        self, url: str, name: str, client: aioredis.Redis, settings: Settings, connections: int
+    ) -> None:
         self._url = url
         self._client = client
         self._settings = settings
+        self._connections = connections
+        # First come, first served (asyncio's semaphore is fair): see the module's doc.
+        self._gate = asyncio.Semaphore(connections)
         self._jobs = f"mailbench:{{{name}}}:jobs"
         self._delayed = f"mailbench:{{{name}}}:delayed"
         self._dead = f"mailbench:{{{name}}}:dead"
@@ -90,7 +119,7 @@ class RedisQueue:
         self._promote = client.register_script(_PROMOTE)
         self._forget = client.register_script(_FORGET)
         self._in_flight: dict[bytes, Slots] = {}
-        self._unyielded: dict[bytes, bytes] = {}  # read, not yet handed out: id -> payload
+        self._unyielded: dict[bytes, _Entry] = {}  # read, not yet handed out
         self._closed = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -98,13 +127,30 @@ class RedisQueue:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: another process made it
             await self._client.xgroup_create(self._jobs, GROUP, id="0", mkstream=True)
 
-    def _errors(self, action: str) -> contextlib.AbstractContextManager[None]:
-        return _errors(f"Redis at {self._url} failed to {action}")
+    @contextlib.asynccontextmanager
+    async def _turn(self, action: str) -> AsyncIterator[None]:
+        """A connection of the pool for ``action``, in arrival order, waited for
+        ``connection_wait`` seconds at most; redis-py's errors in the block become ours."""
+        sentence = f"Redis at {self._url} failed to {action}"
+        wait = self._settings.connection_wait
+        try:
+            async with asyncio.timeout(wait):
+                await self._gate.acquire()
+        except TimeoutError:
+            raise QueueError(
+                f"{sentence}: all {self._connections} connections stayed busy for {wait:g} s"
+                " (raise max_connections or connection_wait in the URL)"
+            ) from None
+        try:
+            with _errors(sentence):
+                yield
+        finally:
+            self._gate.release()
 
     async def enqueue(self, job: Job) -> None:
         if self._closed.is_set():
             raise QueueError(f"the Redis queue on {self._url} is closed")
-        with self._errors(f"add job {job.id}"):
+        async with self._turn(f"add job {job.id}"):
             await self._client.xadd(self._jobs, {"job": encode_job(job)})
 
     async def consume(self, prefetch: int) -> AsyncIterator[Delivery]:
@@ -123,30 +169,29 @@ class RedisQueue:
                     slots.released.clear()
                     await self._until_closed(slots.released.wait())
                     continue
-                for entry_id, fields in await anext(reader):
-                    self._unyielded[entry_id] = (fields or {}).get(b"job", b"")
-                    batch.append(entry_id)
+                for entry in await anext(reader):
+                    self._unyielded[entry.entry_id] = entry
+                    batch.append(entry.entry_id)
                 while batch and not self._closed.is_set():  # close() hands them back
-                    entry_id = batch.popleft()
-                    payload = self._unyielded.pop(entry_id)
+                    entry = self._unyielded.pop(batch.popleft())
                     try:
-                        job = decode_job(payload)
+                        job = decode_job(entry.payload)
                     except InvalidJob as exc:
-                        await self._settle(
-                            entry_id, self._dead, {"job": payload, "reason": str(exc)}
-                        )
+                        fields = {"job": entry.payload, "reason": str(exc)}
+                        await self._settle(entry.entry_id, self._dead, fields)
                         continue
-                    self._in_flight[entry_id] = slots
+                    self._in_flight[entry.entry_id] = slots
                     slots.free -= 1
-                    yield Delivery(job, _Handle(entry_id, slots))
+                    handle = _Handle(entry.entry_id, slots)
+                    yield Delivery(job, handle, deliveries=entry.deliveries)
         except StopAsyncIteration:
             return  # the reader stops when the queue closes
         finally:
             await reader.aclose()
             if batch and not self._closed.is_set():
-                await self._hand_back(list(batch))
+                await self._hand_back_unyielded(list(batch))
 
-    async def _reader(self, slots: Slots) -> AsyncGenerator[list[tuple[bytes, Any]], None]:
+    async def _reader(self, slots: Slots) -> AsyncGenerator[list[_Entry], None]:
         """Batches of at most ``slots.free`` entries: overdue entries of dead consumers,
         else new ones; moves due retries into the stream on the way."""
         cursor: bytes | str = "0-0"
@@ -154,13 +199,13 @@ class RedisQueue:
         backoff = 0.0
         while not self._closed.is_set():
             try:
-                with self._errors(f"read from {self._jobs}"):
+                async with self._turn(f"read from {self._jobs}"):
                     cursor, entries, next_upkeep = await self._read(slots, cursor, next_upkeep)
             except QueueError as exc:
                 cause = exc.__cause__
                 if isinstance(cause, ResponseError) and "NOGROUP" in str(cause):
                     # Restarted without its data: the stream and group must be made again.
-                    with self._errors(f"recreate group {GROUP}"):
+                    async with self._turn(f"recreate group {GROUP}"):
                         await self._start()
                     continue
                 if self._closed.is_set() and not isinstance(cause, ResponseError):
@@ -177,13 +222,13 @@ class RedisQueue:
 
     async def _read(
         self, slots: Slots, cursor: bytes | str, next_upkeep: float
-    ) -> tuple[bytes | str, list[tuple[bytes, Any]], float]:
+    ) -> tuple[bytes | str, list[_Entry], float]:
         """One batch for :meth:`_reader`, with the cursor and upkeep time to go on with."""
-        entries: list[tuple[bytes, Any]] = []
+        entries: list[_Entry] = []
         now = time.time()
         if now >= next_upkeep:
             next_due = await self._promote(keys=[self._delayed, self._jobs], args=[now, 100])
-            cursor, entries, *_ = await self._client.xautoclaim(
+            cursor, claimed, *_ = await self._client.xautoclaim(
                 self._jobs,
                 GROUP,
                 self._consumer,
@@ -191,6 +236,7 @@ class RedisQueue:
                 start_id=cursor,
                 count=slots.free,
             )
+            entries = await self._with_delivery_counts(claimed)
             next_upkeep = now + min(self._settings.poll, self._settings.visibility / 3)
             if next_due:
                 next_upkeep = min(next_upkeep, float(next_due))
@@ -201,19 +247,44 @@ class RedisQueue:
                     GROUP, self._consumer, {self._jobs: ">"}, count=slots.free, block=block
                 )
             )
-            entries = reply[0][1] if reply else []
+            entries = (
+                [_entry(entry_id, fields, 1) for entry_id, fields in reply[0][1]] if reply else []
+            )
         return cursor, entries, next_upkeep
 
-    async def _hand_back(self, entry_ids: list[bytes]) -> None:
-        """Put entries read but never yielded back as new entries, at once."""
+    async def _with_delivery_counts(self, claimed: list[tuple[bytes, Any]]) -> list[_Entry]:
+        """Entries taken over from a silent consumer, with their delivery counts (the
+        claim counted one more). Rare: only a dead or stalled consumer leaves any."""
+        if not claimed:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for entry_id, _ in claimed:
+            pipe.xpending_range(self._jobs, GROUP, min=entry_id, max=entry_id, count=1)
+        counts = await pipe.execute()
+        return [
+            # No pending entry left: another consumer settled it meanwhile (counted as 1).
+            _entry(entry_id, fields, int(pending[0]["times_delivered"]) if pending else 1)
+            for (entry_id, fields), pending in zip(claimed, counts, strict=True)
+        ]
+
+    async def _hand_back(self, entries: list[_Entry]) -> None:
+        """Put entries never started back as new entries, at once, carrying the
+        deliveries made before this one."""
         pipe = self._client.pipeline(transaction=True)
-        for entry_id in entry_ids:
-            pipe.xadd(self._jobs, {"job": self._unyielded.pop(entry_id, b"")})
-            pipe.xack(self._jobs, GROUP, entry_id)
-            pipe.xdel(self._jobs, entry_id)
+        for entry in entries:
+            fields: dict[str, bytes | int] = {"job": entry.payload}
+            if entry.deliveries > 1:
+                fields["d"] = entry.deliveries - 1
+            pipe.xadd(self._jobs, fields)  # type: ignore[arg-type]
+            pipe.xack(self._jobs, GROUP, entry.entry_id)
+            pipe.xdel(self._jobs, entry.entry_id)
+        async with self._turn(f"hand back {len(entries)} entries"):
+            await pipe.execute()
+
+    async def _hand_back_unyielded(self, entry_ids: list[bytes]) -> None:
+        entries = [self._unyielded.pop(entry_id) for entry_id in entry_ids]
         try:
-            with self._errors(f"hand back {len(entry_ids)} entries"):
-                await pipe.execute()
+            await self._hand_back(entries)
         except QueueError as exc:
             log.warning("%s; they come back after the visibility timeout", exc)
 
@@ -239,7 +310,7 @@ class RedisQueue:
             ids: list[Any] = list(self._in_flight)
             if ids:
                 try:
-                    with self._errors("refresh claims"):
+                    async with self._turn("refresh claims"):
                         await self._client.xclaim(
                             self._jobs, GROUP, self._consumer, 0, ids, justid=True
                         )
@@ -255,7 +326,7 @@ class RedisQueue:
             pipe.xadd(stream, fields)
         pipe.xack(self._jobs, GROUP, entry_id)
         pipe.xdel(self._jobs, entry_id)
-        with self._errors(f"settle entry {entry_id!r}"):
+        async with self._turn(f"settle entry {entry_id!r}"):
             await pipe.execute()
 
     def _release(self, delivery: Delivery) -> bytes:
@@ -277,17 +348,21 @@ class RedisQueue:
         pipe.zadd(self._delayed, {payload: time.time() + delay})
         pipe.xack(self._jobs, GROUP, entry_id)
         pipe.xdel(self._jobs, entry_id)
-        with self._errors(f"schedule the retry of job {delivery.job.id}"):
+        async with self._turn(f"schedule the retry of job {delivery.job.id}"):
             await pipe.execute()
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         fields = {"job": encode_job(delivery.job), "reason": reason}
         await self._settle(self._release(delivery), self._dead, fields)
 
+    async def hand_back(self, delivery: Delivery) -> None:
+        entry_id = self._release(delivery)
+        await self._hand_back([_Entry(entry_id, encode_job(delivery.job), delivery.deliveries)])
+
     async def depth(self) -> int:
         """Stream entries (waiting, or delivered to any consumer and not yet settled)
         plus the retries in the delayed set."""
-        with self._errors("count jobs"):
+        async with self._turn("count jobs"):
             pipe = self._client.pipeline(transaction=True)  # atomic with the retry mover
             pipe.xlen(self._jobs)
             pipe.zcard(self._delayed)
@@ -295,7 +370,7 @@ class RedisQueue:
         return int(waiting) + int(delayed)
 
     async def dead_letters(self) -> int:
-        with self._errors("count dead letters"):
+        async with self._turn("count dead letters"):
             return int(await self._client.xlen(self._dead))
 
     async def close(self) -> None:
@@ -307,10 +382,10 @@ class RedisQueue:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
         if self._unyielded:
-            await self._hand_back(list(self._unyielded))
+            await self._hand_back_unyielded(list(self._unyielded))
         try:
             if self._heartbeat is not None:
-                with self._errors(f"remove consumer {self._consumer}"):
+                async with self._turn(f"remove consumer {self._consumer}"):
                     await self._forget(keys=[self._jobs], args=[GROUP, self._consumer])
         except QueueError as exc:
             log.warning("%s", exc)
@@ -321,14 +396,15 @@ class RedisQueue:
 async def open_redis(url: str, name: str) -> RedisQueue:
     redis_url, settings = split_settings(url, Settings(), "Redis")
     shown = redact_url(url)
-    # A blocking pool makes a burst of enqueues wait for a connection instead of failing;
-    # redis-py reads its size from the URL (``max_connections``, default 50).
+    # redis-py reads the pool's size from the URL (``max_connections``, default 50). The
+    # queue's gate lets no more commands at it than that, so only the two commands of
+    # opening could ever wait in the pool itself; it blocks rather than fails all the same.
     try:
-        pool = aioredis.BlockingConnectionPool.from_url(redis_url, timeout=20)
+        pool = aioredis.BlockingConnectionPool.from_url(redis_url, timeout=settings.connection_wait)
     except ValueError as exc:  # a port or parameter that does not parse
         raise ConfigError(f"the Redis URL {shown} cannot be used: {exc}") from exc
     client = aioredis.Redis.from_pool(pool)
-    queue = RedisQueue(shown, name, client, settings)
+    queue = RedisQueue(shown, name, client, settings, pool.max_connections)
     try:
         with _errors(f"cannot connect to Redis at {shown}", ServiceUnavailable):
             await client.ping()

@@ -2,8 +2,10 @@
 
 Both keep every queue in one ``mailbench_jobs`` table. A row is ``available`` (claimable
 once ``run_at`` has passed), ``running`` (leased to ``locked_by`` until
-``locked_until``) or ``dead`` (with ``reason``); an ack deletes it. A consumer claims a
-batch by setting a lease and commits at once; every write that settles a row is fenced
+``locked_until``) or ``dead`` (with ``reason``); an ack deletes it. ``deliveries`` counts
+the claims of the row's current attempt (a retry sets it to 0, a hand-back takes its own
+claim back), so a row rescued from expired leases again and again shows it. A consumer
+claims a batch by setting a lease and commits at once; every write that settles a row is fenced
 by ``locked_by``, so a consumer whose lease was rescued cannot settle someone else's
 claim. While it runs, a consumer extends its own leases every third of the lease and
 makes expired leases available again (a dead consumer's, or a claim whose reply was lost).
@@ -64,8 +66,9 @@ class LeasedQueue(ABC):
         return False
 
     @abstractmethod
-    async def _claim(self, limit: int) -> list[tuple[int, bytes]]:
-        """Lease up to ``limit`` due rows to this consumer; return ``(id, payload)``."""
+    async def _claim(self, limit: int) -> list[tuple[int, bytes, int]]:
+        """Lease up to ``limit`` due rows to this consumer, counting a delivery of each;
+        return ``(id, payload, deliveries)``."""
 
     @abstractmethod
     async def _seconds_to_next_due(self) -> float | None:
@@ -79,7 +82,8 @@ class LeasedQueue(ABC):
 
     @abstractmethod
     async def _unclaim(self, row_ids: list[int]) -> None:
-        """Make rows claimed but never handed out available again (fenced)."""
+        """Make rows claimed but never started available again at once, taking back the
+        delivery their claim counted (fenced)."""
 
     @abstractmethod
     async def _bury(self, row_id: int, reason: str) -> None:
@@ -94,7 +98,7 @@ class LeasedQueue(ABC):
         if self._upkeep is None:
             self._upkeep = asyncio.create_task(self._keep_leases())
         slots = Slots(prefetch, asyncio.Event())
-        batch: deque[tuple[int, bytes]] = deque()
+        batch: deque[tuple[int, bytes, int]] = deque()
         backoff = 0.0
         try:
             while not self._closed.is_set():
@@ -120,9 +124,9 @@ class LeasedQueue(ABC):
                     poll = self.settings.poll
                     await self._wait(self._wakeup, poll if due is None else min(poll, due))
                     continue
-                self._unyielded.update(row_id for row_id, _ in batch)
+                self._unyielded.update(row_id for row_id, _, _ in batch)
                 while batch and not self._closed.is_set():  # close() hands them back
-                    row_id, payload = batch.popleft()
+                    row_id, payload, deliveries = batch.popleft()
                     self._unyielded.discard(row_id)
                     try:
                         job = decode_job(payload)
@@ -131,13 +135,13 @@ class LeasedQueue(ABC):
                         continue
                     self._in_flight[row_id] = slots
                     slots.free -= 1
-                    yield Delivery(job, _Handle(row_id, slots))
+                    yield Delivery(job, _Handle(row_id, slots), deliveries=deliveries)
         finally:
             if batch and not self._closed.is_set():
-                left = [row_id for row_id, _ in batch]
+                left = [row_id for row_id, _, _ in batch]
                 self._unyielded.difference_update(left)
                 try:
-                    await self._unclaim(left)
+                    await self._give_back(left)
                 except QueueError as exc:  # their leases expire instead
                     log.warning("handing back %d unstarted jobs failed: %s", len(left), exc)
 
@@ -157,6 +161,17 @@ class LeasedQueue(ABC):
                 log.warning("keeping leases failed: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), self.settings.lease / 3)
+
+    async def hand_back(self, delivery: Delivery) -> None:
+        await self._give_back([self._release(delivery.handle)])
+
+    async def _give_back(self, row_ids: list[int]) -> None:
+        await self._unclaim(row_ids)
+        self._announce()
+
+    def _announce(self) -> None:
+        """Rows became available: wake the consumers that may be waiting for them."""
+        self._wakeup.set()
 
     def _release(self, handle: _Handle) -> int:
         if self._in_flight.pop(handle.row_id, None) is not None:
@@ -179,5 +194,5 @@ class LeasedQueue(ABC):
                 await self._upkeep
         if self._unyielded:
             with contextlib.suppress(Exception):
-                await self._unclaim(list(self._unyielded))
+                await self._give_back(list(self._unyielded))
             self._unyielded.clear()

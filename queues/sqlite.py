@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     run_at REAL NOT NULL,
     locked_until REAL,
     locked_by TEXT,
-    reason TEXT
+    reason TEXT,
+    deliveries INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS {TABLE}_available ON {TABLE} (queue, run_at)
     WHERE state = 'available';
@@ -67,7 +68,11 @@ def _connect(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout = 10000")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
-    conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
+    conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA}")
+    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({TABLE})")}
+    if "deliveries" not in columns:  # a file made before rows counted their deliveries
+        conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN deliveries INTEGER NOT NULL DEFAULT 0")
+    conn.execute("COMMIT")
     return conn
 
 
@@ -182,18 +187,19 @@ class SQLiteQueue(LeasedQueue):
         )
         self._wakeup.set()
 
-    async def _claim(self, limit: int) -> list[tuple[int, bytes]]:
-        def claim(c: sqlite3.Connection) -> list[tuple[int, bytes]]:
+    async def _claim(self, limit: int) -> list[tuple[int, bytes, int]]:
+        def claim(c: sqlite3.Connection) -> list[tuple[int, bytes, int]]:
             now = time.time()
             return c.execute(
-                f"UPDATE {TABLE} SET state = 'running', locked_by = ?, locked_until = ?"
+                f"UPDATE {TABLE} SET state = 'running', locked_by = ?, locked_until = ?,"
+                " deliveries = deliveries + 1"
                 f" WHERE id IN (SELECT id FROM {TABLE} WHERE queue = ? AND state = 'available'"
                 "  AND run_at <= ? ORDER BY run_at LIMIT ?)"
-                " RETURNING id, payload",
+                " RETURNING id, payload, deliveries",
                 (self.consumer_id, now + self.settings.lease, self._name, now, limit),
             ).fetchall()
 
-        rows: list[tuple[int, bytes]] = await self._write(claim)
+        rows: list[tuple[int, bytes, int]] = await self._write(claim)
         return rows
 
     async def _seconds_to_next_due(self) -> float | None:
@@ -224,8 +230,8 @@ class SQLiteQueue(LeasedQueue):
     async def _unclaim(self, row_ids: list[int]) -> None:
         await self._write(
             lambda c: c.executemany(
-                f"UPDATE {TABLE} SET state = 'available', locked_by = NULL, locked_until = NULL"
-                f" WHERE {FENCE}",
+                f"UPDATE {TABLE} SET state = 'available', locked_by = NULL, locked_until = NULL,"
+                f" deliveries = max(deliveries - 1, 0) WHERE {FENCE}",
                 [(row_id, self.consumer_id) for row_id in row_ids],
             )
         )
@@ -244,7 +250,7 @@ class SQLiteQueue(LeasedQueue):
             delivery.handle,
             "retry",
             f"UPDATE {TABLE} SET state = 'available', payload = ?, run_at = ?,"
-            f" locked_by = NULL, locked_until = NULL WHERE {FENCE}",
+            f" locked_by = NULL, locked_until = NULL, deliveries = 0 WHERE {FENCE}",
             encode_job(delivery.job.next_attempt()),
             time.time() + max(0.0, delay),
         )

@@ -3,11 +3,11 @@
 Both flavours share one request shape and one classification of outcomes:
 
 * ``success`` — the API accepted the message (a 2xx with Mailgun's JSON answer);
-* ``retryable`` — try again later: 429 (honour ``Retry-After``), 408, 5xx, connection
-  errors, timeouts, and a 2xx whose body is not a JSON object. A timeout after the request
-  was sent, or a "success" the client cannot read, has an unknown outcome: the message may
-  have been sent, so the retry must carry the *same* idempotency key (only an API that
-  honours it keeps that retry from delivering twice);
+* ``retryable`` — try again later: 429 (honour ``Retry-After``, an hour at most), 408,
+  5xx, connection errors, timeouts, and a 2xx whose body is not a JSON object. A timeout
+  after the request was sent, or a "success" the client cannot read, has an unknown
+  outcome: the message may have been sent, so the retry must carry the *same* idempotency
+  key (only an API that honours it keeps that retry from delivering twice);
 * ``permanent`` — any other 4xx: retrying cannot help, the job goes to the dead letter.
 
 Timeouts are always set: Mailgun is observed to hang for tens of seconds under load.
@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import email.utils
 import enum
+import logging
 import math
 import mimetypes
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -35,6 +36,12 @@ from httpx_aiohttp import AiohttpTransport
 
 from queues.base import Email
 
+log = logging.getLogger(__name__)
+
+# The longest wait a Retry-After can ask for. Longer values are taken as this (and
+# logged): a job should not sit out days for one answer of the API, and every queue must
+# be able to hold the wait (RabbitMQ's wait queues end at 10,000 s).
+MAX_RETRY_AFTER = 3600.0
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_VARIABLE = "v:idempotency_key"
 
@@ -78,7 +85,7 @@ class SendResult:
 @dataclass(frozen=True, slots=True)
 class MailgunSettings:
     base_url: str = "https://api.mailgun.net"
-    api_key: str = "key-mailbench"
+    api_key: str = field(default="key-mailbench", repr=False)
     domain: str = "mailbench.test"
     connect_timeout: float = 2.0
     timeout: float = 10.0
@@ -133,20 +140,27 @@ def inline_parts(inline: Inline) -> FileParts:
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` is either delta-seconds or an HTTP date."""
+    """``Retry-After`` in seconds from now: either delta-seconds or an HTTP date, at most
+    :data:`MAX_RETRY_AFTER`; None when it is absent or cannot be read."""
     if not value:
         return None
     try:
         seconds = float(value)
     except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    if not math.isfinite(seconds):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    if seconds > MAX_RETRY_AFTER:
+        log.warning(
+            "the API's Retry-After %r is beyond the most mailbench waits: waiting %g s",
+            value,
+            MAX_RETRY_AFTER,
+        )
+        return MAX_RETRY_AFTER
+    return max(0.0, seconds)
 
 
 def classify(response: httpx.Response) -> SendResult:

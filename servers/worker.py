@@ -14,9 +14,21 @@ With a render cost (``--render-ms``), each email's card is rendered in the worke
 render thread before its API call and sent inline (see :mod:`servers.render`): CPU work
 per email that, unlike in the server's ``direct`` mode, never holds up a web request.
 
-On SIGTERM/SIGINT the worker stops taking deliveries, lets the calls in flight finish
-for up to ``drain_timeout`` seconds and settles them; whatever is still unsettled goes
-back to the queue when the queue is closed (at-least-once). Then it writes its metrics.
+A job that kills its worker (a *poison job*: it exhausts memory, crashes the client
+library) never gets as far as a failed API call, so its attempts never grow; the broker
+counts its deliveries instead (:attr:`queues.base.Delivery.deliveries`). A delivery
+beyond ``max_deliveries`` is dead-lettered, with the count in the reason, before any
+call. The other jobs a dying worker held come back counted too; so that they do not
+follow it into the dead letter, a delivery on its last chance (``deliveries ==
+max_deliveries``, after at least one redelivery) is sent alone: the worker hands back
+everything it has not started, lets the calls in flight end, sends that one job and
+only then goes on.
+
+On SIGTERM/SIGINT the worker stops taking deliveries and hands back at once every
+delivery it has not started, so other workers get them without waiting out a lease; it
+lets the calls in flight finish for up to ``drain_timeout`` seconds and settles them;
+whatever is still unsettled goes back to the queue when the queue is closed
+(at-least-once). Then it writes its metrics.
 
 What it records: ``queue_wait`` (a job's acceptance by the server to its first claim),
 each API call's time by outcome (``api`` for the calls the API accepted,
@@ -31,10 +43,11 @@ import asyncio
 import collections
 import json
 import logging
+import os
 import random
 import signal
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -56,23 +69,26 @@ from servers.mailgun import (
 )
 from servers.metrics import Summary
 from servers.phases import PhasedRecorder, PhaseFile, add_phase_argument, write_phases
+from servers.queue_url import QUEUE_URL_VAR, queue_url_from
 from servers.render import Renderer
 
 log = logging.getLogger(__name__)
 
 # A 2**attempt this large already exceeds any sensible cap; it keeps the float finite.
 _MAX_BACKOFF_EXPONENT = 62
+CRASH_EXIT_CODE = 70  # --inject-crash-subject's exit, as a crash of the process would end it
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
-    backend: str
+    backend: str = field(repr=False)  # the queue URL, with the broker's password
     queue_name: str = "mailbench"
     concurrency: int = 200
     prefetch: int | None = None  # None: the concurrency plus a quarter, see prefetch_count
     mailgun: MailgunSettings = field(default_factory=MailgunSettings)
     render_ms: float = 0.0  # CPU work per email, a card rendered before its API call (0: none)
     max_attempts: int = 5
+    max_deliveries: int = 5  # deliveries of one attempt before it is taken for a poison job
     backoff_base: float = 1.0
     backoff_cap: float = 30.0
     rate_limit_waits: int = 30  # 429s waited out in place before the job is re-queued
@@ -80,6 +96,8 @@ class WorkerSettings:
     metrics_out: Path | None = None
     dead_letters_out: Path | None = None  # a JSON line per dead letter, appended at once
     phase_file: Path | None = None  # the harness's phases of the run (servers.phases)
+    # A fault for tests: the process exits at once when about to send this subject.
+    inject_crash_subject: str | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -88,6 +106,8 @@ class WorkerSettings:
             raise ConfigError(f"prefetch must be at least 1, not {self.prefetch}.")
         if self.max_attempts < 1:
             raise ConfigError(f"max attempts must be at least 1, not {self.max_attempts}.")
+        if self.max_deliveries < 1:
+            raise ConfigError(f"max deliveries must be at least 1, not {self.max_deliveries}.")
         if self.backoff_base < 0 or self.backoff_cap < 0:
             raise ConfigError("backoff base and cap cannot be negative.")
 
@@ -165,6 +185,7 @@ class Worker:
         self.acked = 0
         self.retried = 0
         self.rate_limited = 0  # 429s waited out without spending an attempt
+        self.handed_back = 0  # deliveries returned unstarted (shutdown, a job sent alone)
         self.dead_lettered: list[tuple[str, str]] = []
         self.errors: collections.Counter[str] = collections.Counter()
         self._rng = rng or random.Random()
@@ -174,6 +195,7 @@ class Worker:
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._held = asyncio.Semaphore(settings.prefetch_count)
         self._in_flight: dict[asyncio.Task[None], Delivery] = {}
+        self._unstarted: set[asyncio.Task[None]] = set()  # waiting for an API slot
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
 
@@ -205,6 +227,7 @@ class Worker:
             consumer.cancel()
             await asyncio.wait({consumer})
             try:
+                await self._hand_back_unstarted()
                 await self._drain()
             finally:
                 following.cancel()
@@ -217,6 +240,12 @@ class Worker:
             raise error
 
     async def _consume(self) -> None:
+        while (last_chance := await self._start_deliveries()) is not None:
+            await self._send_alone(last_chance)
+
+    async def _start_deliveries(self) -> Delivery | None:
+        """Start deliveries as they come, until the queue closes (``None``) or one comes
+        on its last chance, which is returned unstarted, holding its slot."""
         deliveries = self.queue.consume(self.settings.prefetch_count)
         try:
             while True:
@@ -226,37 +255,73 @@ class Worker:
                 except StopAsyncIteration:
                     self._held.release()
                     log.info("the queue was closed; no more deliveries")
-                    return
+                    return None
                 except BaseException:
                     self._held.release()
                     raise
+                if 1 < delivery.deliveries == self.settings.max_deliveries:
+                    return delivery
                 self._start(delivery)
         finally:
+            # The queue hands back what it read ahead: this worker holds nothing more.
             if isinstance(deliveries, AsyncGenerator):
                 await deliveries.aclose()
 
-    def _start(self, delivery: Delivery) -> None:
-        if delivery.job.attempt == 0:
+    async def _send_alone(self, delivery: Delivery) -> None:
+        """Send a job on its last chance with nothing else held: should it crash the
+        worker again, only its own count grows."""
+        log.warning(
+            "job %s: delivered %d times without being settled; sending it alone",
+            delivery.job.id,
+            delivery.deliveries,
+        )
+        # Started first, so that a stop meanwhile hands it back with the others.
+        task = self._start(delivery, after=set(self._in_flight))
+        await self._hand_back_unstarted(keep=task)
+        await asyncio.wait({task})
+
+    def _start(
+        self, delivery: Delivery, after: set[asyncio.Task[None]] | None = None
+    ) -> asyncio.Task[None]:
+        """A task that sends ``delivery`` (once the tasks ``after`` have ended)."""
+        if delivery.job.attempt == 0 and delivery.deliveries == 1:
             # The first claim only: a retry's wait is its backoff, which the worker chose.
             wait = delivery.received_at - delivery.job.enqueued_at
             self.recorder.record("queue_wait", max(0.0, wait))
-        task = asyncio.create_task(self._handle(delivery), name=f"mailbench-job-{delivery.job.id}")
+        task = asyncio.create_task(
+            self._handle(delivery, after or set()), name=f"mailbench-job-{delivery.job.id}"
+        )
         self._in_flight[task] = delivery
+        self._unstarted.add(task)
         # A done callback, not a finally: a task cancelled before its first step never
         # runs its body, yet its slot must come back.
         task.add_done_callback(self._finished)
+        return task
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(task, None)
+        self._unstarted.discard(task)
         self._held.release()
         if not task.cancelled() and (error := task.exception()) is not None:
             log.error("job handler failed", exc_info=error)
 
-    async def _handle(self, delivery: Delivery) -> None:
+    async def _handle(self, delivery: Delivery, after: set[asyncio.Task[None]]) -> None:
         job = delivery.job
+        if delivery.deliveries > self.settings.max_deliveries:
+            self._mark_started()
+            reason = (
+                f"delivered {delivery.deliveries} times without being settled, more than "
+                f"--max-deliveries {self.settings.max_deliveries}: it may crash its worker"
+            )
+            await self._settle_quietly(job, self._dead_letter(delivery, reason))
+            return
+        if after:
+            await asyncio.wait(after)
         async with self._slots:
-            if self._stopping.is_set():
-                return  # never started: closing the queue hands it back
+            self._mark_started()
+            if self._stopping.is_set():  # never started: another worker may have it
+                await self._settle_quietly(job, self._hand_back(delivery))
+                return
             try:
                 inline = await self._render(job)
             except Exception as exc:
@@ -268,13 +333,40 @@ class Worker:
             else:
                 result = await self._send(job, inline)
                 result = await self._wait_out_rate_limit(job, inline, result)
+        await self._settle_quietly(job, self._settle(delivery, result))
+
+    def _mark_started(self) -> None:
+        """The running job's task is past the point where a shutdown hands it back."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._unstarted.discard(task)
+
+    async def _settle_quietly(self, job: Job, settle: Awaitable[None]) -> None:
         try:
-            await self._settle(delivery, result)
+            await settle
         except Exception as exc:
             # Settling again could duplicate the job; left unsettled, the queue delivers
             # it again (lease expiry, reconnect, or close).
             log.exception("job %s: could not settle it; it will be delivered again", job.id)
             self.errors[f"settle {type(exc).__name__}"] += 1
+
+    async def _hand_back(self, delivery: Delivery) -> None:
+        await self.queue.hand_back(delivery)
+        self.handed_back += 1
+
+    async def _hand_back_unstarted(self, keep: asyncio.Task[None] | None = None) -> None:
+        """Give every delivery still waiting for an API slot (but ``keep``'s) back to the
+        queue."""
+        waiting = {task: self._in_flight[task] for task in self._unstarted if task is not keep}
+        if not waiting:
+            return
+        for task in waiting:
+            task.cancel()
+        await asyncio.wait(waiting)
+        await asyncio.gather(
+            *(self._settle_quietly(d.job, self._hand_back(d)) for d in waiting.values())
+        )
+        log.info("handed back %d deliveries never started", len(waiting))
 
     async def _render(self, job: Job) -> list[tuple[str, bytes]]:
         """The job's card (none when rendering is off), rendered in a thread: Pillow
@@ -290,6 +382,9 @@ class Worker:
         return inline
 
     async def _send(self, job: Job, inline: Inline) -> SendResult:
+        if job.email.subject == self.settings.inject_crash_subject:
+            print(f"crashing on purpose before sending job {job.id}", flush=True)
+            os._exit(CRASH_EXIT_CODE)
         started = time.perf_counter()
         try:
             if inline:
@@ -395,6 +490,7 @@ class Worker:
             "acked": self.acked,
             "retried": self.retried,
             "rate_limited": self.rate_limited,
+            "handed_back": self.handed_back,
             "dead_lettered": [list(entry) for entry in self.dead_lettered],
             "errors": dict(self.errors),
         }
@@ -450,9 +546,9 @@ async def run_worker(settings: WorkerSettings) -> None:
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
-        required=True,
         metavar="URL",
-        help="queue URL: amqp://, redis://, sqlite:///path, postgresql://, memory://",
+        help="queue URL: amqp://, redis://, sqlite:///path, postgresql://, memory:// "
+        f"(default: ${QUEUE_URL_VAR}; on a command line, ps shows its password to everyone)",
     )
     parser.add_argument(
         "--queue-name", default="mailbench", help="the queue to consume (default: mailbench)"
@@ -470,6 +566,15 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=5,
         help="API calls per job before it goes to the dead letter (default: 5)",
+    )
+    parser.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=5,
+        metavar="N",
+        help="times a job may be delivered without being settled (its worker crashed, "
+        "its lease expired): the next delivery goes to the dead letter, as a poison job's, "
+        "and the last one allowed is sent alone (default: 5)",
     )
     add_mailgun_arguments(parser)
     parser.add_argument(
@@ -491,20 +596,36 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="append a JSON line per dead-lettered job here as it happens (survives a kill)",
     )
     add_phase_argument(parser)
+    parser.add_argument(
+        "--inject-crash-subject",
+        metavar="TEXT",
+        help="fault for tests: exit at once (code 70, no cleanup) when about to send an "
+        "email with this exact subject, as a job that crashes its worker would",
+    )
 
 
-def cli_main(args: argparse.Namespace) -> int:
-    settings = WorkerSettings(
-        backend=args.backend,
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> WorkerSettings:
+    backend = queue_url_from(args.backend, environ, "--backend")
+    if backend is None:
+        raise ConfigError(
+            f"the worker needs a queue URL: set {QUEUE_URL_VAR} (or pass --backend URL)."
+        )
+    return WorkerSettings(
+        backend=backend,
         queue_name=args.queue_name,
         concurrency=args.concurrency,
         prefetch=args.prefetch,
         max_attempts=args.max_attempts,
+        max_deliveries=args.max_deliveries,
         mailgun=mailgun_settings_from_args(args),
         render_ms=args.render_ms,
         metrics_out=args.metrics_out,
         dead_letters_out=args.dead_letters_out,
         phase_file=args.phase_file,
+        inject_crash_subject=args.inject_crash_subject,
     )
-    asyncio.run(run_worker(settings))
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    asyncio.run(run_worker(settings_from_args(args, os.environ)))
     return 0

@@ -112,13 +112,8 @@ class Chaos(Hooks):
     def tick(self, tiers: Tiers, elapsed: float) -> None:
         plan, starter = self.plan, self._starter
         assert starter is not None
-        for worker in list(tiers.workers):
-            if not worker.alive():  # not one we killed: a crash worth reporting
-                tiers.workers.remove(worker)
-                code = worker.process.returncode
-                what = f"{worker.name} exited by itself (code {code}); replaced"
-                self._event(elapsed, "crash", what)
-                starter.start_worker(tiers)
+        for what in starter.replace_exited_workers(tiers):  # not killed by us: a crash
+            self._event(elapsed, "crash", what)
         while plan.kills and plan.kills[0] <= elapsed:
             plan.kills.pop(0)
             self._kill_a_worker(tiers, elapsed)

@@ -8,7 +8,8 @@ one exception: RabbitMQ does not report other consumers' unacknowledged messages
 AMQP, so for a broker mailbench started the harness asks the broker itself, through
 ``erl_call`` on the node's private Erlang distribution port (a few ms of CPU;
 ``rabbitmqctl`` would start an Erlang VM, most of a second of CPU, every second), for
-``messages_ready + messages_unacknowledged`` of the queue and its wait queues. A
+the messages of the queue and its wait queues, ready or unacknowledged (of a quorum
+queue, from its Raft state: its ``messages_ready`` lags by seconds). A
 RabbitMQ someone else runs (``AMQP_URL``) is sampled over AMQP instead, which counts
 ready messages and waiting retries only.
 """
@@ -42,7 +43,7 @@ class Probe(Protocol):
 
 
 class RabbitMQDepth:
-    """Ready plus unacknowledged messages of a queue and its wait queues, as the broker
+    """Ready and unacknowledged messages of a queue and its wait queues, as the broker
     mailbench started counts them (``erl_call``, authenticated by the node's cookie in
     its home directory)."""
 
@@ -53,11 +54,19 @@ class RabbitMQDepth:
             "PATH": settings.env.get("PATH") or "/usr/bin:/bin",
         }
         retry = f"{queue_name}.retry."
+        # A quorum queue's info (messages_ready, ...) is refreshed only every few seconds;
+        # its Raft state machine, asked directly, counts ready, unacknowledged and
+        # dead-lettered messages not yet confirmed by their target.
         self.expression = (
             f'Q = <<"{queue_name}">>, P = <<"{retry}">>, N = byte_size(P), '
-            "lists:sum([R + U || [{name, {resource, _, queue, Name}}, {messages_ready, R}, "
-            "{messages_unacknowledged, U}] <- rabbit_amqqueue:info_all("
-            f'<<"{vhost}">>, [name, messages_ready, messages_unacknowledged]), '
+            "lists:sum([case amqqueue:get_type(Q1) of "
+            "rabbit_quorum_queue -> {RaName, _} = amqqueue:get_pid(Q1), "
+            "{ok, {_, C}, _} = ra:local_query({RaName, node()}, "
+            "fun rabbit_fifo:query_messages_total/1), C; "
+            "_ -> [{_, R}, {_, U}] = rabbit_amqqueue:info(Q1, "
+            "[messages_ready, messages_unacknowledged]), R + U end "
+            f'|| Q1 <- rabbit_amqqueue:list(<<"{vhost}">>), '
+            "{resource, _, queue, Name} <- [amqqueue:get_name(Q1)], "
             "Name =:= Q orelse (byte_size(Name) > N andalso binary:part(Name, 0, N) =:= P)]).\n"
         ).encode()
 

@@ -5,12 +5,18 @@ An outcome is a delivery in the fake's ledger or a worker's dead letter. With a 
 so that late redeliveries, and their duplicates, are counted too. Not the queue's depth
 alone: a broker may not count what another process holds unacknowledged (RabbitMQ);
 only outcomes prove the drain.
+
+Meanwhile it calls ``supervise`` at every poll, which replaces workers that died: the
+jobs a dead worker held come back after its lease, so the drain waits that much longer
+(``grace_s``) for each worker replaced. A poison job, which kills every worker it
+reaches until one dead-letters it, so ends the drain instead of stalling it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -20,14 +26,31 @@ from harness.run.tiers import Tiers
 from queues import open_queue
 from servers.fakegun.admin import FakegunAdmin
 
-
-def drain(tiers: Tiers, fake: FakegunAdmin, timeout_s: float, quiet_polls: int) -> bool:
-    """True once drained; False if ``timeout_s`` passed first. ``quiet_polls``: how many
-    polls in a row must find nothing left (1 where every email is sent in the request)."""
-    return asyncio.run(_drain(tiers, fake, timeout_s, quiet_polls))
+Supervise = Callable[[], int]  # replaces the workers that died; how many it replaced
 
 
-async def _drain(tiers: Tiers, fake: FakegunAdmin, timeout_s: float, quiet_polls: int) -> bool:
+def drain(
+    tiers: Tiers,
+    fake: FakegunAdmin,
+    timeout_s: float,
+    quiet_polls: int,
+    supervise: Supervise | None = None,
+    grace_s: float = 0.0,
+) -> bool:
+    """True once drained; False if ``timeout_s`` passed first (plus ``grace_s`` per
+    worker ``supervise`` replaced). ``quiet_polls``: how many polls in a row must find
+    nothing left (1 where every email is sent in the request)."""
+    return asyncio.run(_drain(tiers, fake, timeout_s, quiet_polls, supervise, grace_s))
+
+
+async def _drain(
+    tiers: Tiers,
+    fake: FakegunAdmin,
+    timeout_s: float,
+    quiet_polls: int,
+    supervise: Supervise | None,
+    grace_s: float,
+) -> bool:
     accepted, failed = client_sends(tiers.raw)
     deadline = time.monotonic() + timeout_s
     queue = await open_queue(tiers.queue_url, tiers.queue_name) if tiers.queue_url else None
@@ -36,6 +59,8 @@ async def _drain(tiers: Tiers, fake: FakegunAdmin, timeout_s: float, quiet_polls
     try:
         async with httpx.AsyncClient() as http:
             while True:
+                if supervise is not None:
+                    deadline += grace_s * supervise()
                 ledger = await fake.ledger_async(http)
                 dead = dead_lettered_recipients(tiers.raw)
                 counts, _ = reconcile(accepted, ledger, dead, failed)

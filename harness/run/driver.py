@@ -44,7 +44,7 @@ from harness.run.drain import drain
 from harness.run.locust import LocustRun
 from harness.run.phases import PhaseClock
 from harness.run.sweep import SweepSettings, sweep_mode
-from harness.run.tiers import Tiers, TierStarter, pin
+from harness.run.tiers import Tiers, TierStarter, pin, redelivery_s
 from harness.services.settings import ServiceSettings
 from servers.fakegun.admin import FakegunAdmin
 from servers.modes import mode as mode_named
@@ -94,6 +94,8 @@ class Driver:
         self.sweep = sweep or SweepSettings()
         self.services = services  # the brokers' settings, for sampling a queue's depth
         self._phases: PhaseClock | None = None  # the mode's phases, while it runs
+        self._starter: TierStarter | None = None
+        self._replaced: list[str] = []  # the mode's workers that died and were replaced
         self.run_dir = config.run_dir
         self.fake: FakegunAdmin | None = None
         self.results: list[ModeResult] = []  # the modes finished so far
@@ -117,6 +119,7 @@ class Driver:
         manifest["fakegun"] = {"url": fake.url}
         manifest["generator_floor_us"] = self._measure_floor()
         starter = TierStarter(cfg, self.children, fake.url, secrets.token_urlsafe(32))
+        self._starter = starter
         locust = LocustRun(cfg, self.children, self._tick, self.services)
         for name in cfg.modes:
             queue_url = None
@@ -185,10 +188,23 @@ class Driver:
         return fake
 
     def _tick(self, tiers: Tiers, elapsed: float) -> None:
-        """Every 0.2 s while a load runs: the hooks', and the warm-up's end."""
+        """Every 0.2 s while a load runs: the hooks', the workers' supervision and the
+        warm-up's end."""
         self.hooks.tick(tiers, elapsed)
+        self._supervise(tiers)
         if self._phases is not None and self._phases.in_warmup and tiers.servers:
             self._phases.watch_warmup(tiers.base_url)
+
+    def _supervise(self, tiers: Tiers) -> int:
+        """Replace the workers that exited by themselves (after the hooks, which may
+        have done it and noted it their way); how many were."""
+        if self._starter is None or not tiers.workers:
+            return 0
+        notes = self._starter.replace_exited_workers(tiers)
+        for note in notes:
+            print(f"[{tiers.name:>8}] {note}", flush=True)
+        self._replaced += notes
+        return len(notes)
 
     def _run_mode(
         self,
@@ -204,6 +220,7 @@ class Driver:
         fake.reset()
         # Before any process starts: each reads it at start.
         phases = self._phases = PhaseClock(raw, cfg.warmup_s)
+        self._replaced = []
         if cfg.target is not None:
             tiers = starter.external(name, cfg.target.url, raw)
         else:
@@ -225,8 +242,10 @@ class Driver:
         # a queue (ours, or maybe a target's), wait for two quiet polls in a row.
         quiet_polls = 2 if tiers.queue_url or cfg.target else 1
 
+        grace = redelivery_s(tiers.mode, tiers.queue_url)
+
         def drained(what: str) -> None:
-            if not drain(tiers, fake, timeout, quiet_polls):
+            if not drain(tiers, fake, timeout, quiet_polls, lambda: self._supervise(tiers), grace):
                 notes.append(f"{what} not drained within {timeout:.0f} s")
 
         sweep: list[SweepRow] = []
@@ -242,6 +261,7 @@ class Driver:
         else:
             drained("load")
         self._phases = None
+        notes += self._replaced
         notes += starter.stop(tiers)
         ledger = fake.ledger()
         (raw / "ledger.json").write_text(json.dumps(ledger))

@@ -3,7 +3,11 @@
 :class:`TierStarter` knows the command lines: ``mailbench serve`` for the servers (with
 ``--reuse-port`` when there are several) and the mode's worker command for the workers
 (see :mod:`servers.modes`), each with its files under the mode's ``raw/`` folder and a
-number per process started, so a replacement (chaos) never overwrites a file.
+number per process started, so a replacement never overwrites a file. It also replaces
+a worker that exited by itself, as a supervisor would (a poison job kills each worker
+it reaches until the worker dead-letters it: see ``--max-deliveries``). The queue URL,
+which carries the broker's password, goes to them in the environment
+(:data:`servers.queue_url.QUEUE_URL_VAR`), never on a command line.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from harness.process import (
     Child,
@@ -23,6 +28,14 @@ from harness.process import (
 from harness.run.config import RunConfig
 from harness.run.phases import CONTROL_FILE
 from servers.modes import Mode
+from servers.queue_url import QUEUE_URL_VAR
+
+# How long a dead worker's jobs wait for another worker where the URL does not say: the
+# default lease of the SQL queues and visibility timeout of Redis (queues.sql, .redis).
+DEFAULT_REDELIVERY_S = 30.0
+# Workers replaced per mode at most: past that, something other than a job kills them
+# (a broken setup), and starting more would only hide it.
+MAX_REPLACEMENTS = 50
 
 
 @dataclass
@@ -34,11 +47,12 @@ class Tiers:
     raw: Path
     base_url: str
     port: int
-    queue_url: str | None
+    queue_url: str | None = field(repr=False)  # with the broker's password
     queue_name: str
     servers: list[Child] = field(default_factory=list)
     workers: list[Child] = field(default_factory=list)
     started: dict[str, int] = field(default_factory=lambda: {"server": 0, "worker": 0})
+    replaced: int = 0  # workers that exited by themselves and were replaced
 
     def next_index(self, kind: str) -> int:
         index = self.started[kind]
@@ -95,8 +109,10 @@ class TierStarter:
         args += ["--phase-file", str(tiers.raw / CONTROL_FILE)]
         if cfg.server_procs > 1:
             args.append("--reuse-port")
+        env = {"MAILBENCH_SECRET": self.secret}
         if tiers.queue_url:
-            args += ["--queue-url", tiers.queue_url, "--queue-name", tiers.queue_name]
+            args += ["--queue-name", tiers.queue_name]
+            env[QUEUE_URL_VAR] = tiers.queue_url
         if cfg.send_delay_ms:
             args += ["--inject-send-delay-ms", str(cfg.send_delay_ms)]
         if cfg.send_work_us:
@@ -109,7 +125,7 @@ class TierStarter:
             f"server {index} ({mode.name})",
             mailbench_command(*args),
             self.config.run_dir / "logs" / f"{mode.name}-server-{index}.log",
-            env={"MAILBENCH_SECRET": self.secret},
+            env=env,
         )
         pin(cfg, server, "server")
         tiers.servers.append(server)
@@ -119,7 +135,7 @@ class TierStarter:
         cfg, mode = self.config, tiers.mode
         assert mode is not None and mode.worker is not None and tiers.queue_url is not None
         index = tiers.next_index("worker")
-        args = [mode.worker, "--backend", tiers.queue_url, "--queue-name", tiers.queue_name]
+        args = [mode.worker, "--queue-name", tiers.queue_name]
         args += ["--concurrency", str(cfg.worker_concurrency), "--mailgun-url", self.fake_url]
         args += ["--metrics-out", str(tiers.raw / f"worker-{index}.json")]
         args += ["--phase-file", str(tiers.raw / CONTROL_FILE)]
@@ -130,10 +146,30 @@ class TierStarter:
             f"worker {index} ({mode.name})",
             mailbench_command(*args),
             self.config.run_dir / "logs" / f"{mode.name}-worker-{index}.log",
+            env={QUEUE_URL_VAR: tiers.queue_url},
         )
         pin(cfg, worker, "worker")
         tiers.workers.append(worker)
         return worker
+
+    def replace_exited_workers(self, tiers: Tiers) -> list[str]:
+        """Start a worker for each one that exited by itself; a line on each."""
+        notes = []
+        for worker in [w for w in tiers.workers if not w.alive()]:
+            tiers.workers.remove(worker)
+            code = self.children.stop(worker)
+            if tiers.replaced >= MAX_REPLACEMENTS:
+                notes.append(
+                    f"{worker.name} exited by itself (code {code}); not replaced: "
+                    f"{MAX_REPLACEMENTS} workers were already"
+                )
+                continue
+            tiers.replaced += 1
+            replacement = self.start_worker(tiers)
+            notes.append(
+                f"{worker.name} exited by itself (code {code}); started {replacement.name}"
+            )
+        return notes
 
     def stop(self, tiers: Tiers) -> list[str]:
         """Stop workers, then servers (each writes its metrics); notes on bad exits."""
@@ -146,6 +182,15 @@ class TierStarter:
         tiers.workers.clear()
         tiers.servers.clear()
         return notes
+
+
+def redelivery_s(mode: Mode | None, queue_url: str | None) -> float:
+    """Seconds until the jobs a dead worker held reach another worker: its lease or
+    visibility timeout (as the queue URL sets it), 0 where the broker notices at once."""
+    if mode is None or queue_url is None or mode.lease_parameter is None:
+        return 0.0
+    given = parse_qs(urlsplit(queue_url).query).get(mode.lease_parameter)
+    return float(given[-1]) if given else DEFAULT_REDELIVERY_S
 
 
 def pin(config: RunConfig, child: Child, tier: str) -> None:

@@ -3,15 +3,23 @@
 One class per broker, each knowing where its binaries live, how to lay out its private
 directory, which command line starts it in the foreground on loopback and private ports,
 and how to tell that it answers. Starting, stopping and bookkeeping are not here.
+
+Every broker is closed to the machine's other users: it gets a user and password drawn
+for its data (:class:`Credentials`), which reach it through a file only its owner reads
+(Redis's config, RabbitMQ's config, initdb's password file), never a command line, which
+``ps`` shows to everyone; its directories are 0700 (PostgreSQL's, entered by the
+``postgres`` user when we are root, 0711: it can pass, not list).
 """
 
 from __future__ import annotations
 
 import glob
 import grp
+import json
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -20,15 +28,47 @@ import subprocess
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Protocol, TypedDict
+from typing import BinaryIO, Protocol, TypedDict
 
 from harness.errors import ServiceUnavailable
 from harness.process import port_open
 from harness.services.settings import ENV_VARS, ServiceSettings
+from harness.services.state import write_private
 
 log = logging.getLogger(__name__)
 
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The user a broker's clients log in as, and its password."""
+
+    user: str
+    password: str = field(repr=False)
+
+    @classmethod
+    def kept_in(cls, path: Path, user: str) -> Credentials:
+        """The credentials in ``path`` (0600), drawn and written there on first use: a
+        broker restarted on its data keeps them, a fresh one gets new ones."""
+        try:
+            data = json.loads(path.read_text())
+            if data.get("user") == user and data.get("password"):
+                return cls(user, str(data["password"]))
+        except (OSError, ValueError, AttributeError):
+            pass
+        # URL-safe characters only: the password goes into URLs and config files as is.
+        made = cls(user, secrets.token_urlsafe(24))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_private(path, json.dumps({"user": made.user, "password": made.password}) + "\n")
+        return made
+
+
+def private_dir(path: Path, mode: int = 0o700) -> Path:
+    """``path``, created if missing, with ``mode`` (0700: its owner's alone)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(mode)
+    return path
 
 
 @dataclass(frozen=True)
@@ -49,18 +89,25 @@ class Broker(Protocol):
     title: str  # as users know it: "RabbitMQ"
     package: str  # Debian package
     env_var: str  # names the URL of a server the user runs; we then start nothing
+    login: str  # the user clients log in as (its password is drawn per broker data)
     stop_signal: int
     crash_signal: int  # a crash that keeps the data: what `mailbench chaos` restarts with
 
     def installed(self, settings: ServiceSettings) -> bool: ...
     def ports(self, settings: ServiceSettings) -> tuple[int, ...]: ...
-    def url(self, settings: ServiceSettings) -> str: ...
+    def url(self, settings: ServiceSettings, credentials: Credentials) -> str: ...
     # Lay out workdir (config, initdb) and say how to start the server in the foreground.
-    def prepare(self, settings: ServiceSettings, workdir: Path) -> Launch: ...
+    def prepare(
+        self, settings: ServiceSettings, workdir: Path, credentials: Credentials
+    ) -> Launch: ...
     # One probe, polled until it says yes: does the server answer a real request?
-    def ready(self, settings: ServiceSettings, launch: Launch) -> bool: ...
+    def ready(
+        self, settings: ServiceSettings, launch: Launch, credentials: Credentials
+    ) -> bool: ...
     # Once it answers: create what clients expect to find (PostgreSQL's database).
-    def after_ready(self, settings: ServiceSettings, workdir: Path) -> None: ...
+    def after_ready(
+        self, settings: ServiceSettings, workdir: Path, credentials: Credentials
+    ) -> None: ...
 
 
 def _path(settings: ServiceSettings) -> str:
@@ -78,8 +125,11 @@ class Redis:
     title = "Redis"
     package = "redis-server"
     env_var = ENV_VARS["redis"]
+    login = "mailbench"
     stop_signal: int = signal.SIGTERM  # Redis flushes the AOF and exits
-    crash_signal: int = signal.SIGKILL  # replies follow the AOF write, so nothing acked is lost
+    # With appendfsync always a reply follows the AOF's write and fsync, so nothing acked
+    # is lost; with everysec, see REDIS_FSYNC.
+    crash_signal: int = signal.SIGKILL
 
     def installed(self, settings: ServiceSettings) -> bool:
         return shutil.which("redis-server", path=_path(settings)) is not None
@@ -87,29 +137,44 @@ class Redis:
     def ports(self, settings: ServiceSettings) -> tuple[int, ...]:
         return (settings.redis_port,)
 
-    def url(self, settings: ServiceSettings) -> str:
-        return f"redis://127.0.0.1:{settings.redis_port}/0"
+    def url(self, settings: ServiceSettings, credentials: Credentials) -> str:
+        login = f"{credentials.user}:{credentials.password}"
+        return f"redis://{login}@127.0.0.1:{settings.redis_port}/0"
 
-    def prepare(self, settings: ServiceSettings, workdir: Path) -> Launch:
-        data = workdir / "data"
-        data.mkdir(parents=True, exist_ok=True)
+    def prepare(self, settings: ServiceSettings, workdir: Path, credentials: Credentials) -> Launch:
+        private_dir(workdir)
+        data = private_dir(workdir / "data")
+        # The one user there is, in a file only we read: the password-less `default`
+        # user is switched off, so a connection that has not authenticated can do nothing.
+        config = workdir / "redis.conf"
+        write_private(
+            config,
+            f"user default off\nuser {credentials.user} on >{credentials.password} ~* &* +@all\n",
+        )
         binary = shutil.which("redis-server", path=_path(settings)) or "redis-server"
-        # AOF with fsync every second: what a production Redis queue runs with.
-        # No RDB snapshots: they would fork and compete for the two cores under load.
-        argv = [binary, "--port", str(settings.redis_port), "--bind", "127.0.0.1"]
-        argv += ["--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec"]
+        # The AOF, fsynced as chosen (see REDIS_FSYNC); no RDB snapshots: they would fork
+        # and compete for the two cores under load.
+        argv = [binary, str(config), "--port", str(settings.redis_port), "--bind", "127.0.0.1"]
+        argv += ["--dir", str(data), "--appendonly", "yes"]
+        argv += ["--appendfsync", settings.redis_fsync]
         argv += ["--daemonize", "no", "--save", "", "--logfile", ""]
         return Launch(argv, workdir / "redis.log", _base_env(settings))
 
-    def ready(self, settings: ServiceSettings, launch: Launch) -> bool:
+    def ready(self, settings: ServiceSettings, launch: Launch, credentials: Credentials) -> bool:
+        hello = f"AUTH {credentials.user} {credentials.password}\r\nPING\r\n".encode()
         try:
             with socket.create_connection(("127.0.0.1", settings.redis_port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
+                s.sendall(hello)
+                reply = b""
+                while reply.count(b"\r\n") < 2 and (chunk := s.recv(64)):
+                    reply += chunk
+                return reply == b"+OK\r\n+PONG\r\n"
         except OSError:
             return False
 
-    def after_ready(self, settings: ServiceSettings, workdir: Path) -> None:
+    def after_ready(
+        self, settings: ServiceSettings, workdir: Path, credentials: Credentials
+    ) -> None:
         pass
 
 
@@ -118,6 +183,7 @@ class RabbitMQ:
     title = "RabbitMQ"
     package = "rabbitmq-server"
     env_var = ENV_VARS["rabbitmq"]
+    login = "mailbench"
     # The start script traps SIGTERM and stops the Erlang VM cleanly.
     stop_signal: int = signal.SIGTERM
     crash_signal: int = signal.SIGKILL  # confirms follow the disk write of persistent messages
@@ -138,19 +204,31 @@ class RabbitMQ:
     def ports(self, settings: ServiceSettings) -> tuple[int, ...]:
         return (settings.rabbitmq_port, settings.rabbitmq_dist_port, settings.epmd_port)
 
-    def url(self, settings: ServiceSettings) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{settings.rabbitmq_port}/"
+    def url(self, settings: ServiceSettings, credentials: Credentials) -> str:
+        login = f"{credentials.user}:{credentials.password}"
+        return f"amqp://{login}@127.0.0.1:{settings.rabbitmq_port}/"
 
-    def prepare(self, settings: ServiceSettings, workdir: Path) -> Launch:
-        workdir.mkdir(parents=True, exist_ok=True)
+    def prepare(self, settings: ServiceSettings, workdir: Path, credentials: Credentials) -> Launch:
+        private_dir(workdir)  # also HOME, with the Erlang cookie that rules the node
         (workdir / "enabled_plugins").write_text("[].\n")  # no management UI: starts faster
         (workdir / "rabbitmq-env.conf").write_text("")  # shadows /etc/rabbitmq/rabbitmq-env.conf
-        (workdir / "rabbitmq.conf").write_text(
-            "# guest may log in from loopback only (the default, stated on purpose)\n"
-            "loopback_users.guest = true\n"
+        write_private(
+            workdir / "rabbitmq.conf",
+            "# A fresh node creates this user, with every permission on /, instead of the\n"
+            "# well-known default one.\n"
+            f"default_user = {credentials.user}\n"
+            f"default_pass = {credentials.password}\n"
             "# a small test disk must not block publishers with a disk alarm\n"
-            "disk_free_limit.absolute = 50MB\n"
+            "disk_free_limit.absolute = 50MB\n",
         )
+        advanced = workdir / "advanced.config"
+        if not advanced.exists():  # kept across restarts, as the data is
+            # A retry whose way back the main queue did not confirm (it was still recovering
+            # after a crash) is tried again after 5 s, not the default 180 s, so a chaos
+            # run's drain sees it (docs/modes.md, rabbitmq).
+            write_private(
+                advanced, "[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 5000}]}].\n"
+            )
         env = _base_env(settings) | {
             "HOME": str(workdir),  # the Erlang cookie lives here; rabbitmqctl needs it too
             "RABBITMQ_NODENAME": self.node,
@@ -166,13 +244,13 @@ class RabbitMQ:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
             "RABBITMQ_CONFIG_FILE": str(workdir / "rabbitmq.conf"),
             "RABBITMQ_CONF_ENV_FILE": str(workdir / "rabbitmq-env.conf"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(workdir / "advanced.config"),  # absent
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(advanced),
         }
         server = self._server(settings)
         node_log = workdir / "log" / f"{self.node}.log"
         return Launch([str(server)], workdir / "rabbitmq.log", env, logs=(node_log,))
 
-    def ready(self, settings: ServiceSettings, launch: Launch) -> bool:
+    def ready(self, settings: ServiceSettings, launch: Launch, credentials: Credentials) -> bool:
         # The AMQP listener opens near the end of boot; only then is `await_startup`
         # (a second Erlang VM, ~1 s of CPU) worth running. Before the node registers
         # with epmd it fails fast, so it is simply retried.
@@ -186,7 +264,9 @@ class RabbitMQ:
             return False
         return done.returncode == 0
 
-    def after_ready(self, settings: ServiceSettings, workdir: Path) -> None:
+    def after_ready(
+        self, settings: ServiceSettings, workdir: Path, credentials: Credentials
+    ) -> None:
         pass
 
 
@@ -195,6 +275,7 @@ class Postgres:
     title = "PostgreSQL"
     package = "postgresql"
     env_var = ENV_VARS["postgres"]
+    login = "postgres"  # the superuser initdb makes, now with a password
     # SIGINT is the "fast" shutdown; SIGTERM ("smart") waits for every client to leave.
     stop_signal: int = signal.SIGINT
     # "Immediate" shutdown: no checkpoint, crash recovery from the WAL on the next start.
@@ -217,33 +298,43 @@ class Postgres:
     def ports(self, settings: ServiceSettings) -> tuple[int, ...]:
         return (settings.postgres_port,)
 
-    def url(self, settings: ServiceSettings) -> str:
-        return f"postgresql://postgres@127.0.0.1:{settings.postgres_port}/mailbench"
+    def url(self, settings: ServiceSettings, credentials: Credentials) -> str:
+        login = f"{credentials.user}:{credentials.password}"
+        return f"postgresql://{login}@127.0.0.1:{settings.postgres_port}/mailbench"
 
     def _run_as(self) -> str | None:
         return self.user if os.geteuid() == 0 else None
 
-    def prepare(self, settings: ServiceSettings, workdir: Path) -> Launch:
+    def prepare(self, settings: ServiceSettings, workdir: Path, credentials: Credentials) -> Launch:
         bin_dir = self.bin_dir(settings)
         assert bin_dir is not None, "checked by installed()"
         run_as = self._run_as()
-        data = workdir / "data"
-        data.mkdir(parents=True, exist_ok=True)
-        data.chmod(0o700)
-        if run_as is not None:
-            account = _account(run_as)
-            workdir.chmod(0o755)
+        account = _account(run_as) if run_as is not None else None
+        # The postgres user must pass through our directory to its data: search, no listing.
+        private_dir(workdir, 0o711 if account is not None else 0o700)
+        data = private_dir(workdir / "data")  # also the socket's directory
+        if account is not None:
             _check_reachable(workdir, account)
             os.chown(data, account.pw_uid, account.pw_gid)
         env = _base_env(settings)
         if not (data / "PG_VERSION").exists():
             init_log = workdir / "initdb.log"
-            argv = [str(bin_dir / "initdb"), "-D", str(data), "--auth=trust", "--no-sync"]
-            argv += ["-U", "postgres", "--encoding=UTF8", "--locale=C"]
-            with init_log.open("wb") as out:
-                done = subprocess.run(
-                    argv, stdout=out, stderr=subprocess.STDOUT, env=env, **as_user(run_as)
-                )
+            # The superuser's password, for initdb alone to read, gone once it has run.
+            password_file = workdir / "initdb.password"
+            write_private(password_file, credentials.password + "\n")
+            if account is not None:
+                os.chown(password_file, account.pw_uid, account.pw_gid)
+            argv = [str(bin_dir / "initdb"), "-D", str(data), "--no-sync"]
+            # SCRAM for every connection, over TCP and the Unix socket alike.
+            argv += ["--auth=scram-sha-256", f"--pwfile={password_file}"]
+            argv += ["-U", credentials.user, "--encoding=UTF8", "--locale=C"]
+            try:
+                with _private_log(init_log) as out:
+                    done = subprocess.run(
+                        argv, stdout=out, stderr=subprocess.STDOUT, env=env, **as_user(run_as)
+                    )
+            finally:
+                password_file.unlink(missing_ok=True)
             if done.returncode != 0:
                 raise ServiceUnavailable(
                     f"PostgreSQL's initdb failed with exit code {done.returncode}: see {init_log}."
@@ -252,35 +343,50 @@ class Postgres:
         socket_dir = str(data) if len(str(data)) < 90 else ""
         argv = [str(bin_dir / "postgres"), "-D", str(data), "-k", socket_dir]
         argv += ["-c", "listen_addresses=127.0.0.1", "-p", str(settings.postgres_port)]
-        argv += ["-c", "fsync=on"]
+        argv += ["-c", "fsync=on", "-c", "unix_socket_permissions=0700"]
         return Launch(argv, workdir / "postgres.log", env, user=run_as)
 
-    def ready(self, settings: ServiceSettings, launch: Launch) -> bool:
+    def ready(self, settings: ServiceSettings, launch: Launch, credentials: Credentials) -> bool:
         isready = Path(launch.argv[0]).with_name("pg_isready")
         argv = [str(isready), "-q", "-h", "127.0.0.1", "-p", str(settings.postgres_port)]
-        argv += ["-U", "postgres", "-d", "postgres"]
+        argv += ["-U", credentials.user, "-d", "postgres"]
         try:
             return subprocess.run(argv, env=launch.env, timeout=10).returncode == 0
         except subprocess.TimeoutExpired:
             return False
 
-    def after_ready(self, settings: ServiceSettings, workdir: Path) -> None:
+    def after_ready(
+        self, settings: ServiceSettings, workdir: Path, credentials: Credentials
+    ) -> None:
         bin_dir = self.bin_dir(settings)
         assert bin_dir is not None
         argv = [str(bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1"]
-        argv += ["-h", "127.0.0.1", "-p", str(settings.postgres_port), "-U", "postgres"]
+        argv += ["-h", "127.0.0.1", "-p", str(settings.postgres_port), "-U", credentials.user]
         argv += ["-d", "postgres"]
         # CREATE DATABASE has no IF NOT EXISTS; \gexec runs it only when it is missing.
         script = (
             "SELECT 'CREATE DATABASE mailbench' "
             "WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'mailbench')\\gexec\n"
         )
-        done = subprocess.run(
-            argv, input=script.encode(), capture_output=True, env=_base_env(settings), timeout=30
-        )
+        # The password in psql's environment, which only we can read (not on its argv).
+        env = _base_env(settings) | {"PGPASSWORD": credentials.password}
+        done = subprocess.run(argv, input=script.encode(), capture_output=True, env=env, timeout=30)
         if done.returncode != 0:
             detail = done.stderr.decode(errors="replace").strip()
             raise ServiceUnavailable(f"PostgreSQL could not create database mailbench: {detail}")
+
+
+def _private_log(path: Path) -> BinaryIO:
+    """``path`` opened for appending, created readable by its owner alone."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+
+
+def open_log(path: Path) -> BinaryIO:
+    """A broker's log, for appending: only its owner reads it (0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = _private_log(path)
+    path.chmod(0o600)  # also when an earlier run made it
+    return out
 
 
 def _account(user: str) -> pwd.struct_passwd:

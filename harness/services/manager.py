@@ -4,8 +4,12 @@ Each broker runs from the machine's own binaries as a child process on loopback 
 private port, with its data, config and logs under ``base_dir/<name>/``::
 
     with Services(ServiceSettings()) as services:
-        url = services.start("redis")     # redis://127.0.0.1:28379/0
+        url = services.start("redis")     # redis://mailbench:<password>@127.0.0.1:28379/0
         ...                               # everything is stopped on exit and Ctrl-C
+
+Each broker mailbench starts lets in only the user and password drawn for its data
+(kept in ``base_dir/<name>/credentials.json``, 0600, and in the URL returned): other users
+of the machine can neither read the queued emails nor add jobs for the workers to send.
 
 A broker the user already runs is used instead when its variable is set (``AMQP_URL``,
 ``REDIS_URL``, ``DATABASE_URL``), and so is one left running by ``mailbench services up``
@@ -22,12 +26,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -43,9 +48,19 @@ from harness.process import (
     terminate,
     with_environment,
 )
-from harness.services.brokers import BROKERS, Broker, Launch, as_user, ensure_installed
-from harness.services.settings import ENV_VARS, SERVICE_NAMES, ServiceSettings
+from harness.services.brokers import (
+    BROKERS,
+    Broker,
+    Credentials,
+    Launch,
+    as_user,
+    ensure_installed,
+    open_log,
+    private_dir,
+)
+from harness.services.settings import ENV_VARS, REDIS_FSYNC, SERVICE_NAMES, ServiceSettings
 from harness.services.state import (
+    ENV_FILE,
     entry_alive,
     read_state,
     stop_entry,
@@ -70,7 +85,7 @@ log = logging.getLogger(__name__)
 class ServiceStatus:
     name: str
     state: str  # "running", "exited" (died on its own), "external" (not ours) or "stopped"
-    url: str | None = None
+    url: str | None = field(default=None, repr=False)  # with the password
     pids: tuple[int, ...] = ()  # every process of the broker we know of, leader first
     log: Path | None = None
 
@@ -78,7 +93,7 @@ class ServiceStatus:
 @dataclass
 class _Child:
     broker: Broker
-    url: str
+    url: str = field(repr=False)
     leader: Pid
     tag: str
     popen: subprocess.Popen[bytes]
@@ -145,16 +160,19 @@ class Services:
         workdir = settings.base_dir / name
         if self.fresh:
             shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True, exist_ok=True)
+        # Ours alone, but for root's brokers: PostgreSQL's user passes through to its data.
+        private_dir(settings.base_dir, 0o711 if os.geteuid() == 0 else 0o700)
+        private_dir(workdir)
+        credentials = Credentials.kept_in(workdir / "credentials.json", broker.login)
         began = time.monotonic()
-        launch = broker.prepare(settings, workdir)
+        launch = broker.prepare(settings, workdir, credentials)
         # Readiness probes get the tag too: were one to spawn a process, it would be found.
         tag = f"{broker.name}-{uuid.uuid4().hex}"
         launch = dataclasses.replace(launch, env={**launch.env, TAG_VAR: tag})
-        child = self._spawn(broker, launch, workdir, tag)
+        child = self._spawn(broker, launch, workdir, tag, credentials)
         try:
-            self._wait_ready(child, launch)
-            broker.after_ready(settings, workdir)
+            self._wait_ready(child, launch, credentials)
+            broker.after_ready(settings, workdir, credentials)
         except BaseException:
             # Also on Ctrl-C while waiting: a half-started broker must not outlive us.
             self.stop(name)
@@ -162,7 +180,7 @@ class Services:
         log.info(
             "%s ready at %s in %.2f s (pid %d, log %s)",
             broker.title,
-            child.url,
+            redact_url(child.url),
             time.monotonic() - began,
             child.leader.pid,
             child.log_path,
@@ -267,10 +285,12 @@ class Services:
         self._children.clear()
         return entries
 
-    def _spawn(self, broker: Broker, launch: Launch, workdir: Path, tag: str) -> _Child:
+    def _spawn(
+        self, broker: Broker, launch: Launch, workdir: Path, tag: str, credentials: Credentials
+    ) -> _Child:
         log.debug("starting %s: %s", broker.title, " ".join(launch.argv))
         # Not cut half-way by a signal: registered at once, so that stop_all finds it.
-        with signals_deferred(), launch.log_path.open("ab") as out:
+        with signals_deferred(), open_log(launch.log_path) as out:
             popen = spawn(
                 launch.argv,
                 out,
@@ -280,15 +300,16 @@ class Services:
                 **as_user(launch.user),
             )
             leader = Pid.of(popen.pid) or Pid(popen.pid, 0)
-            child = _Child(broker, broker.url(self.settings), leader, tag, popen, launch.log_path)
+            url = broker.url(self.settings, credentials)
+            child = _Child(broker, url, leader, tag, popen, launch.log_path)
             self._children[broker.name] = child
         return child
 
-    def _wait_ready(self, child: _Child, launch: Launch) -> None:
+    def _wait_ready(self, child: _Child, launch: Launch, credentials: Credentials) -> None:
         broker, popen = child.broker, child.popen
         logs = " and ".join(str(p) for p in (launch.log_path, *launch.logs))
         deadline = time.monotonic() + self.settings.start_timeout
-        while not broker.ready(self.settings, launch):
+        while not broker.ready(self.settings, launch, credentials):
             if popen.poll() is not None:
                 raise ServiceUnavailable(
                     f"{broker.title} exited with code {popen.returncode} while starting: "
@@ -330,6 +351,13 @@ def add_service_arguments(parser: argparse.ArgumentParser, dir_flag: str = "--di
         help=f"override a broker port: {', '.join(_PORTS)}",
     )  # fmt: skip
     parser.add_argument("--no-install", action="store_true", help="never run apt-get")
+    parser.add_argument(
+        "--redis-fsync", choices=REDIS_FSYNC, default=ServiceSettings.redis_fsync,
+        help="when the Redis mailbench starts fsyncs its append-only file: always (before "
+        "each reply: an accepted job survives a host crash) or everysec (once a second: a "
+        "host crash can lose the last ~2 s of accepted jobs) (default: "
+        f"{ServiceSettings.redis_fsync})",
+    )  # fmt: skip
 
 
 # NAME of every NAME_port setting: what --port NAME=PORT may set.
@@ -346,6 +374,7 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         changes["base_dir"] = args.base_dir.resolve()
     if args.no_install:
         changes["install"] = False
+    changes["redis_fsync"] = args.redis_fsync
     for spec in args.port:
         key, _, value = spec.partition("=")
         name = key.replace("-", "_")
@@ -384,8 +413,17 @@ def _up(settings: ServiceSettings, names: tuple[str, ...]) -> int:
     state = {n: e for n, e in read_state(settings.base_dir).items() if entry_alive(e)}
     write_state(settings.base_dir, state | started)
     for name, url in urls.items():
-        print(f"export {ENV_VARS[name]}={url}")
+        print(f"{name:<9} running   {redact_url(url)}")
+    if urls:
+        # The passwords stay out of the terminal, where CI logs, scrollback and shared
+        # screens keep them: `mailbench run` finds these brokers by itself, and a user's
+        # own clients source the file, which only they can read.
+        print(f"URLs with their passwords (yours alone to read): . {_env_file(settings)}")
     return 1 if failed else 0
+
+
+def _env_file(settings: ServiceSettings) -> Path:
+    return settings.base_dir / ENV_FILE
 
 
 def _down(settings: ServiceSettings, names: tuple[str, ...]) -> int:
@@ -415,4 +453,6 @@ def _status(settings: ServiceSettings, names: tuple[str, ...]) -> int:
             print(f"{name:<9} running   {redact_url(entry['url'])} {where}")
         else:
             print(f"{name:<9} stopped")
+    if any(entry_alive(e) for e in state.values()):
+        print(f"URLs with their passwords (yours alone to read): . {_env_file(settings)}")
     return 0

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from harness.errors import ConfigError
+
 SERVICE_NAMES: Final = ("rabbitmq", "redis", "postgres")
 # The variable naming a broker the user runs: with it set, mailbench starts none.
 ENV_VARS: Final[Mapping[str, str]] = {
@@ -16,6 +18,15 @@ ENV_VARS: Final[Mapping[str, str]] = {
     "redis": "REDIS_URL",
     "postgres": "DATABASE_URL",
 }
+
+
+# Redis's appendfsync for the Redis mailbench starts. "always": Redis writes and fsyncs
+# the AOF before it replies, so an accepted job survives a host crash. "everysec": a
+# background fsync once a second; a reply usually follows the write to the page cache,
+# but while a background fsync is still running Redis postpones the write for up to 2 s
+# and replies meanwhile, so a crash (of the host, or then even of Redis) can take the
+# last ~2 s of accepted jobs.
+REDIS_FSYNC: Final = ("always", "everysec")
 
 
 def _apt_allowed() -> bool:
@@ -35,12 +46,20 @@ class ServiceSettings:
     epmd_port: int = 28369  # a private epmd, not the machine's 4369
     redis_port: int = 28379
     postgres_port: int = 28432
+    redis_fsync: str = "always"  # one of REDIS_FSYNC
     install: bool = field(default_factory=_apt_allowed)  # may apt-get install a missing broker
     start_timeout: float = 60.0  # RabbitMQ needs ~5 s alone, far more on a busy 2-core box
     stop_timeout: float = 10.0
     # The caller's environment, taken once when the settings are made (at the entry
-    # point); nothing here reads os.environ later.
-    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), hash=False)
+    # point); nothing here reads os.environ later. Not in the repr: it holds secrets
+    # (MAILGUN_API_KEY, URLs with passwords).
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.redis_fsync not in REDIS_FSYNC:
+            raise ConfigError(
+                f"Redis fsync policy {self.redis_fsync!r} is not one of {', '.join(REDIS_FSYNC)}."
+            )
 
     def url_from_env(self, name: str) -> str | None:
         return self.env.get(ENV_VARS[name]) or None

@@ -29,6 +29,7 @@ from servers.identity import identity_from
 from servers.mailgun import MailgunSettings, add_mailgun_arguments, mailgun_settings_from_args
 from servers.modes import MODES, mode
 from servers.phases import PhasedRecorder, PhaseFile, add_phase_argument, write_phases
+from servers.queue_url import QUEUE_URL_VAR, queue_url_from
 from servers.senders.base import Sender, SenderContext, open_sender
 from servers.web.csrf import FIELD as CSRF_FIELD
 from servers.web.csrf import Csrf, CsrfError
@@ -55,7 +56,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     mailgun: MailgunSettings = field(default_factory=MailgunSettings)
-    queue_url: str | None = None  # required by the queued modes
+    queue_url: str | None = field(default=None, repr=False)  # queued modes; may hold a password
     queue_name: str = "mailbench"
     metrics_out: Path | None = None  # histograms and the accepted count, written at shutdown
     phase_file: Path | None = None  # the harness's phases of the run (servers.phases)
@@ -315,7 +316,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     add_mailgun_arguments(parser)
-    parser.add_argument("--queue-url", help="queue backend URL for the queued modes")
+    parser.add_argument(
+        "--queue-url",
+        help=f"queue backend URL for the queued modes (default: ${QUEUE_URL_VAR}; on a "
+        "command line, ps shows its password to everyone)",
+    )
     parser.add_argument("--queue-name", default="mailbench", help="queue to send jobs to")
     parser.add_argument(
         "--metrics-out", type=Path, help="write histograms and the accepted count here at shutdown"
@@ -352,13 +357,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add_phase_argument(parser)
 
 
-def cli_main(args: argparse.Namespace) -> int:
-    settings = ServerSettings(
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings:
+    return ServerSettings(
         mode=args.mode,
         host=args.host,
         port=args.port,
         mailgun=mailgun_settings_from_args(args),
-        queue_url=args.queue_url,
+        queue_url=queue_url_from(args.queue_url, environ, "--queue-url"),
         queue_name=args.queue_name,
         metrics_out=args.metrics_out,
         phase_file=args.phase_file,
@@ -366,8 +371,12 @@ def cli_main(args: argparse.Namespace) -> int:
         send_work_us=args.inject_send_work_us,
         form_work_us=args.inject_form_work_us,
         render_ms=args.render_ms,
-        identity=identity_from(os.environ),
+        identity=identity_from(environ),
     )
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args, os.environ)
     web.run_app(
         create_app(settings),
         host=settings.host,

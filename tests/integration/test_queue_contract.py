@@ -15,11 +15,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
 from harness.errors import ConfigError, QueueError, ServiceUnavailable
+from harness.services.manager import Services
+from harness.services.settings import ServiceSettings
 from queues import Delivery, Email, Job, Queue, encode_job, open_queue
 from servers.modes import MODES
 
@@ -283,6 +285,63 @@ async def test_unsettled_delivery_is_redelivered_after_its_consumer_dies(
     assert await survivor.depth() == 0
 
 
+async def test_a_redelivery_after_its_consumer_dies_counts_one_more_delivery(
+    backend: Backend,
+) -> None:
+    crashed = await backend.open()
+    job = make_job()
+    await crashed.enqueue(job)
+    first = await next_delivery(crashed.consume(prefetch=1))
+    assert first.deliveries == 1
+    await crashed.close()  # without settling: the consumer "dies"
+
+    survivor = await backend.open()
+    deliveries = survivor.consume(prefetch=1)
+    again = await next_delivery(deliveries)
+    assert (again.job, again.deliveries) == (job, 2)  # a delivery, not an attempt
+    await survivor.retry(again, 0)
+    retried = await next_delivery(deliveries)
+    # A retry is a new attempt: its deliveries are counted from 1 again.
+    assert (retried.job.attempt, retried.deliveries) == (1, 1)
+    await survivor.ack(retried)
+    assert await survivor.depth() == 0
+
+
+async def test_hand_back_returns_a_delivery_at_once_without_counting_it(
+    backend: Backend,
+) -> None:
+    holder = await backend.open(long_lease=True)
+    job = make_job()
+    await holder.enqueue(job)
+    delivery = await next_delivery(holder.consume(prefetch=1))
+    await holder.hand_back(delivery)
+    assert await holder.depth() == 1  # waiting again, not gone
+
+    # Another consumer has it at once, not after the lease (60 s here), uncounted.
+    other = await backend.open(long_lease=True)
+    again = await next_delivery(other.consume(prefetch=1))
+    assert (again.job, again.deliveries) == (job, 1)
+    await other.ack(again)
+    assert await other.depth() == 0
+
+
+async def test_hand_back_keeps_the_count_of_a_redelivery(backend: Backend) -> None:
+    crashed = await backend.open()
+    job = make_job()
+    await crashed.enqueue(job)
+    await next_delivery(crashed.consume(prefetch=1))
+    await crashed.close()  # without settling: the consumer "dies"
+
+    holder = await backend.open()
+    redelivered = await next_delivery(holder.consume(prefetch=1))
+    assert redelivered.deliveries == 2
+    await holder.hand_back(redelivered)
+    other = await backend.open()
+    again = await next_delivery(other.consume(prefetch=1))
+    assert (again.job, again.deliveries) == (job, 2)  # neither 1 (forgotten) nor 3
+    await other.ack(again)
+
+
 @pytest.mark.parametrize("stop", ["stop-iterating", "close-queue"])
 async def test_jobs_read_ahead_but_never_handed_out_return_at_once(
     backend: Backend, stop: str
@@ -517,3 +576,74 @@ async def test_sql_claim_whose_reply_was_lost_expires_although_its_consumer_live
     delivery = await waiting
     assert delivery.job == job
     await queue.ack(delivery)
+
+
+@pytest.mark.integration
+async def test_redis_burst_of_more_enqueues_than_connections_waits_its_turn(
+    redis_url: str,
+) -> None:
+    """A server under a burst: many more enqueues at once than pool connections, for
+    longer than the longest wait for a connection. redis-py's own blocking pool let the
+    task just releasing a connection take it again, so a waiter starved until its
+    timeout ("No connection available") and the server answered 5xx."""
+    wait = 1.0
+    backend = Backend("redis", with_query(redis_url, f"max_connections=4&connection_wait={wait:g}"))
+    queue = await backend.open()
+    stop_at = time.monotonic() + 3 * wait
+    enqueued = 0
+
+    async def enqueuer() -> None:
+        nonlocal enqueued
+        while time.monotonic() < stop_at:
+            await queue.enqueue(make_job())
+            enqueued += 1
+
+    try:
+        await asyncio.gather(*(enqueuer() for _ in range(64)))
+        assert await queue.depth() == enqueued > 64
+    finally:
+        await queue.close()
+        await _redis_clean(backend)
+
+
+@pytest.mark.integration
+async def test_redis_gone_is_one_clear_sentence_not_a_wait(
+    make_service_settings: Callable[[], ServiceSettings],
+    service_unavailable: Callable[[str], NoReturn],
+) -> None:
+    with Services(make_service_settings()) as private:
+        try:
+            url = private.start("redis")
+        except ServiceUnavailable as exc:
+            service_unavailable(str(exc))
+        queue = await open_queue(with_query(url, "connection_wait=30"), "gone")
+        await queue.enqueue(make_job())
+        private.stop("redis")
+        with pytest.raises(QueueError) as caught:
+            await asyncio.wait_for(queue.enqueue(make_job()), TIMEOUT)
+        await queue.close()
+    message = str(caught.value)
+    assert message.startswith("Redis at redis://") and "failed to add job" in message
+    assert "***" in message or "@" not in message  # the password stays hidden
+    assert caught.value.__cause__ is not None
+
+
+async def test_a_sqlite_file_from_before_delivery_counts_gets_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:  # the table as it was made before
+        conn.execute(
+            "CREATE TABLE mailbench_jobs (id INTEGER PRIMARY KEY, queue TEXT NOT NULL,"
+            " state TEXT NOT NULL DEFAULT 'available', payload BLOB NOT NULL,"
+            " run_at REAL NOT NULL, locked_until REAL, locked_by TEXT, reason TEXT)"
+        )
+        conn.execute(
+            "INSERT INTO mailbench_jobs (queue, payload, run_at) VALUES ('jobs', ?, 0)",
+            (encode_job(make_job()),),
+        )
+    queue = await open_queue(f"sqlite:///{path}", "jobs")
+    try:
+        delivery = await next_delivery(queue.consume(prefetch=1))
+        assert delivery.deliveries == 1
+        await queue.ack(delivery)
+    finally:
+        await queue.close()

@@ -7,6 +7,11 @@ carries the key (``ps`` would show it to every user), and every listening TCP so
 those processes is bound to 127.0.0.1. Afterwards every file of the results folder —
 results, manifest, logs, raw data, the queue's database — is scanned for the key, its
 HTTP Basic form and the servers' CSRF secret.
+
+The brokers are mailbench's own (Redis, PostgreSQL, RabbitMQ), each with a password drawn
+for the run: the harness hands the queue URL to servers and workers in their environment,
+so neither the URL nor the password may appear on any command line, in the run's output,
+or in the results folder.
 """
 
 from __future__ import annotations
@@ -14,20 +19,25 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import stat
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
+from urllib.parse import urlsplit
 
 import pytest
 
 from harness.process import Pid
 from harness.process import family as process_tree
 from harness.results.folder import load_run
+from harness.services.settings import ENV_VARS, ServiceSettings
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 API_KEY = "key-Zq7uT3xW9sPrivate4b1e"
 LISTEN = "0A"  # TCP state in /proc/net/tcp*
@@ -40,6 +50,7 @@ class Watched:
     listeners: dict[tuple[str, int], str] = field(default_factory=dict)  # -> command
     command_lines: set[str] = field(default_factory=set)
     csrf_secrets: set[str] = field(default_factory=set)
+    queue_urls: set[str] = field(default_factory=set)  # as children got them
 
 
 def listening_sockets() -> dict[int, tuple[str, int]]:
@@ -87,6 +98,8 @@ def look(root: int, seen: Watched) -> None:
         for variable in environ:
             if variable.startswith(b"MAILBENCH_SECRET="):
                 seen.csrf_secrets.add(variable.split(b"=", 1)[1].decode())
+            if variable.startswith(b"MAILBENCH_QUEUE_URL="):
+                seen.queue_urls.add(variable.split(b"=", 1)[1].decode())
         for inode in socket_inodes(pid):
             if inode in listening:
                 seen.listeners[listening[inode]] = command
@@ -140,18 +153,30 @@ def test_the_socket_watch_tells_addresses_apart() -> None:
             listener.close()
 
 
-def test_a_run_keeps_its_secrets_and_listens_on_loopback_only(tmp_path: Path) -> None:
+BROKER_MODES = ("redis", "postgres", "rabbitmq")
+
+
+def test_a_run_keeps_its_secrets_and_listens_on_loopback_only(
+    tmp_path: Path,
+    make_service_settings: Callable[[], ServiceSettings],
+    service_unavailable: Callable[[str], NoReturn],
+) -> None:
     out = tmp_path / "results"
-    env = {**os.environ, "MAILGUN_API_KEY": API_KEY}
-    env.pop("MAILBENCH_SECRET", None)  # the harness makes one per run
-    command = [sys.executable, "-m", "harness.cli", "run", "--modes", "direct,sqlite"]
+    services = make_service_settings()
+    env = {**os.environ, "MAILGUN_API_KEY": API_KEY, "CI": "true"}  # a missing broker fails
+    for variable in (*ENV_VARS.values(), "MAILBENCH_SECRET", "MAILBENCH_QUEUE_URL"):
+        env.pop(variable, None)  # brokers of our own; the harness makes a secret per run
+    modes = ("direct", "sqlite", *BROKER_MODES)
+    command = [sys.executable, "-m", "harness.cli", "run", "--modes", ",".join(modes)]
     command += ["--scenario", "sender", "--duration", "3", "--warmup", "1", "--users", "3"]
-    command += ["--out", str(out)]
+    command += ["--out", str(out), "--services-dir", str(services.base_dir)]
+    for name in ("rabbitmq", "rabbitmq_dist", "epmd", "redis", "postgres"):
+        command += ["--port", f"{name}={getattr(services, f'{name}_port')}"]
     seen = Watched()
     with (tmp_path / "run.log").open("w+") as log:
         run = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 100
+            deadline = time.monotonic() + 270
             while run.poll() is None and time.monotonic() < deadline:
                 look(run.pid, seen)
                 time.sleep(0.2)
@@ -161,12 +186,14 @@ def test_a_run_keeps_its_secrets_and_listens_on_loopback_only(tmp_path: Path) ->
             run.wait(10)
         log.seek(0)
         output = log.read()
+    if run.returncode != 0 and "is not installed" in output:
+        service_unavailable(output.strip().splitlines()[-1])
     assert run.returncode == 0, output
 
     # The key worked: every accepted send was delivered to the fake, which demands it.
     [run_dir] = [p for p in out.iterdir() if p.is_dir() and not p.is_symlink()]
     results = load_run(run_dir)
-    for mode in ("direct", "sqlite"):
+    for mode in modes:
         counts = results.accounting_of(mode)
         assert counts is not None and counts.accepted > 0, results.accounting
         assert counts.delivered == counts.accepted, results.accounting
@@ -189,3 +216,23 @@ def test_a_run_keeps_its_secrets_and_listens_on_loopback_only(tmp_path: Path) ->
     assert any(p.suffix == ".log" for p in files) and any("raw" in p.parts for p in files)
     assert leaks(out, [API_KEY, *seen.csrf_secrets]) == []
     assert API_KEY not in output
+
+    # Each broker had a password of the run's own, given to its clients in the
+    # environment, and seen on no command line, in no output and in no results file.
+    passwords = {urlsplit(url).scheme: urlsplit(url).password for url in seen.queue_urls}
+    assert {"redis", "postgresql", "amqp"} <= set(passwords), seen.queue_urls
+    secrets = [p for p in passwords.values() if p]
+    assert len(secrets) >= 3 and "guest" not in secrets, passwords
+    assert not [c for c in seen.command_lines if any(p in c for p in secrets)]
+    assert not [p for p in secrets if p in output]
+    assert leaks(out, secrets) == []
+    # The brokers' own logs hold none either; only their 0600 config files do.
+    broker_logs = [p for p in services.base_dir.rglob("*") if p.is_file() and ".log" in p.name]
+    assert (
+        broker_logs
+        and [p for p in broker_logs if any(s.encode() in p.read_bytes() for s in secrets)] == []
+    )
+    credentials = list(services.base_dir.glob("*/credentials.json"))
+    assert len(credentials) == 3 and all(
+        stat.S_IMODE(p.stat().st_mode) == 0o600 for p in credentials
+    )

@@ -12,12 +12,14 @@ import dataclasses
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -149,6 +151,101 @@ async def test_postgres_answers_in_the_mailbench_database(
             assert await connection.fetchval("SHOW fsync") == "on"
     finally:
         await connection.close()
+
+
+# --- only clients with the run's credentials get in ----------------------------------------
+
+
+def _ours(services: Services, name: str) -> None:
+    if services.status()[name].state != "running":
+        pytest.skip(f"{name} is a server of the user's ({ENV_VARS[name]}): its access is theirs")
+
+
+def test_redis_refuses_a_client_without_the_password(redis_url: str, services: Services) -> None:
+    _ours(services, "redis")
+    parts = urlsplit(redis_url)
+    assert parts.password
+    for password in (None, "guess"):
+        client = redis.Redis(host="127.0.0.1", port=parts.port, password=password)
+        with client, pytest.raises(redis.AuthenticationError):
+            client.ping()
+
+
+async def test_rabbitmq_refuses_guest(rabbitmq_url: str, services: Services) -> None:
+    _ours(services, "rabbitmq")
+    parts = urlsplit(rabbitmq_url)
+    assert parts.password and parts.username != "guest"
+    with pytest.raises(aio_pika.exceptions.ProbableAuthenticationError):
+        await aio_pika.connect(f"amqp://guest:guest@127.0.0.1:{parts.port}/", timeout=10)
+
+
+async def test_postgres_refuses_a_client_without_the_password(
+    postgres_url: str, services: Services
+) -> None:
+    _ours(services, "postgres")
+    parts = urlsplit(postgres_url)
+    assert parts.password
+    socket_dir = services.settings.base_dir / "postgres" / "data"
+    hosts = ["127.0.0.1"] + ([str(socket_dir)] if len(str(socket_dir)) < 90 else [])
+    for host in hosts:  # TCP, and the Unix socket (pg_hba's `local` lines)
+        for password in ("", "guess"):
+            with pytest.raises(asyncpg.InvalidPasswordError):
+                await asyncpg.connect(
+                    host=host,
+                    port=parts.port,
+                    user=parts.username,
+                    password=password,
+                    database="mailbench",
+                    timeout=10,
+                )
+
+
+@pytest.mark.parametrize("name", ["redis", "postgres"])
+async def test_a_restarted_broker_keeps_its_credentials(
+    name: str,
+    make_service_settings: Callable[[], ServiceSettings],
+    service_unavailable: Callable[[str], NoReturn],
+) -> None:
+    # What `mailbench chaos` does: a crash, then a start on the same data.
+    with Services(_no_url_vars(make_service_settings())) as services:
+        url = _start(services, name, service_unavailable)
+        assert services.restart(name) == url
+        if name == "redis":
+            with redis.Redis.from_url(url) as client:
+                assert client.ping() is True
+        else:
+            connection = await asyncpg.connect(url)
+            await connection.close()
+
+
+def _open_to_others(path: Path, top: Path) -> bool:
+    """Whether a user other than the owner can read ``path`` (a file) or list it (a
+    directory), every directory from ``top`` down being theirs to enter."""
+    steps = [path, *path.parents]
+    chain = steps[: steps.index(top) + 1]
+    for step in chain[1:]:
+        if not step.stat().st_mode & (stat.S_IXGRP | stat.S_IXOTH):
+            return False
+    return bool(path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH))
+
+
+def test_the_brokers_files_are_their_owners(
+    redis_url: str, postgres_url: str, rabbitmq_url: str, services: Services
+) -> None:
+    base = services.settings.base_dir
+    ours = [n for n in SERVICE_NAMES if services.status()[n].state == "running"]
+    if not ours:
+        pytest.skip("every broker is a server of the user's")
+    for name in ours:
+        workdir = base / name
+        opened = [p for p in [workdir, *workdir.rglob("*")] if _open_to_others(p, base)]
+        assert opened == [], f"{name}: {opened[:5]}"
+        password = urlsplit(services.status()[name].url or "").password
+        assert password
+        holders = [
+            p for p in workdir.rglob("*") if p.is_file() and password.encode() in p.read_bytes()
+        ]
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in holders), holders
 
 
 # --- what the user configured is used, and nothing is started -------------------------
@@ -318,9 +415,17 @@ def test_services_up_outlives_the_command_and_down_stops_everything(
         if up.returncode == 1:  # one sentence per broker it could not start
             service_unavailable(up.stderr.strip().splitlines()[-1])
         assert up.returncode == 0, up.stderr
-        lines = up.stdout.splitlines()
+        # The URLs carry the brokers' passwords: in a file only the user reads, which the
+        # output names, and never in the output itself (a CI log, a shared screen).
+        env_file = base / "env"
+        assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+        assert str(env_file) in up.stdout
+        lines = env_file.read_text().splitlines()
         exports = dict(line.removeprefix("export ").split("=", 1) for line in lines)
         assert exports == {ENV_VARS[n]: state[n]["url"] for n in SERVICE_NAMES}
+        passwords = [urlsplit(url).password for url in exports.values()]
+        assert all(passwords) and not [p for p in passwords if p and p in up.stdout + up.stderr]
+        assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
         assert urls_from_state(base) == {n: state[n]["url"] for n in SERVICE_NAMES}
         assert all(processes[n] and all(_running(p) for p in processes[n]) for n in processes)
         with redis.Redis.from_url(exports["REDIS_URL"]) as client:
@@ -334,11 +439,13 @@ def test_services_up_outlives_the_command_and_down_stops_everything(
 
         capsys.readouterr()
         assert _cli("status", *options) == 0
-        assert capsys.readouterr().out.count(" running ") == 3
+        shown = capsys.readouterr().out
+        assert shown.count(" running ") == 3 and str(env_file) in shown
+        assert not [p for p in passwords if p and p in shown]
     finally:
         assert _cli("down", *options) == 0
     assert capsys.readouterr().out.count("stopped ") == 3
     assert [p for n in processes for p in processes[n] if _running(p)] == []
-    assert not state_file.exists()
+    assert not state_file.exists() and not (base / "env").exists()
     assert _cli("status", *options) == 0
     assert capsys.readouterr().out.count(" stopped") == 3

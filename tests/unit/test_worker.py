@@ -88,6 +88,7 @@ class SpyQueue:
         self.received: list[Delivery] = []
         self.retries: list[tuple[str, int, float]] = []  # job id, attempt, delay
         self.fail_ack: Exception | None = None
+        self.handed_back: list[Delivery] = []
 
     async def enqueue(self, job: Job) -> None:
         await self.inner.enqueue(job)
@@ -112,6 +113,10 @@ class SpyQueue:
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         await self.inner.dead_letter(delivery, reason)
+
+    async def hand_back(self, delivery: Delivery) -> None:
+        self.handed_back.append(delivery)
+        await self.inner.hand_back(delivery)
 
     async def depth(self) -> int:
         return await self.inner.depth()
@@ -389,6 +394,116 @@ async def test_graceful_stop_finishes_calls_in_flight(backend: str, queue: SpyQu
     assert await queue.depth() == 3
 
 
+async def test_stop_hands_back_at_once_what_was_never_started(
+    backend: str, queue: SpyQueue
+) -> None:
+    jobs = await enqueue(queue, 4)
+    client = FakeMailgun()
+    client.gate = asyncio.Event()
+    worker = Worker(make_settings(backend, concurrency=1, prefetch=10), queue, client)
+    task = asyncio.create_task(worker.run())
+    await wait_until(lambda: client.in_flight == 1 and len(queue.received) == 4)
+    stopping = asyncio.create_task(worker.stop())
+    # Another worker has the three never started while this one still drains its call:
+    # they do not wait for its queue to close (on Redis and SQL: for a lease to expire).
+    other = await open_queue(backend)
+    deliveries = other.consume(prefetch=10)
+    others = [await asyncio.wait_for(anext(deliveries), 2) for _ in range(3)]
+    assert not stopping.done()
+    [(in_flight, _)] = client.calls
+    assert {d.job.id for d in others} == {job.id for job in jobs} - {in_flight}
+    assert [(d.deliveries, d.job.attempt) for d in others] == [(1, 0)] * 3  # uncounted
+    client.gate.set()
+    await stopping
+    await task
+    assert worker.acked == 1 and worker.handed_back == 3 and len(queue.handed_back) == 3
+    for delivery in others:
+        await other.ack(delivery)
+    await other.close()
+
+
+async def crash_deliveries(backend: str, job: Job, crashes: int) -> None:
+    """Deliver ``job`` (enqueued) ``crashes`` times to consumers that die holding it."""
+    for _ in range(crashes):
+        doomed = await open_queue(backend)
+        assert isinstance(doomed, MemoryQueue)
+        await asyncio.wait_for(anext(doomed.consume(prefetch=1)), 2)
+        doomed.requeue_unacked()
+
+
+async def test_a_job_delivered_beyond_max_deliveries_is_dead_lettered_uncalled(
+    backend: str, queue: SpyQueue
+) -> None:
+    [poison] = await enqueue(queue, 1)
+    await crash_deliveries(backend, poison, 3)  # it killed three workers
+    client = FakeMailgun()
+    worker = Worker(make_settings(backend, max_deliveries=3), queue, client)
+    async with running(worker):
+        await wait_until(lambda: len(worker.dead_lettered) == 1)
+    assert client.calls == []
+    [(job_id, reason)] = worker.dead_lettered
+    assert job_id == poison.id
+    assert "delivered 4 times" in reason and "--max-deliveries 3" in reason
+    [dead] = queue.inner.dead_lettered()
+    assert dead.reason == reason
+    assert await queue.depth() == 0
+
+
+async def test_a_job_on_its_last_delivery_is_sent_alone(backend: str, queue: SpyQueue) -> None:
+    [suspect] = await enqueue(queue, 1)
+    await crash_deliveries(backend, suspect, 1)
+    holder = await open_queue(backend)
+    assert isinstance(holder, MemoryQueue)
+    await asyncio.wait_for(anext(holder.consume(prefetch=1)), 2)
+    others = await enqueue(queue, 4)
+    holder.requeue_unacked()  # after the others, on its third delivery
+    alone: list[int] = []
+
+    class Recording(FakeMailgun):
+        async def send(self, email: Email, idempotency_key: str) -> SendResult:
+            if idempotency_key == suspect.id:
+                alone.append(self.in_flight)
+            return await super().send(email, idempotency_key)
+
+    client = Recording(delay=0.05)
+    settings = make_settings(backend, concurrency=2, prefetch=10, max_deliveries=3)
+    worker = Worker(settings, queue, client)
+    async with running(worker):
+        await wait_until(lambda: worker.acked == 5)
+    assert alone == [0]  # nothing else in flight when its call began
+    assert sorted(key for key, _ in client.calls) == sorted(j.id for j in [suspect, *others])
+    # What it held unstarted went back uncounted, and was sent afterwards.
+    assert queue.handed_back and all(d.deliveries == 1 for d in queue.handed_back)
+    assert worker.dead_lettered == []
+    assert await queue.depth() == 0
+
+
+async def test_a_stop_hands_back_a_job_waiting_to_be_sent_alone(
+    backend: str, queue: SpyQueue
+) -> None:
+    [suspect] = await enqueue(queue, 1)
+    holder = await open_queue(backend)
+    assert isinstance(holder, MemoryQueue)
+    await asyncio.wait_for(anext(holder.consume(prefetch=1)), 2)
+    [busy] = await enqueue(queue, 1)
+    client = FakeMailgun()
+    client.gate = asyncio.Event()
+    settings = make_settings(backend, concurrency=2, prefetch=10, max_deliveries=2)
+    worker = Worker(settings, queue, client)
+    task = asyncio.create_task(worker.run())
+    await wait_until(lambda: client.in_flight == 1)  # the other job, held up by the API
+    holder.requeue_unacked()  # the suspect's consumer "dies": its last delivery is next
+    await wait_until(lambda: len(queue.received) == 2)
+    stopping = asyncio.create_task(worker.stop())
+    await wait_until(lambda: len(queue.handed_back) == 1)
+    [handed_back] = queue.handed_back
+    assert (handed_back.job.id, handed_back.deliveries) == (suspect.id, 2)
+    client.gate.set()
+    await stopping
+    await task
+    assert [key for key, _ in client.calls] == [busy.id] and worker.acked == 1
+
+
 async def test_drain_timeout_leaves_unsettled_jobs_on_the_queue(
     backend: str, queue: SpyQueue
 ) -> None:
@@ -442,7 +557,7 @@ async def test_metrics_file(backend: str, queue: SpyQueue, tmp_path: Path) -> No
     }
     data = json.loads(out.read_text())
     expected = {"histograms", "acked", "retried", "rate_limited", "dead_lettered", "errors"}
-    assert set(data) == expected | {"phase", "begins_at"}
+    assert set(data) == expected | {"handed_back", "phase", "begins_at"}
     assert (data["phase"], data["begins_at"]) == (".", None)  # one phase: the main one
     assert data["acked"] == 1
     assert data["retried"] == 0
@@ -522,12 +637,15 @@ def test_backoff_is_full_jitter_capped_exponential() -> None:
 def test_settings_defaults_and_validation() -> None:
     settings = WorkerSettings(backend="memory://")
     assert settings.concurrency == 200 and settings.prefetch_count == 250
-    assert settings.max_attempts == 5
+    assert settings.max_attempts == 5 and settings.max_deliveries == 5
+    assert settings.inject_crash_subject is None
     assert (settings.backoff_base, settings.backoff_cap) == (1.0, 30.0)
     assert settings.drain_seconds == settings.mailgun.timeout + 5.0
     assert WorkerSettings(backend="memory://", concurrency=3).prefetch_count == 4
     with pytest.raises(ConfigError, match="concurrency"):
         WorkerSettings(backend="memory://", concurrency=0)
+    with pytest.raises(ConfigError, match="max deliveries"):
+        WorkerSettings(backend="memory://", max_deliveries=0)
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -542,6 +660,9 @@ def test_cli_defaults() -> None:
     assert args.mailgun_url == "http://127.0.0.1:8025"
     assert (args.mailgun_key, args.mailgun_domain) == ("key-mailbench", "mailbench.test")
     assert args.metrics_out is None
+    assert args.max_deliveries == 5 and args.inject_crash_subject is None
+    args = parse("--backend", "memory://", "--max-deliveries", "2", "--inject-crash-subject", "x")
+    assert (args.max_deliveries, args.inject_crash_subject) == (2, "x")
 
 
 def test_cli_runs_until_sigterm(
