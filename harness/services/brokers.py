@@ -125,7 +125,11 @@ class Redis:
     title = "Redis"
     package = "redis-server"
     env_var = ENV_VARS["redis"]
-    login = "mailbench"
+    # Redis replays its AOF as `default`, and Redis 7.0-7.4 re-check that user's rights in
+    # each replayed MULTI/EXEC: with `default` switched off, every transaction of the
+    # queue (settles, retries, hand-backs) would be dropped on the restart after a crash
+    # (redis/redis#14541). So `default` is the one user, with a password.
+    login = "default"
     stop_signal: int = signal.SIGTERM  # Redis flushes the AOF and exits
     # With appendfsync always a reply follows the AOF's write and fsync, so nothing acked
     # is lost; with everysec, see REDIS_FSYNC.
@@ -144,12 +148,12 @@ class Redis:
     def prepare(self, settings: ServiceSettings, workdir: Path, credentials: Credentials) -> Launch:
         private_dir(workdir)
         data = private_dir(workdir / "data")
-        # The one user there is, in a file only we read: the password-less `default`
-        # user is switched off, so a connection that has not authenticated can do nothing.
+        # The one user there is, in a file only we read: `default`, with a password, so a
+        # connection that has not authenticated can do nothing.
         config = workdir / "redis.conf"
         write_private(
             config,
-            f"user default off\nuser {credentials.user} on >{credentials.password} ~* &* +@all\n",
+            f"user {credentials.user} on resetpass >{credentials.password} ~* &* +@all\n",
         )
         binary = shutil.which("redis-server", path=_path(settings)) or "redis-server"
         # The AOF, fsynced as chosen (see REDIS_FSYNC); no RDB snapshots: they would fork

@@ -449,3 +449,23 @@ def test_services_up_outlives_the_command_and_down_stops_everything(
     assert not state_file.exists() and not (base / "env").exists()
     assert _cli("status", *options) == 0
     assert capsys.readouterr().out.count(" stopped") == 3
+
+
+def test_a_crashed_redis_keeps_what_its_transactions_did(
+    make_service_settings: Callable[[], ServiceSettings],
+    service_unavailable: Callable[[str], NoReturn],
+) -> None:
+    # The queue settles, retries and hands back in MULTI/EXEC. Replaying the AOF after a
+    # crash must apply them: Redis 7.0-7.4 drop every replayed transaction with NOPERM
+    # when the `default` user (as whom the AOF is replayed) is switched off.
+    with Services(_no_url_vars(make_service_settings())) as services:
+        url = _start(services, "redis", service_unavailable)
+        with redis.Redis.from_url(url) as client:
+            client.set("plain", 1)
+            with client.pipeline(transaction=True) as pipe:
+                pipe.set("in-a-transaction", 1).xadd("stream", {"job": "x"}).execute()
+        services.restart("redis")
+        with redis.Redis.from_url(url) as client:
+            assert client.get("plain") == b"1"
+            assert client.get("in-a-transaction") == b"1"
+            assert client.xlen("stream") == 1

@@ -34,16 +34,17 @@ def files_with(folder: Path, secret: str) -> list[Path]:
 
 def test_redis_reads_its_password_from_a_private_config_file(tmp_path: Path) -> None:
     workdir = tmp_path / "redis"
-    launch = Redis().prepare(settings(tmp_path), workdir, CREDENTIALS)
+    credentials = Credentials(Redis.login, PASSWORD)
+    launch = Redis().prepare(settings(tmp_path), workdir, credentials)
     assert PASSWORD not in " ".join(launch.argv) and PASSWORD not in json.dumps(launch.env)
     holders = files_with(workdir, PASSWORD)
     assert holders and all(mode(p) == 0o600 for p in holders)
     assert mode(workdir) == 0o700 and mode(workdir / "data") == 0o700
-    # The password-less default user is switched off, not merely given a password.
-    config = holders[0].read_text()
-    assert "user default off" in config
-    url = Redis().url(settings(tmp_path), CREDENTIALS)
-    assert url == f"redis://mailbench:{PASSWORD}@127.0.0.1:28379/0"
+    # `default` (as whom the AOF is replayed) is the one user, and it has a password.
+    [user] = [line for line in holders[0].read_text().splitlines() if line.startswith("user ")]
+    assert user.startswith("user default on resetpass >") and "nopass" not in user
+    url = Redis().url(settings(tmp_path), credentials)
+    assert url == f"redis://default:{PASSWORD}@127.0.0.1:28379/0"
 
 
 def test_rabbitmq_gets_a_user_of_its_own_and_no_guest(tmp_path: Path) -> None:
