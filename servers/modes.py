@@ -12,8 +12,16 @@ that the server, the harness, the report, the gate, chaos and the tests need to 
 * ``service`` — the broker :mod:`harness.services` starts for it (``None``: none), or
   ``queue_file`` — the URL of a queue kept in a file of the run's folder (``{dir}``);
 * ``worker`` — the ``mailbench`` subcommand that runs its workers (``None``: no workers);
+* ``worker_args`` — options its workers get after the harness's own (a framework mode's
+  configuration, ``--config reliable``);
 * ``lease_parameter`` — the queue URL's parameter that sets how soon a dead worker's
   jobs come back (chaos shortens it; ``None``: the broker notices at once);
+* ``framework`` and ``config`` — for a task-queue framework's mode (Celery, RQ, ...),
+  the framework and which of its configurations runs: ``default`` (the framework as
+  it ships) or ``reliable`` (what its docs recommend so that no accepted job is lost);
+  ``depth`` — ``"module:function"`` that opens its queue-depth probe (see
+  :mod:`servers.frameworks`). Framework modes run with ``--modes frameworks``, not by
+  default;
 * how reports show it: ``title`` (in a sentence), ``colour`` and ``linestyle`` (in
   charts, the Okabe–Ito palette), ``explanation`` (one line in the report).
 
@@ -46,13 +54,24 @@ class Mode:
     service: str | None = None
     queue_file: str | None = None
     worker: str | None = None
+    worker_args: tuple[str, ...] = ()
     lease_parameter: str | None = None
     blocks_event_loop: bool = False  # one slow call stalls every request of the process
+    framework: str | None = None  # a task-queue framework's mode: "celery", "rq", ...
+    config: str | None = None  # its configuration: "default" or "reliable"
+    depth: str | None = None  # "module:function" opening its depth probe (None: queues')
 
     def __post_init__(self) -> None:
         queued = self.kind is Kind.QUEUED
         if queued != (self.worker is not None) or queued != bool(self.service or self.queue_file):
             raise ValueError(f"mode {self.name}: a queued mode has a queue and workers, no other")
+        if (self.framework is None) != (self.config is None) or (
+            self.config is not None and self.config not in FRAMEWORK_CONFIGS
+        ):
+            raise ValueError(
+                f"mode {self.name}: a framework mode names its framework and one of the "
+                f"configurations {', '.join(FRAMEWORK_CONFIGS)}"
+            )
 
     @property
     def queued(self) -> bool:
@@ -66,6 +85,43 @@ class Mode:
 
 
 _QUEUED = "servers.senders.queued:QueuedSender"
+FRAMEWORKS_GROUP = "frameworks"  # --modes frameworks: every framework mode
+FRAMEWORK_CONFIGS = ("default", "reliable")
+
+
+def _framework_modes(
+    name: str,
+    framework: str,
+    sender: str,
+    *,
+    title: str,
+    explanation: str,
+    colour: str,
+    service: str,
+    lease_parameter: str | None = None,
+) -> tuple[Mode, ...]:
+    """A framework's two modes: ``<name>`` (as the framework ships, dash-dotted in charts)
+    and ``<name>-reliable`` (as its docs recommend, solid), one colour."""
+    return tuple(
+        Mode(
+            name if config == "default" else f"{name}-{config}",
+            Kind.QUEUED,
+            sender,
+            title=f"{title} ({config} configuration)",
+            explanation=f"{explanation} Configuration: {config}.",
+            colour=colour,
+            linestyle="-" if config == "reliable" else "-.",
+            service=service,
+            worker=f"{framework}-worker",
+            worker_args=("--config", config),
+            lease_parameter=lease_parameter,
+            framework=framework,
+            config=config,
+            depth=f"servers.frameworks.{framework}:open_depth",
+        )
+        for config in FRAMEWORK_CONFIGS
+    )
+
 
 MODES: dict[str, Mode] = {
     mode.name: mode
@@ -133,11 +189,48 @@ MODES: dict[str, Mode] = {
             worker="worker",
             lease_parameter="lease",
         ),
+        # Task-queue frameworks on the same server: only the queue changes. Colours from
+        # Paul Tol's colour-blind-safe "muted" scheme, the Okabe-Ito one being used up.
+        *_framework_modes(
+            "celery-redis",
+            "celery",
+            "servers.senders.celery:CelerySender",
+            title="Celery on Redis",
+            explanation="POST /send enqueues a Celery task on Redis (apply_async in a "
+            "thread); a celery worker (threads pool) sends it.",
+            colour="#CC6677",
+            service="redis",
+            lease_parameter="visibility",
+        ),
+        *_framework_modes(
+            "celery-rabbitmq",
+            "celery",
+            "servers.senders.celery:CelerySender",
+            title="Celery on RabbitMQ",
+            explanation="POST /send publishes a Celery task to RabbitMQ and waits for the "
+            "publisher confirm (apply_async in a thread); a celery worker (threads pool) "
+            "sends it.",
+            colour="#882255",
+            service="rabbitmq",
+        ),
+        *_framework_modes(
+            "rq",
+            "rq",
+            "servers.senders.rq:RQSender",
+            title="RQ",
+            explanation="POST /send enqueues an RQ job on Redis (Queue.enqueue in a "
+            "thread); an RQ worker pool sends it, a forked work-horse per job.",
+            colour="#117733",
+            service="redis",
+        ),
     )
 }
 
 IN_REQUEST = tuple(name for name, mode in MODES.items() if not mode.queued)
-QUEUED = tuple(name for name, mode in MODES.items() if mode.queued)
+FRAMEWORKS = tuple(name for name, mode in MODES.items() if mode.framework is not None)
+# The reference queues: what runs by default, and what chaos breaks by default.
+QUEUED = tuple(name for name, mode in MODES.items() if mode.queued and name not in FRAMEWORKS)
+DEFAULT = tuple(name for name in MODES if name not in FRAMEWORKS)
 
 
 def mode(name: str) -> Mode:
@@ -149,11 +242,17 @@ def mode(name: str) -> Mode:
 
 
 def parse_modes(text: str) -> tuple[str, ...]:
-    """``direct,redis`` → the modes named, in order; unknown names are one error."""
-    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    """``direct,redis`` → the modes named, in order; ``frameworks`` stands for every
+    framework mode; unknown names are one error."""
+    names: list[str] = []
+    for name in (m.strip() for m in text.split(",")):
+        for each in FRAMEWORKS if name == FRAMEWORKS_GROUP else (name,) if name else ():
+            if each not in names:
+                names.append(each)
     unknown = [m for m in names if m not in MODES]
     if unknown or not names:
         raise ConfigError(
-            f"unknown mode(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODES)}"
+            f"unknown mode(s) {', '.join(unknown) or '(none)'}; choose from "
+            f"{', '.join(MODES)}, or {FRAMEWORKS_GROUP} for {', '.join(FRAMEWORKS)}"
         )
-    return names
+    return tuple(names)

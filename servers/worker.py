@@ -139,6 +139,17 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
     return rng.uniform(0.0, ceiling)
 
 
+def journal_dead_letter(path: Path | None, job: Job, reason: str) -> None:
+    """Append the dead letter's line to the journal the harness reads
+    (``dead-letters-*.jsonl``: the job's id, recipient and the reason); none without a
+    path."""
+    if path is None:
+        return
+    line = json.dumps({"id": job.id, "to": job.email.to, "reason": reason})
+    with path.open("a") as journal:
+        journal.write(line + "\n")
+
+
 def _timed_inline(renderer: Renderer, email: Email) -> tuple[list[tuple[str, bytes]], float]:
     started = time.perf_counter()
     inline = renderer.inline(email)
@@ -461,13 +472,7 @@ class Worker:
         # Written before the queue is told, so a worker killed in between leaves a line
         # for a job that comes back (and is then delivered or dead-lettered again), never
         # a dead letter without a line.
-        path = self.settings.dead_letters_out
-        if path is None:
-            return
-        job = delivery.job
-        line = json.dumps({"id": job.id, "to": job.email.to, "reason": reason})
-        with path.open("a") as journal:
-            journal.write(line + "\n")
+        journal_dead_letter(self.settings.dead_letters_out, delivery.job, reason)
 
     async def _drain(self) -> None:
         if not self._in_flight:

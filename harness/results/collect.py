@@ -221,6 +221,19 @@ def merge_chunks(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def framework_worker(raw: Path) -> dict[str, Any] | None:
+    """How a framework mode's workers ran (framework, configuration, pool, command line),
+    as the first worker's metrics file says; None for mailbench's own workers."""
+    for path in sorted(raw.glob("worker-*.json")):
+        try:
+            described = json.loads(path.read_text()).get("framework")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(described, dict):
+            return described
+    return None
+
+
 def dead_lettered_recipients(raw: Path) -> list[str]:
     """Recipients of dead-lettered jobs, from the journals workers append to as they go
     (``dead-letters-*.jsonl``), so a worker killed mid-run still has its dead letters

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from harness.run.target import Target
-from servers.modes import MODES
+from servers.modes import DEFAULT
 
 SCENARIOS_DIR = Path(__file__).resolve().parents[2] / "scenarios"
 SCENARIOS = ("mixed", "reader", "sender")
 # The closed-model user classes of each scenario; every scenario also has ``Arrivals``.
 CLOSED_USERS = {"mixed": ("Reader", "Sender"), "reader": ("Reader",), "sender": ("Sender",)}
 DEFAULT_LATENCY = "uniform:0.5,1.0"
-DEFAULT_MODES = tuple(MODES)
+DEFAULT_MODES = DEFAULT  # the framework modes run with --modes frameworks
 # Seconds from a mode's first request whose requests are left out of its figures: the
 # cold start (connections opened, caches and the broker warming) is not the steady state.
 DEFAULT_WARMUP_S = 3.0

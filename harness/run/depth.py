@@ -17,6 +17,7 @@ ready messages and waiting retries only.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import re
 import shutil
@@ -30,6 +31,7 @@ from harness.services.brokers import RabbitMQ
 from harness.services.settings import ServiceSettings
 from queues import open_queue
 from queues.errors import MailbenchError
+from servers.modes import Mode
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +104,22 @@ class RabbitMQDepth:
         pass
 
 
-async def open_probe(url: str, queue_name: str, settings: ServiceSettings | None) -> Probe:
-    """The harness's own way to count ``queue_name``'s jobs at ``url``."""
+async def open_probe(
+    url: str, queue_name: str, settings: ServiceSettings | None, mode: Mode | None = None
+) -> Probe:
+    """The harness's own way to count ``queue_name``'s jobs at ``url``: the broker's
+    count where mailbench runs RabbitMQ, else the mode's probe (a framework's queue,
+    which mailbench's backends do not read), else the queue backend's."""
     if urlsplit(url).scheme.startswith("amqp"):
         probe = RabbitMQDepth.of(url, queue_name, settings)
         if probe is not None:
             return probe
+    if mode is not None and mode.depth is not None:
+        module_name, _, function = mode.depth.partition(":")
+        opened: Probe = await getattr(importlib.import_module(module_name), function)(
+            url, queue_name
+        )
+        return opened
     return await open_queue(url, queue_name)
 
 
@@ -116,10 +128,17 @@ class DepthSampler:
     block; :attr:`samples` maps the wall-clock time of each sample (``"%.3f"``) to the
     depth, None where it could not be had (a broker restarting)."""
 
-    def __init__(self, url: str, queue_name: str, settings: ServiceSettings | None) -> None:
+    def __init__(
+        self,
+        url: str,
+        queue_name: str,
+        settings: ServiceSettings | None,
+        mode: Mode | None = None,
+    ) -> None:
         self.url = url
         self.queue_name = queue_name
         self.settings = settings
+        self.mode = mode
         self.samples: dict[str, int | None] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mailbench-depth", daemon=True)
@@ -142,7 +161,7 @@ class DepthSampler:
 
     async def _sample(self) -> None:
         try:
-            probe = await open_probe(self.url, self.queue_name, self.settings)
+            probe = await open_probe(self.url, self.queue_name, self.settings, self.mode)
         except MailbenchError as exc:
             log.warning("queue depth will not be sampled: %s", exc)
             return

@@ -22,8 +22,8 @@ import httpx
 
 from harness.results.accounting import Accounting, reconcile
 from harness.results.collect import client_sends, dead_lettered_recipients
+from harness.run.depth import open_probe
 from harness.run.tiers import Tiers
-from queues import open_queue
 from servers.fakegun.admin import FakegunAdmin
 
 Supervise = Callable[[], int]  # replaces the workers that died; how many it replaced
@@ -53,7 +53,10 @@ async def _drain(
 ) -> bool:
     accepted, failed = client_sends(tiers.raw)
     deadline = time.monotonic() + timeout_s
-    queue = await open_queue(tiers.queue_url, tiers.queue_name) if tiers.queue_url else None
+    queue = None
+    if tiers.queue_url:
+        # The mode's own probe where it has one (a framework's queue), as the sampler's.
+        queue = await open_probe(tiers.queue_url, tiers.queue_name, None, tiers.mode)
     settled_polls = 0
     previous_ledger = -1
     try:

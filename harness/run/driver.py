@@ -35,7 +35,7 @@ from typing import Any
 from harness.errors import MailbenchError
 from harness.process import Children, mailbench_command, wait_ready
 from harness.results import machine
-from harness.results.collect import collect_mode
+from harness.results.collect import collect_mode, framework_worker
 from harness.results.folder import ModeResult, write_manifest, write_results
 from harness.results.rows import SweepRow
 from harness.run.calibrate import measure_floor
@@ -136,6 +136,8 @@ class Driver:
                 "notes": result.notes,
                 "generator": result.generator,
             }
+            if (framework := framework_worker(self.run_dir / "raw" / name)) is not None:
+                manifest["modes"][name]["framework"] = framework
             write_results(self.run_dir, self.results)
         manifest["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         write_manifest(self.run_dir, manifest)

@@ -158,7 +158,7 @@ class LocustRun:
         # the first request.
         sampler = None
         if sample_depth and tiers.queue_url:
-            sampler = DepthSampler(tiers.queue_url, tiers.queue_name, self.services)
+            sampler = DepthSampler(tiers.queue_url, tiers.queue_name, self.services, tiers.mode)
         with sampler or contextlib.nullcontext():
             while locust.alive():
                 if time.monotonic() > deadline:

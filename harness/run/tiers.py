@@ -142,6 +142,7 @@ class TierStarter:
         args += ["--dead-letters-out", str(tiers.raw / f"dead-letters-{index}.jsonl")]
         if cfg.render_ms:
             args += ["--render-ms", f"{cfg.render_ms:g}"]
+        args += mode.worker_args
         worker = self.children.start(
             f"worker {index} ({mode.name})",
             mailbench_command(*args),

@@ -35,13 +35,15 @@ class Handed:
 @dataclass(frozen=True, slots=True)
 class SenderContext:
     """What a sender may use: the API's settings, the queue's address, the render cost,
-    and the process's histograms (``api``, ``enqueue``, ``render``)."""
+    the process's histograms (``api``, ``enqueue``, ``render``), and a framework mode's
+    configuration."""
 
     mailgun: MailgunSettings
     recorder: Recorder
     queue_url: str | None = None
     queue_name: str = "mailbench"
     render_ms: float = 0.0
+    framework_config: str | None = None  # a framework mode's: "default" or "reliable"
 
 
 class Sender(Protocol):

@@ -111,6 +111,7 @@ async def _sender(app: web.Application) -> AsyncIterator[None]:
         queue_url=settings.queue_url,
         queue_name=settings.queue_name,
         render_ms=settings.render_ms,
+        framework_config=mode(settings.mode).config,
     )
     state.sender = await open_sender(mode(settings.mode), context)
     yield

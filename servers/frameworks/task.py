@@ -1,0 +1,301 @@
+"""What a framework's task does with one job, whichever framework runs it.
+
+The framework's task function decodes nothing and decides nothing itself: it hands the
+payload and the attempt number (the framework's own count) to :meth:`TaskRuntime.deliver`
+and carries out the :class:`Decision` with the framework's own mechanism — returning,
+a retry with a countdown, or a failure once the dead letter is journaled. One runtime per
+worker process holds the blocking Mailgun client (framework workers run tasks in threads
+or forked processes, not on an event loop), the card renderer and the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from queues.base import Email, Job, decode_job
+from queues.errors import ConfigError, InvalidJob
+from servers.mailgun import BlockingMailgunClient, Inline, Outcome, SendResult
+from servers.phases import PhasedRecorder, PhaseFile, write_phases
+from servers.render import Renderer
+from servers.worker import (
+    CRASH_EXIT_CODE,
+    WorkerSettings,
+    add_cli_arguments,
+    backoff_delay,
+    journal_dead_letter,
+    settings_from_args,
+)
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "mailbench.send_email"  # the task's name on every framework's broker
+
+
+class BlockingSender(Protocol):
+    """What the task needs from a Mailgun client (:class:`BlockingMailgunClient`)."""
+
+    def send(self, email: Email, idempotency_key: str, *, inline: Inline = ()) -> SendResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the framework does with the job next."""
+
+    action: str  # "done": sent; "retry": again after ``delay`` s; "dead": journaled, give up
+    delay: float = 0.0
+    reason: str = ""
+
+
+DONE = Decision("done")
+
+
+@dataclass(frozen=True, slots=True)
+class FrameworkWorkerSettings:
+    """A framework worker's settings: mailbench's worker's, and the configuration."""
+
+    worker: WorkerSettings
+    config: str = "default"  # "default" or "reliable" (servers.modes.FRAMEWORK_CONFIGS)
+
+    @property
+    def reliable(self) -> bool:
+        return self.config == "reliable"
+
+
+def add_framework_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of mailbench's worker (the harness passes the same ones) and
+    ``--config``."""
+    add_cli_arguments(parser)
+    parser.add_argument(
+        "--config",
+        choices=("default", "reliable"),
+        default="default",
+        help="the framework as it ships (default), or as its docs recommend so that no "
+        "accepted job is lost to a worker crash or a broker restart (reliable)",
+    )
+
+
+def framework_settings_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str]
+) -> FrameworkWorkerSettings:
+    return FrameworkWorkerSettings(settings_from_args(args, environ), config=args.config)
+
+
+class TaskRuntime:
+    """One worker process's client, renderer and figures; thread-safe.
+
+    With ``journal`` (a path), every figure is also kept as an event and :meth:`flush`
+    appends them there, for workers whose tasks run in a process that ends with the job
+    (RQ's work-horses); :func:`replay_journal` turns the lines back into figures.
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        client: BlockingSender | None = None,
+        renderer: Renderer | None = None,
+        journal: Path | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client: BlockingSender = client or BlockingMailgunClient(settings.mailgun)
+        self.renderer = renderer or Renderer(settings.render_ms)
+        self._replaying_at: float | None = None  # replay_journal's value's time
+        self.recorder = PhasedRecorder(clock=self._now)
+        self.phases = PhaseFile(settings.phase_file, self.recorder)
+        self.counts: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.dead_lettered: list[tuple[str, str]] = []
+        self.journal = journal
+        self._events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._rng = rng or random.Random()
+
+    def deliver(self, payload: str | bytes, attempt: int) -> Decision:
+        """Send the job once (waiting out 429s in place); ``attempt`` counts the framework's
+        earlier tries of it (0: the first)."""
+        try:
+            job = decode_job(payload)
+        except InvalidJob as exc:
+            # No recipient to journal: the framework fails it, its logs keep the payload.
+            log.error("a task payload that is no job: %s", exc)
+            self._count("errors", "invalid payload")
+            return Decision("dead", reason=f"invalid payload: {exc}")
+        if attempt == 0:
+            self.record("queue_wait", max(0.0, time.time() - job.enqueued_at))
+        try:
+            inline = self._render(job)
+        except Exception as exc:
+            log.exception("job %s: rendering its card failed", job.id)
+            self._count("errors", f"render {type(exc).__name__}")
+            result = SendResult(Outcome.RETRYABLE, None, detail=f"render failed: {exc!r}")
+        else:
+            result = self._wait_out_rate_limit(job, inline, self._send(job, inline))
+        return self._decide(job, attempt, result)
+
+    def _decide(self, job: Job, attempt: int, result: SendResult) -> Decision:
+        attempts = attempt + 1
+        if result.outcome is Outcome.SUCCESS:
+            self._count("counts", "acked")
+            return DONE
+        if result.outcome is Outcome.PERMANENT:
+            return self.give_up(job, result.detail or f"HTTP {result.status}")
+        if attempts >= self.settings.max_attempts:
+            return self.give_up(job, f"gave up after {attempts} attempts: {result.detail}")
+        if result.retry_after is not None:
+            delay = result.retry_after
+        else:
+            delay = backoff_delay(
+                attempt, self.settings.backoff_base, self.settings.backoff_cap, self._rng
+            )
+        self._count("counts", "retried")
+        return Decision("retry", delay=delay, reason=result.detail)
+
+    def give_up(self, job: Job, reason: str) -> Decision:
+        """Journal the dead letter (before the framework hears of it: a worker killed in
+        between leaves a line for a job that comes back, never a failure without one)."""
+        log.warning("job %s: dead-lettered: %s", job.id, reason)
+        journal_dead_letter(self.settings.dead_letters_out, job, reason)
+        with self._lock:
+            self.dead_lettered.append((job.id, reason))
+            self._events.append({"dead": [job.id, reason]})
+        return Decision("dead", reason=reason)
+
+    def _render(self, job: Job) -> list[tuple[str, bytes]]:
+        if not self.renderer.enabled:
+            return []
+        started = time.perf_counter()
+        inline = self.renderer.inline(job.email)
+        self.record("render", time.perf_counter() - started)
+        return inline
+
+    def _send(self, job: Job, inline: Inline) -> SendResult:
+        if job.email.subject == self.settings.inject_crash_subject:
+            print(f"crashing on purpose before sending job {job.id}", flush=True)
+            os._exit(CRASH_EXIT_CODE)
+        started = time.perf_counter()
+        try:
+            result = self.client.send(job.email, job.id, inline=inline)
+        except Exception as exc:
+            log.exception("job %s: unexpected error from the email client", job.id)
+            self._count("errors", f"exception {type(exc).__name__}")
+            return SendResult(Outcome.RETRYABLE, None, detail=f"unexpected error: {exc!r}")
+        self.record(result.metric, time.perf_counter() - started)
+        if result.outcome is not Outcome.SUCCESS:
+            status = result.status if result.status is not None else "no answer"
+            self._count("errors", f"{result.outcome.value} {status}")
+        return result
+
+    def _wait_out_rate_limit(self, job: Job, inline: Inline, result: SendResult) -> SendResult:
+        """A 429 asks the sender to slow down: wait ``Retry-After`` holding the task's
+        slot of the pool and call again, without spending an attempt, as mailbench's
+        worker does; after ``rate_limit_waits`` waits in a row it is a retry."""
+        waits = 0
+        while result.status == 429 and waits < self.settings.rate_limit_waits:
+            waits += 1
+            self._count("counts", "rate_limited")
+            if result.retry_after is not None:
+                delay = min(result.retry_after, self.settings.backoff_cap)
+            else:
+                delay = backoff_delay(
+                    waits, self.settings.backoff_base, self.settings.backoff_cap, self._rng
+                )
+            time.sleep(delay)
+            result = self._send(job, inline)
+        return result
+
+    def _now(self) -> float:
+        return self._replaying_at if self._replaying_at is not None else time.time()
+
+    def record(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.phases.check()
+            self.recorder.record(name, seconds)
+            if self.journal is not None:
+                self._events.append({"n": name, "s": seconds, "t": time.time()})
+
+    def _count(self, which: str, key: str) -> None:
+        with self._lock:
+            getattr(self, which)[key] += 1
+            if self.journal is not None:
+                self._events.append({which: key})
+
+    def flush(self) -> None:
+        """Append the events kept since the last flush to the journal, in one write."""
+        if self.journal is None:
+            return
+        with self._lock:
+            events, self._events = self._events, []
+        if events:
+            text = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events)
+            with self.journal.open("a") as out:
+                out.write(text)
+
+    def snapshot(self) -> dict[str, object]:
+        """The counts in the shape of mailbench's worker's metrics file."""
+        return {
+            "acked": self.counts["acked"],
+            "retried": self.counts["retried"],
+            "rate_limited": self.counts["rate_limited"],
+            "handed_back": 0,
+            "dead_lettered": [list(entry) for entry in self.dead_lettered],
+            "errors": dict(self.errors),
+        }
+
+    def write_metrics(self, extra: Mapping[str, object] | None = None) -> None:
+        if self.settings.metrics_out is not None:
+            self.phases.check()
+            write_phases(
+                self.settings.metrics_out, self.recorder, {**self.snapshot(), **(extra or {})}
+            )
+
+
+def replay_journal(runtime: TaskRuntime, lines: Iterable[str]) -> None:
+    """Add the figures of a journal's lines (:meth:`TaskRuntime.flush`) to ``runtime``'s,
+    each value in the phase in which it was taken."""
+    runtime.phases.check()
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if "n" in event:
+            runtime._replaying_at = float(event["t"])
+            try:
+                runtime.recorder.record(str(event["n"]), float(event["s"]))
+            finally:
+                runtime._replaying_at = None
+        elif "dead" in event:
+            runtime.dead_lettered.append((str(event["dead"][0]), str(event["dead"][1])))
+        for which in ("counts", "errors"):
+            if which in event:
+                getattr(runtime, which)[str(event[which])] += 1
+
+
+def strip_parameter(url: str, name: str | None) -> tuple[str, float | None]:
+    """``url`` without mailbench's ``name=`` parameter (a lease chaos shortens), and its
+    value in seconds (None when absent)."""
+    if name is None or "?" not in url:
+        return url, None
+    base, _, query = url.partition("?")
+    kept, value = [], None
+    for pair in query.split("&"):
+        key, _, text = pair.partition("=")
+        if key != name:
+            kept.append(pair)
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{name}={text!r} in the queue URL is not a number") from None
+    return base + (f"?{'&'.join(kept)}" if kept else ""), value
