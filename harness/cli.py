@@ -46,6 +46,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "serve": ("servers.web.app", "serve the reference web application in one mode"),
     "worker": ("servers.worker", "consume a queue and send through the Mailgun API"),
+    "celery-worker": (
+        "servers.frameworks.celery",
+        "run Celery's own worker on the mailbench task (a framework mode's workers)",
+    ),
+    "rq-worker": (
+        "servers.frameworks.rq",
+        "run an RQ worker pool on the mailbench task (a framework mode's workers)",
+    ),
     "services": (
         "harness.services.manager",
         "start, stop or show local RabbitMQ / Redis / PostgreSQL",
