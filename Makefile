@@ -4,14 +4,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install bench bench-full test test-lowest lint format services-up services-down clean bench-ci microbench
+.PHONY: install bench bench-full bench-frameworks test test-lowest lint format services-up services-down clean bench-ci microbench
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,frameworks]'
 	touch $(STAMP)
 
 bench: install
@@ -19,6 +19,10 @@ bench: install
 
 bench-full: install
 	$(BIN)/mailbench run --profile full
+
+# The task-queue frameworks (Celery, RQ) beside the reference queues on the same brokers.
+bench-frameworks: install
+	$(BIN)/mailbench run --profile quick --modes frameworks,redis,rabbitmq
 
 test: install
 	$(BIN)/python -m pytest
@@ -31,7 +35,7 @@ test-lowest:
 	$(PYTHON) -m venv $(LOWEST)
 	$(LOWEST)/bin/python -m pip install --quiet --upgrade pip uv
 	$(LOWEST)/bin/uv pip install --quiet --python $(LOWEST)/bin/python \
-		--resolution lowest-direct -e '.[dev]'
+		--resolution lowest-direct -e '.[dev,frameworks]'
 	$(LOWEST)/bin/python -m pytest -p no:cacheprovider tests/unit
 
 # The CI gate: baseline and candidate measured side by side now, then `mailbench compare`.

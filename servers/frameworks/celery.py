@@ -107,19 +107,19 @@ def publish(app: Celery, job: Job) -> None:
     app.send_task(TASK_NAME, args=[encode_job(job).decode()], task_id=job.id)
 
 
-def register_task(app: Celery, runtime: TaskRuntime) -> Task:  # type: ignore[type-arg]
+def register_task(app: Celery, runtime: TaskRuntime) -> Task:
     """The task the worker runs: one send, then what the runtime decided, carried out
     with Celery's own mechanism."""
 
     @app.task(name=TASK_NAME, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
-    def send_email(self: Task, payload: str) -> None:  # type: ignore[type-arg]
+    def send_email(self: Task, payload: str) -> None:
         decision = runtime.deliver(payload, int(self.request.retries or 0))
         if decision.action == "retry":
             raise self.retry(countdown=decision.delay)
         if decision.action == "dead":
             raise DeadLettered(decision.reason)
 
-    return send_email  # type: ignore[no-any-return]
+    return send_email
 
 
 def worker_argv(settings: FrameworkWorkerSettings) -> list[str]:

@@ -33,6 +33,9 @@ from servers.web.app import ServerSettings, add_cli_arguments, create_app
 
 OKABE_ITO = {"#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7",
              "#999999", "#000000"}  # fmt: skip
+# Paul Tol's colour-blind-safe "muted" scheme, for the framework modes.
+TOL_MUTED = {"#CC6677", "#332288", "#DDCC77", "#117733", "#88CCEE", "#882255", "#44AA99",
+             "#999933", "#AA4499"}  # fmt: skip
 
 
 class FakeServices:
@@ -62,9 +65,11 @@ def test_every_mode_is_complete_and_its_code_exists(name: str) -> None:
         assert mode.worker is None and mode.service is None and mode.lease_parameter is None
 
 
-def test_every_mode_runs_by_default_and_is_accepted_everywhere() -> None:
-    assert tuple(MODES) == DEFAULT_MODES
+def test_every_mode_but_the_frameworks_runs_by_default_and_is_accepted_everywhere() -> None:
+    assert tuple(n for n, m in MODES.items() if m.framework is None) == DEFAULT_MODES
     assert parse_modes(",".join(MODES)) == tuple(MODES)
+    frameworks = tuple(n for n, m in MODES.items() if m.framework is not None)
+    assert frameworks and parse_modes("frameworks,redis") == (*frameworks, "redis")
     parser = argparse.ArgumentParser()
     add_cli_arguments(parser)
     for name in MODES:
@@ -72,10 +77,19 @@ def test_every_mode_runs_by_default_and_is_accepted_everywhere() -> None:
 
 
 def test_every_mode_has_its_own_colour_and_in_request_modes_their_own_line() -> None:
-    colours = [mode_colour(name) for name in MODES]
-    assert set(colours) <= OKABE_ITO and len(set(colours)) == len(colours)
+    """A framework's two configurations share a colour: solid for reliable, dash-dotted
+    for its default; every other mode has a colour of its own."""
+    looks = [(mode_colour(name), mode_linestyle(name)) for name in MODES]
+    assert len(set(looks)) == len(looks)
     for name, mode in MODES.items():
-        assert (mode_linestyle(name) == "-") == mode.queued
+        if mode.framework is None:
+            assert mode.colour in OKABE_ITO
+            assert (mode_linestyle(name) == "-") == mode.queued
+        else:
+            assert mode.colour in TOL_MUTED
+            assert mode_linestyle(name) == ("-" if mode.config == "reliable" else "-.")
+    reference = [m.colour for m in MODES.values() if m.framework is None]
+    assert len(set(reference)) == len(reference)
 
 
 @pytest.mark.parametrize("name", list(MODES))

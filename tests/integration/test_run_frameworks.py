@@ -1,0 +1,53 @@
+"""End to end per framework mode: a short real run through the framework's own worker in
+which no accepted email is lost, with the worker's figures and its pool in the results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.results.folder import load_run
+
+pytestmark = pytest.mark.integration
+
+# One configuration each keeps the run short; the unit tests cover what the other changes.
+FRAMEWORK_MODES = ("celery-redis", "celery-rabbitmq-reliable", "rq-reliable")
+
+
+@pytest.fixture(scope="module")
+def framework_run(
+    tmp_path_factory: pytest.TempPathFactory, rabbitmq_url: str, redis_url: str
+) -> Path:
+    out = tmp_path_factory.mktemp("results")
+    env = {**os.environ, "AMQP_URL": rabbitmq_url, "REDIS_URL": redis_url, "CI": "true"}
+    done = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", "--modes", ",".join(FRAMEWORK_MODES),
+         "--duration", "5", "--warmup", "1", "--users", "20", "--latency", "fixed:0.05",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=400, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out / "latest"
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("mode", FRAMEWORK_MODES)
+def test_nothing_lost_and_the_worker_reports(framework_run: Path, mode: str) -> None:
+    run = load_run(framework_run)
+    row = run.accounting_of(mode)
+    assert row is not None and row.accepted > 0
+    assert row.lost == 0 and row.unexpected == 0 and row.dead_lettered == 0, row
+    assert row.delivered == row.accepted
+    for metric in ("send", "api", "delivery", "queue_wait"):
+        summary = run.row(mode, metric)
+        assert summary is not None and summary.count > 0, metric
+    described = json.loads((framework_run / "manifest.json").read_text())["modes"][mode]
+    framework = described["framework"]
+    assert framework["name"] == mode.split("-")[0]
+    assert framework["config"] == ("reliable" if mode.endswith("-reliable") else "default")
+    assert framework["pool"]

@@ -1,0 +1,191 @@
+"""The framework modes' task runtime, Celery's settings and RQ's job function, against a
+scripted Mailgun double (no broker: the integration tests run the real ones)."""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from pathlib import Path
+
+import pytest
+
+from queues.base import Email, Job, encode_job
+from servers.frameworks import rq as rq_module
+from servers.frameworks.celery import RELIABLE_VISIBILITY_S, celery_settings
+from servers.frameworks.task import TaskRuntime, replay_journal, strip_parameter
+from servers.mailgun import Inline, Outcome, SendResult
+from servers.metrics import decode
+from servers.phases import MAIN, write_control
+from servers.worker import WorkerSettings
+
+OK = SendResult(Outcome.SUCCESS, 200, message_id="<1@mailbench.test>")
+UNAVAILABLE = SendResult(Outcome.RETRYABLE, 503, detail="503: Service Unavailable")
+REFUSED = SendResult(Outcome.PERMANENT, 400, detail="400: 'to' is not a valid address")
+
+
+class ScriptedMailgun:
+    """Answers with the scripted results in turn (then success); keeps every call's key."""
+
+    def __init__(self, *script: SendResult) -> None:
+        self.script = deque(script)
+        self.keys: list[str] = []
+
+    def send(self, email: Email, idempotency_key: str, *, inline: Inline = ()) -> SendResult:
+        self.keys.append(idempotency_key)
+        return self.script.popleft() if self.script else OK
+
+
+def runtime(
+    tmp_path: Path, *script: SendResult, journal: Path | None = None, **overrides: object
+) -> tuple[TaskRuntime, ScriptedMailgun]:
+    settings = WorkerSettings(
+        backend="redis://127.0.0.1:1/0",
+        dead_letters_out=tmp_path / "dead-letters-0.jsonl",
+        metrics_out=tmp_path / "worker-0.json",
+        backoff_base=0.01,
+        backoff_cap=0.05,
+        **overrides,  # type: ignore[arg-type]
+    )
+    client = ScriptedMailgun(*script)
+    return TaskRuntime(settings, client=client, journal=journal), client
+
+
+def payload(n: int = 0) -> str:
+    return encode_job(Job(f"job-{n}", Email(f"user{n}@example.com", "hi", "text"))).decode()
+
+
+def dead_letters(tmp_path: Path) -> list[dict[str, str]]:
+    path = tmp_path / "dead-letters-0.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_sent_email_is_done_with_the_job_id_as_key_and_timed(tmp_path: Path) -> None:
+    task, client = runtime(tmp_path)
+    assert task.deliver(payload(), 0).action == "done"
+    assert client.keys == ["job-0"]
+    assert task.recorder.histograms["api"].get_total_count() == 1
+    assert task.recorder.histograms["queue_wait"].get_total_count() == 1
+    task.write_metrics({"framework": {"name": "x"}})
+    written = json.loads((tmp_path / "worker-0.json").read_text())
+    assert written["acked"] == 1 and written["framework"] == {"name": "x"}
+
+
+def test_a_5xx_is_a_retry_and_every_attempt_carries_the_same_key(tmp_path: Path) -> None:
+    task, client = runtime(tmp_path, UNAVAILABLE, UNAVAILABLE)
+    first = task.deliver(payload(), 0)
+    assert first.action == "retry" and 0 <= first.delay <= 0.01
+    assert task.deliver(payload(), 1).action == "retry"
+    assert task.deliver(payload(), 2).action == "done"
+    assert client.keys == ["job-0"] * 3
+    # Queue wait is the first claim's only.
+    assert task.recorder.histograms["queue_wait"].get_total_count() == 1
+
+
+def test_a_retry_after_sets_the_retry_delay(tmp_path: Path) -> None:
+    task, _ = runtime(tmp_path, SendResult(Outcome.RETRYABLE, 503, retry_after=7.0))
+    assert task.deliver(payload(), 0).delay == 7.0
+
+
+def test_a_429_is_waited_out_in_place_without_spending_an_attempt(tmp_path: Path) -> None:
+    limited = SendResult(Outcome.RETRYABLE, 429, retry_after=0.01)
+    task, client = runtime(tmp_path, limited, limited)
+    assert task.deliver(payload(), 0).action == "done"
+    assert len(client.keys) == 3 and task.counts["rate_limited"] == 2
+
+
+@pytest.mark.parametrize(
+    ("script", "attempt", "reason"),
+    [((REFUSED,), 0, "not a valid address"), ((UNAVAILABLE,), 4, "gave up after 5 attempts")],
+)
+def test_a_refusal_or_the_last_attempt_is_journaled_as_a_dead_letter(
+    tmp_path: Path, script: tuple[SendResult, ...], attempt: int, reason: str
+) -> None:
+    task, _ = runtime(tmp_path, *script)
+    decision = task.deliver(payload(3), attempt)
+    assert decision.action == "dead" and reason in decision.reason
+    [line] = dead_letters(tmp_path)
+    assert line["id"] == "job-3" and line["to"] == "user3@example.com"
+    assert reason in line["reason"]
+
+
+def test_a_payload_that_is_no_job_is_refused_without_a_call(tmp_path: Path) -> None:
+    task, client = runtime(tmp_path)
+    assert task.deliver("not json", 0).action == "dead"
+    assert client.keys == [] and task.errors["invalid payload"] == 1
+
+
+def test_journaled_figures_replay_into_their_phases(tmp_path: Path) -> None:
+    """RQ's work-horses end with their job: their figures reach the pool's metrics file
+    through the journal, each in the phase it was taken in."""
+    control = tmp_path / "phases.json"
+    write_control(control, [("warmup", None), (MAIN, 1.0)])  # main phase since 1970
+    journal = tmp_path / "worker-0.events.jsonl"
+    horse, _ = runtime(tmp_path, UNAVAILABLE, journal=journal, phase_file=control)
+    horse.deliver(payload(), 0)
+    horse.deliver(payload(), 1)
+    horse.flush()
+    pool, _ = runtime(tmp_path, journal=journal, phase_file=control)
+    replay_journal(pool, journal.read_text().splitlines())
+    assert pool.counts["acked"] == 1 and pool.counts["retried"] == 1
+    pool.write_metrics()
+    written = json.loads((tmp_path / "worker-0.json").read_text())
+    assert decode(written["histograms"]["api"]).get_total_count() == 1
+    assert decode(written["histograms"]["api_retryable"]).get_total_count() == 1
+
+
+def test_celery_reliable_is_what_its_docs_recommend_and_default_is_untouched() -> None:
+    default = celery_settings("redis://h:1/0?visibility=10", "q", "default")
+    assert "task_acks_late" not in default and default["broker_transport_options"] == {}
+    assert default["broker_url"] == "redis://h:1/0" and default["task_default_queue"] == "q"
+    reliable = celery_settings("redis://h:1/0?visibility=10", "q", "reliable")
+    assert reliable["task_acks_late"] and reliable["task_reject_on_worker_lost"]
+    assert reliable["worker_prefetch_multiplier"] == 1
+    assert reliable["broker_transport_options"] == {"visibility_timeout": 10.0}
+    no_lease = celery_settings("redis://h:1/0", "q", "reliable")
+    assert no_lease["broker_transport_options"]["visibility_timeout"] == RELIABLE_VISIBILITY_S
+    # On RabbitMQ the 2xx waits for the publisher confirm, in both configurations.
+    for config in ("default", "reliable"):
+        amqp = celery_settings("amqp://u:p@h:1/", "q", config)
+        assert amqp["broker_transport_options"] == {"confirm_publish": True}
+
+
+def test_strip_parameter_keeps_the_others() -> None:
+    assert strip_parameter("redis://h/0?a=1&visibility=5&b=2", "visibility") == (
+        "redis://h/0?a=1&b=2",
+        5.0,
+    )
+    assert strip_parameter("redis://h/0", "visibility") == ("redis://h/0", None)
+
+
+class FakeRQJob:
+    def __init__(self, retries_left: int | None) -> None:
+        self.retries_left = retries_left
+
+
+@pytest.mark.parametrize(
+    ("retries_left", "script", "raised", "left_after"),
+    [
+        (4, (UNAVAILABLE,), rq_module.RetryableSend, 4),  # RQ's Retry takes it
+        (0, (UNAVAILABLE,), rq_module.DeadLettered, 0),  # the last attempt
+        (None, (UNAVAILABLE,), rq_module.DeadLettered, 0),  # a job without retries
+        (4, (REFUSED,), rq_module.DeadLettered, 0),  # a refusal is never retried
+    ],
+)
+def test_the_rq_job_raises_what_rq_should_do(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    retries_left: int | None,
+    script: tuple[SendResult, ...],
+    raised: type[Exception],
+    left_after: int | None,
+) -> None:
+    journal = tmp_path / "worker-0.events.jsonl"
+    task, _ = runtime(tmp_path, *script, journal=journal)
+    job = FakeRQJob(retries_left)
+    monkeypatch.setattr(rq_module, "_runtime", task)
+    monkeypatch.setattr(rq_module, "get_current_job", lambda: job)
+    with pytest.raises(raised):
+        rq_module.send_email(payload())
+    assert job.retries_left == left_after
+    assert journal.read_text()  # the horse's figures are journaled before it ends
+    assert len(dead_letters(tmp_path)) == (raised is rq_module.DeadLettered)
