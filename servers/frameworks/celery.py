@@ -50,7 +50,7 @@ from servers.frameworks.task import (
     FrameworkWorkerSettings,
     TaskRuntime,
     add_framework_worker_arguments,
-    framework_settings_from_args,
+    run_cli,
     strip_parameter,
 )
 
@@ -219,10 +219,8 @@ async def open_depth(url: str, queue_name: str) -> CeleryDepth | AmqpDepth:
     return CeleryDepth(url, queue_name)
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    add_framework_worker_arguments(parser)
+add_cli_arguments = add_framework_worker_arguments  # the subcommand's options
 
 
 def cli_main(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
-    run_worker(framework_settings_from_args(args, environ))
-    return 0
+    return run_cli(run_worker, args, environ)

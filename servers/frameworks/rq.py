@@ -49,8 +49,8 @@ from servers.frameworks.task import (
     FrameworkWorkerSettings,
     TaskRuntime,
     add_framework_worker_arguments,
-    framework_settings_from_args,
     replay_journal,
+    run_cli,
 )
 
 log = logging.getLogger(__name__)
@@ -202,10 +202,8 @@ async def open_depth(url: str, queue_name: str) -> RQDepth:
     return RQDepth(url, queue_name)
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    add_framework_worker_arguments(parser)
+add_cli_arguments = add_framework_worker_arguments  # the subcommand's options
 
 
 def cli_main(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
-    run_worker(framework_settings_from_args(args, environ))
-    return 0
+    return run_cli(run_worker, args, environ)

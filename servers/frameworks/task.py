@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -89,6 +89,16 @@ def framework_settings_from_args(
     args: argparse.Namespace, environ: Mapping[str, str]
 ) -> FrameworkWorkerSettings:
     return FrameworkWorkerSettings(settings_from_args(args, environ), config=args.config)
+
+
+def run_cli(
+    run_worker: Callable[[FrameworkWorkerSettings], None],
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+) -> int:
+    """A framework worker subcommand's ``cli_main``: its settings, then its worker."""
+    run_worker(framework_settings_from_args(args, environ))
+    return 0
 
 
 class TaskRuntime:

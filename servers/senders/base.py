@@ -88,6 +88,16 @@ def api_result(ok: bool, outcome: Outcome, detail: str) -> Handed:
     return Handed(False, status, "failed", f"The email service did not take it ({detail}).")
 
 
+QUEUE_UNAVAILABLE = Handed(False, 503, "failed", "The mail queue is unavailable; try again.")
+
+
+def queued_result(recorder: Recorder, started: float) -> Handed:
+    """The handler's answer once the broker took the job (``started``: the enqueue's
+    ``perf_counter``, whose time goes to the ``enqueue`` histogram)."""
+    recorder.record("enqueue", time.perf_counter() - started)
+    return Handed(True, 202, "queued")
+
+
 async def open_sender(mode: Mode, context: SenderContext) -> Sender:
     """Import the mode's sender class (only now: serving one mode never loads another's
     driver) and open it."""

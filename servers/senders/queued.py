@@ -15,7 +15,7 @@ from queues.base import Job
 from queues.errors import ConfigError, MailbenchError
 from servers.metrics import Recorder
 from servers.render import Renderer
-from servers.senders.base import Handed, SenderContext
+from servers.senders.base import QUEUE_UNAVAILABLE, Handed, SenderContext, queued_result
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,8 @@ class QueuedSender:
             await self._queue.enqueue(job)
         except MailbenchError as exc:
             log.warning("enqueue failed: %s", exc)
-            return Handed(False, 503, "failed", "The mail queue is unavailable; try again.")
-        self.recorder.record("enqueue", time.perf_counter() - started)
-        return Handed(True, 202, "queued")
+            return QUEUE_UNAVAILABLE
+        return queued_result(self.recorder, started)
 
     async def aclose(self) -> None:
         await self._queue.close()

@@ -18,7 +18,7 @@ from queues import Queue
 from queues.base import Job
 from servers.metrics import Recorder
 from servers.render import Renderer
-from servers.senders.base import Handed
+from servers.senders.base import QUEUE_UNAVAILABLE, Handed, queued_result
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,8 @@ class ThreadedSender:
             # Whatever the framework raised (a kombu, redis-py or socket error), the job
             # is not accepted: the visitor is told to try again.
             log.warning("enqueue failed: %r", exc)
-            return Handed(False, 503, "failed", "The mail queue is unavailable; try again.")
-        self.recorder.record("enqueue", time.perf_counter() - started)
-        return Handed(True, 202, "queued")
+            return QUEUE_UNAVAILABLE
+        return queued_result(self.recorder, started)
 
     async def aclose(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._threads, self.close)
