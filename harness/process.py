@@ -257,8 +257,16 @@ class Child:
             f"see {self.log_path}"
         )
 
+    def tree(self) -> list[Pid]:
+        """The child and its living descendants, whatever their process group: a
+        framework's worker forks processes that leave it (RQ's work-horses ``setpgrp``)."""
+        leader = Pid.of(self.process.pid) if self.alive() else None
+        return family(leader) if leader is not None else []
+
     def stop(self, timeout: float = 15.0, sig: int = signal.SIGTERM) -> int | None:
-        """Ask the whole process group to stop; kill it if it does not within ``timeout``."""
+        """Ask the whole process group to stop; kill it if it does not within ``timeout``.
+        SIGKILL is a crash: the whole tree dies at once (:meth:`_freeze`)."""
+        members = self._freeze() if sig == signal.SIGKILL else self.tree()
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, sig)
@@ -266,13 +274,29 @@ class Child:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
-        # Whatever is left of the group (children of the child) goes too.
+        # Whatever is left of the group (children of the child) goes too, and so does
+        # every descendant seen before, which its death made an orphan of PID 1.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        for member in members:
+            member.signal(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(5)
+        _wait_gone(members, time.monotonic() + 5.0, reap=False)
         self._log.close()
         return self.process.returncode
+
+    def _freeze(self) -> list[Pid]:
+        """SIGSTOP the child's whole tree, until it forks no more, and return it: killed
+        one by one, a parent would notice its child's death (RQ's worker marks the job
+        failed when its work-horse dies) or a child its parent's, which a crash of the
+        host or container never lets them do."""
+        frozen: list[Pid] = []
+        while fresh := [p for p in self.tree() if p not in frozen]:
+            for p in fresh:
+                p.signal(signal.SIGSTOP)
+            frozen += fresh
+        return frozen
 
 
 def wait_ready(

@@ -222,6 +222,7 @@ MODES: dict[str, Mode] = {
             "thread); an RQ worker pool sends it, a forked work-horse per job.",
             colour="#117733",
             service="redis",
+            lease_parameter="maintenance",
         ),
     )
 }

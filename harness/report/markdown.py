@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from harness.report import frameworks
 from harness.report.charts import METRIC_LABELS, caption, format_us
 from harness.results import machine
 from harness.results.accounting import EMAIL_COUNTS, Accounting
@@ -227,6 +228,16 @@ def accounting_table(run: Run) -> str:
     return table(rows, columns, {c: str for c in columns}, headers)
 
 
+def framework_section(run: Run) -> str:
+    """The task-queue frameworks beside the reference queues, if the run has any."""
+    rows = frameworks.framework_rows(run)
+    if not rows:
+        return ""
+    found = table(rows, frameworks.COLUMNS, headers=frameworks.HEADERS,
+                  left=("mode", "config", "chaos"))  # fmt: skip
+    return f"## Task-queue frameworks\n\n{frameworks.EXPLAINED}\n\n{found}"
+
+
 def verdict_cell(counts: Accounting) -> str:
     """:attr:`Accounting.verdict` in a Markdown table: ``**FAILED**``, ``duplicates``, ``ok``."""
     return f"**{counts.verdict}**" if not counts.sound else counts.verdict
@@ -351,6 +362,7 @@ def render(run: Run, charts: list[str]) -> str:
         + gap_table(run)
         + ("\n\n" + chart_section("gap") if "gap" in charts else ""),
         "## What to watch\n\n" + "\n".join(f"- {w}" for w in watch),
+        framework_section(run),
         "## Latency by percentile\n\n" + CHART_EXPLAINED["spectrum"] + "\n\n" + spectra_text
         if spectra
         else "",

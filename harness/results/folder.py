@@ -88,6 +88,10 @@ class Layout:
         """(mode, metric, file) of every histogram in the folder, sorted."""
         return [(f.parent.name, f.stem, f) for f in sorted(self.hdr.glob("*/*.hdr"))]
 
+    def chaos_events(self, mode: str) -> Path:
+        """What ``mailbench chaos`` did to the mode (kills, restarts), as it happened."""
+        return self.root / "raw" / mode / "chaos-events.json"
+
     @property
     def charts(self) -> Path:
         return self.root / "charts"

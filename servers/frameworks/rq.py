@@ -23,8 +23,10 @@ Both configurations:
 mid-job leaves the job in the ``StartedJobRegistry``; RQ retries it (it has retries
 left) once its heartbeat has expired (60 s plus the job's monitoring interval) and a
 worker's maintenance next cleans the registries. RQ does that every 10 minutes by
-default; ``reliable`` does it every :data:`RELIABLE_MAINTENANCE_S` seconds. ``default``
-is RQ as it ships: an email whose worker was killed comes back after 10 minutes or so.
+default; ``reliable`` does it every :data:`RELIABLE_MAINTENANCE_S` seconds, or the
+URL's ``maintenance`` (chaos: 10 s). The heartbeat's 60 s is fixed in RQ
+(``Worker.get_heartbeat_ttl``), so a killed job waits at least that. ``default`` is RQ
+as it ships: an email whose worker was killed comes back after 10 minutes or so.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from servers.frameworks.task import (
     add_framework_worker_arguments,
     replay_journal,
     run_cli,
+    strip_parameter,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ MAX_WORKERS = 16
 RETRIES = 4
 RETRY_INTERVALS = [1, 2, 4, 8]
 RELIABLE_MAINTENANCE_S = 30
+MAINTENANCE_PARAMETER = "maintenance"  # the mode's lease parameter (chaos shortens it)
 STOP_GRACE_S = 20.0  # a job's longest call (10 s) and then some
 JOB_FUNCTION = "servers.frameworks.rq.send_email"
 
@@ -108,11 +112,19 @@ def send_email(payload: str) -> None:
 
 
 class ReliableWorker(Worker):
-    """RQ's worker with its registries cleaned every 30 s instead of every 10 minutes."""
+    """RQ's worker with its registries cleaned every :attr:`maintenance_s` seconds (30)
+    instead of every 10 minutes."""
+
+    maintenance_s: float = RELIABLE_MAINTENANCE_S
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("maintenance_interval", RELIABLE_MAINTENANCE_S)
+        kwargs.setdefault("maintenance_interval", max(1, round(self.maintenance_s)))
         super().__init__(*args, **kwargs)
+
+
+def redis_url(url: str) -> tuple[str, float | None]:
+    """The Redis URL without mailbench's ``maintenance`` parameter, and its seconds."""
+    return strip_parameter(url, MAINTENANCE_PARAMETER)
 
 
 class StoppingPool(WorkerPool):
@@ -150,13 +162,20 @@ def run_worker(settings: FrameworkWorkerSettings) -> None:
         journal.unlink(missing_ok=True)
     runtime = _runtime = TaskRuntime(worker, journal=journal)
     processes = min(MAX_WORKERS, worker.concurrency)
-    worker_class = ReliableWorker if settings.reliable else Worker
+    url, maintenance = redis_url(worker.backend)
+    worker_class: type[Worker] = Worker
+    if settings.reliable:
+        worker_class = type(
+            "ReliableWorker",
+            (ReliableWorker,),
+            {"maintenance_s": maintenance or RELIABLE_MAINTENANCE_S},
+        )
     print(
         f"mailbench rq worker ({settings.config}): WorkerPool of {processes} "
         f"{worker_class.__name__} on {worker.queue_name}",
         flush=True,
     )
-    connection = Redis.from_url(worker.backend)
+    connection = Redis.from_url(url)
     pool = StoppingPool(
         [worker.queue_name], connection=connection, num_workers=processes, worker_class=worker_class
     )
@@ -183,7 +202,7 @@ class RQDepth:
     def __init__(self, url: str, queue_name: str) -> None:
         import redis.asyncio as aioredis
 
-        self.redis = aioredis.Redis.from_url(url)
+        self.redis = aioredis.Redis.from_url(redis_url(url)[0])
         self.keys = (f"rq:queue:{queue_name}", f"rq:wip:{queue_name}", f"rq:scheduled:{queue_name}")
 
     async def depth(self) -> int:

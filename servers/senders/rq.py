@@ -7,7 +7,7 @@ from rq import Queue
 
 from queues.base import Job
 from queues.errors import ConfigError
-from servers.frameworks.rq import enqueue
+from servers.frameworks.rq import enqueue, redis_url
 from servers.senders.base import SenderContext
 from servers.senders.threaded import ENQUEUE_THREADS, ThreadedSender
 
@@ -18,7 +18,9 @@ class RQSender(ThreadedSender):
         if not context.queue_url:
             raise ConfigError("the RQ mode needs a Redis URL (--queue-url)")
         # One connection per enqueueing thread, so that none waits for another's.
-        self.redis = Redis.from_url(context.queue_url, max_connections=ENQUEUE_THREADS)
+        self.redis = Redis.from_url(
+            redis_url(context.queue_url)[0], max_connections=ENQUEUE_THREADS
+        )
         self.rq_queue = Queue(context.queue_name, connection=self.redis)
 
     @classmethod

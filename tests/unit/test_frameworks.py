@@ -140,7 +140,11 @@ def test_celery_reliable_is_what_its_docs_recommend_and_default_is_untouched() -
     reliable = celery_settings("redis://h:1/0?visibility=10", "q", "reliable")
     assert reliable["task_acks_late"] and reliable["task_reject_on_worker_lost"]
     assert reliable["worker_prefetch_multiplier"] == 1
-    assert reliable["broker_transport_options"] == {"visibility_timeout": 10.0}
+    assert reliable["broker_transport_options"] == {
+        "visibility_timeout": 10.0,
+        "unacked_restore_interval": 5,
+        "unacked_restore_throttle": 1,
+    }
     no_lease = celery_settings("redis://h:1/0", "q", "reliable")
     assert no_lease["broker_transport_options"]["visibility_timeout"] == RELIABLE_VISIBILITY_S
     # On RabbitMQ the 2xx waits for the publisher confirm, in both configurations.

@@ -152,6 +152,41 @@ def test_terminate_stops_the_tree_and_the_processes_found_by_their_tag(
     assert family(leader) == []
 
 
+# --- a framework worker's tree: RQ's pool forks workers, which fork work-horses -----------
+
+_POOL = """
+import os, sys, time
+for _ in range(2):  # workers, in the pool's group
+    if os.fork() == 0:
+        if os.fork() == 0:  # a work-horse, in a group of its own (RQ's setpgrp)
+            os.setpgrp()
+            time.sleep(60)
+            os._exit(0)
+        time.sleep(60)
+        os._exit(0)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_worker_tree_goes_whole_work_horses_included(
+    how: str, tmp_path: Path, stray: Callable[[Iterable[int]], None]
+) -> None:
+    with Children() as children:
+        log = tmp_path / "pool.log"
+        pool = children.start("pool", [sys.executable, "-c", _POOL], log)
+        _wait_for(lambda: log.is_file() and "ready" in log.read_text())
+        _wait_for(lambda: len(_descendants(pool.pid)) == 4)
+        tree = _descendants(pool.pid)
+        stray(tree)
+        horses = [p for p in tree if os.getpgid(p) == p]
+        assert len(horses) == 2  # out of the pool's group: killpg alone misses them
+        getattr(children, how)(pool)
+        assert not pool.alive()
+        _wait_for(lambda: [p for p in tree if _running(p)] == [], timeout=5)
+
+
 # --- the signal policy -------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ tables and chart data again, byte for byte.
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 from dataclasses import replace
@@ -176,3 +177,27 @@ def test_readme_embeds_the_sample_gap_chart_and_quotes_its_headline() -> None:
     assert quoted is not None
     for part in quoted.groups():
         assert part in readme.replace("\n", " "), part
+
+
+def test_framework_modes_get_their_table_beside_the_reference_queue(tmp_path: Path) -> None:
+    shape = {"direct": (150, 760_000), "redis": (150, 400), "rq": (150, 9_000)}
+    run = synthetic_run(tmp_path, shape)
+    rq = run.accounting[2]
+    run.accounting[2] = replace(rq, counts=replace(rq.counts, delivered=90, lost=10))
+    chaos = tmp_path / "raw" / "rq" / "chaos-events.json"
+    chaos.parent.mkdir(parents=True)
+    kinds = ["kill"] * 5 + ["restart"]
+    chaos.write_text(json.dumps([{"at_s": 1.0, "kind": k, "what": ""} for k in kinds]))
+    section = markdown.render(run, []).split("## Task-queue frameworks")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    # The framework first, then the reference queue; the in-request mode is not compared.
+    assert [line.split(" | ")[:2] for line in lines[1:]] == [
+        ["| rq", "default"],
+        ["| redis", "reference queue"],
+    ]
+    assert "| **10** |" in lines[1] and lines[1].endswith("| 5 kills, 1 broker restart(s) |")
+    assert lines[2].endswith("| – |")
+
+
+def test_runs_without_a_framework_have_no_framework_table(tmp_path: Path) -> None:
+    assert "Task-queue frameworks" not in markdown.render(synthetic_run(tmp_path), [])
