@@ -17,6 +17,13 @@ second; a process crash loses nothing, a power loss up to a second); PostgreSQL 
 fsync on; SQLite in WAL mode. Jobs held by a killed worker come back after the
 broker notices: RabbitMQ at once (the connection closed), Redis and the SQL tables
 after a visibility timeout or lease, shortened here to :data:`LEASE_S`.
+
+Framework modes (``--modes frameworks``) are broken the same way. Their worker is a
+process tree (RQ's pool, its forked workers and their work-horses): a kill freezes and
+SIGKILLs all of it, as a host or container crash would, and the lease reaches the
+framework's own setting where it has one (Celery's Redis visibility timeout, RQ's
+registry maintenance interval) in the ``reliable`` configuration; ``default`` keeps the
+framework's as it ships, so what it loses under a crash is the finding.
 """
 
 from __future__ import annotations
@@ -215,7 +222,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--modes",
         default=",".join(QUEUED),
-        help=f"queued modes to break (default: {','.join(QUEUED)})",
+        help=f"queued modes to break (default: {','.join(QUEUED)}; frameworks: every "
+        "task-queue framework's modes)",
     )
     add("--duration", type=float, default=60, help="seconds of load per mode (default: 60)")
     add("--users", type=int, default=20, help="Locust users posting the form (default: 20)")

@@ -24,8 +24,10 @@ mid-job leaves the job in the ``StartedJobRegistry``; RQ retries it (it has retr
 left) once its heartbeat has expired (60 s plus the job's monitoring interval) and a
 worker's maintenance next cleans the registries. RQ does that every 10 minutes by
 default; ``reliable`` does it every :data:`RELIABLE_MAINTENANCE_S` seconds, or the
-URL's ``maintenance`` (chaos: 10 s). The heartbeat's 60 s is fixed in RQ
-(``Worker.get_heartbeat_ttl``), so a killed job waits at least that. ``default`` is RQ
+URL's ``maintenance`` (chaos: 10 s), with a ``worker_ttl`` that lets an idle worker get
+to it (see :class:`ReliableWorker`). The heartbeat's 60 s beyond the job monitoring
+interval is fixed in RQ (``Worker.get_heartbeat_ttl``), so a killed job waits at least
+that. ``default`` is RQ
 as it ships: an email whose worker was killed comes back after 10 minutes or so.
 """
 
@@ -113,12 +115,20 @@ def send_email(payload: str) -> None:
 
 class ReliableWorker(Worker):
     """RQ's worker with its registries cleaned every :attr:`maintenance_s` seconds (30)
-    instead of every 10 minutes."""
+    instead of every 10 minutes.
+
+    An idle RQ worker runs its maintenance only between blocking dequeues, each of which
+    waits ``worker_ttl - 15`` seconds (405 by default): with an empty queue, a dead
+    worker's job would wait that long whatever the interval. So ``worker_ttl`` (RQ's
+    ``--worker-ttl``) is the interval plus those 15 s.
+    """
 
     maintenance_s: float = RELIABLE_MAINTENANCE_S
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("maintenance_interval", max(1, round(self.maintenance_s)))
+        interval = max(1, round(self.maintenance_s))
+        kwargs.setdefault("maintenance_interval", interval)
+        kwargs.setdefault("worker_ttl", interval + 15)
         super().__init__(*args, **kwargs)
 
 

@@ -193,3 +193,21 @@ def test_the_rq_job_raises_what_rq_should_do(
     assert job.retries_left == left_after
     assert journal.read_text()  # the horse's figures are journaled before it ends
     assert len(dead_letters(tmp_path)) == (raised is rq_module.DeadLettered)
+
+
+def test_rq_reliable_cleans_up_at_the_lease_chaos_sets_and_an_idle_worker_gets_to_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, maintenance = rq_module.redis_url("redis://h:1/0?maintenance=10")
+    assert (url, maintenance) == ("redis://h:1/0", 10.0)
+    assert rq_module.redis_url("redis://h:1/0") == ("redis://h:1/0", None)
+
+    given: dict[str, object] = {}
+    monkeypatch.setattr(rq_module.Worker, "__init__", lambda self, *a, **kw: given.update(kw))
+
+    class Chaos(rq_module.ReliableWorker):
+        maintenance_s = 10.0
+
+    Chaos(["q"])
+    # An idle worker blocks in its dequeue for worker_ttl - 15 s before its maintenance.
+    assert given == {"maintenance_interval": 10, "worker_ttl": 25}
