@@ -92,12 +92,9 @@ class DeadLettered(Exception):
     """The actor gave up on its email; the dead letter is journaled."""
 
 
-def make_broker(url: str, config: str, retries: Retries | None = None) -> dramatiq.Broker:
-    """The broker for one configuration (see the module's docstring): Dramatiq's default
-    middleware, with ``retries`` instead of its ``Retries`` and, in ``reliable``, an age
-    limit."""
-    url, heartbeat = strip_parameter(url, HEARTBEAT_PARAMETER)
-    scheme = urlsplit(url).scheme
+def make_middleware(config: str, retries: Retries | None = None) -> list[Middleware]:
+    """Dramatiq's default middleware, with ``retries`` instead of its ``Retries`` and, in
+    ``reliable``, an age limit."""
     middleware: list[Middleware] = []
     for kind in default_middleware:
         if kind is Retries and retries is not None:
@@ -106,6 +103,16 @@ def make_broker(url: str, config: str, retries: Retries | None = None) -> dramat
             middleware.append(AgeLimit(max_age=RELIABLE_MAX_AGE_MS))
         else:
             middleware.append(kind())
+    return middleware
+
+
+def make_broker(
+    url: str, config: str, middleware: list[Middleware] | None = None
+) -> dramatiq.Broker:
+    """The broker for one configuration (see the module's docstring)."""
+    url, heartbeat = strip_parameter(url, HEARTBEAT_PARAMETER)
+    scheme = urlsplit(url).scheme
+    middleware = make_middleware(config) if middleware is None else middleware
     if scheme in ("amqp", "amqps"):
         return RabbitmqBroker(url=url, confirm_delivery=True, middleware=middleware)
     if scheme in ("redis", "rediss"):
@@ -178,11 +185,13 @@ class WorkerFigures(Middleware):
         # Dramatiq takes for "kill now". Only the first reaches Dramatiq's handler, so
         # the worker finishes its messages and requeues the rest.
         handler = signal.getsignal(signal.SIGTERM)
+        if not callable(handler):
+            return  # not Dramatiq's CLI (a Worker of a test)
         seen = False
 
         def first_only(signum: int, frame: FrameType | None) -> None:
             nonlocal seen
-            if not seen and callable(handler):
+            if not seen:
                 seen = True
                 handler(signum, frame)
 
@@ -201,23 +210,37 @@ def threads_for(settings: FrameworkWorkerSettings) -> int:
     return max(1, min(MAX_THREADS, settings.worker.concurrency))
 
 
+def worker_retries(settings: FrameworkWorkerSettings) -> Retries:
+    """Dramatiq's ``Retries`` for mailbench's attempts and backoff (the delay of anything
+    the actor raises other than the runtime's ``Retry``)."""
+    worker = settings.worker
+    return Retries(
+        max_retries=worker.max_attempts - 1,
+        min_backoff=max(1, int(worker.backoff_base * 1000)),
+        max_backoff=max(1, int(worker.backoff_cap * 1000)),
+    )
+
+
+def declare_worker_actor(
+    broker: dramatiq.Broker, settings: FrameworkWorkerSettings, runtime: TaskRuntime
+) -> Any:
+    """The worker's middleware of its own and the actor, on ``broker``."""
+    broker.add_middleware(CurrentMessage())
+    broker.add_middleware(WorkerFigures(runtime, describe(settings)))
+    return declare_actor(
+        broker, settings.worker.queue_name, make_actor_function(runtime), throws=(DeadLettered,)
+    )
+
+
 def setup_worker() -> None:
     """The broker Dramatiq's worker process imports (``module:callable``): the runtime,
     the broker with mailbench's ``Retries``, the actor."""
     settings = _settings
     if settings is None:
         raise RuntimeError("the Dramatiq worker process was not forked by mailbench")
-    worker = settings.worker
-    runtime = TaskRuntime(worker)
-    retries = Retries(
-        max_retries=worker.max_attempts - 1,
-        min_backoff=max(1, int(worker.backoff_base * 1000)),
-        max_backoff=max(1, int(worker.backoff_cap * 1000)),
-    )
-    broker = make_broker(worker.backend, settings.config, retries)
-    broker.add_middleware(CurrentMessage())
-    broker.add_middleware(WorkerFigures(runtime, describe(settings)))
-    declare_actor(broker, worker.queue_name, make_actor_function(runtime), throws=(DeadLettered,))
+    middleware = make_middleware(settings.config, worker_retries(settings))
+    broker = make_broker(settings.worker.backend, settings.config, middleware)
+    declare_worker_actor(broker, settings, TaskRuntime(settings.worker))
     dramatiq.set_broker(broker)
 
 
