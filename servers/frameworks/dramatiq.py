@@ -69,9 +69,10 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, CurrentMessage, Middleware, Retries, default_middleware
 
 from queues.base import Job, decode_job, encode_job
-from queues.errors import ConfigError, InvalidJob, QueueError
+from queues.errors import ConfigError, InvalidJob
 from servers.frameworks.task import (
     TASK_NAME,
+    AmqpDepth,
     FrameworkWorkerSettings,
     TaskRuntime,
     add_framework_worker_arguments,
@@ -299,41 +300,9 @@ class RedisDepth:
         await self.redis.aclose()
 
 
-class AmqpDepth:
-    """Ready messages of the queue and its delay queue, as AMQP reports them (a RabbitMQ
-    mailbench started is counted by the harness through the broker itself)."""
-
-    def __init__(self, url: str, queue_name: str) -> None:
-        self.url = url
-        self.names = (queue_name, f"{queue_name}.DQ")
-        self._connection: Any = None
-
-    async def depth(self) -> int:
-        import aio_pika
-
-        try:
-            if self._connection is None:
-                self._connection = await aio_pika.connect_robust(self.url)
-            total = 0
-            for name in self.names:
-                channel = await self._connection.channel()
-                try:
-                    queue = await channel.declare_queue(name, passive=True)
-                    total += int(queue.declaration_result.message_count or 0)
-                finally:
-                    await channel.close()
-            return total
-        except (aio_pika.exceptions.AMQPException, OSError) as exc:
-            raise QueueError(f"the Dramatiq queue could not be counted: {exc!r}") from exc
-
-    async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
-
-
 async def open_depth(url: str, queue_name: str) -> RedisDepth | AmqpDepth:
     if urlsplit(url).scheme.startswith("amqp"):
-        return AmqpDepth(url, queue_name)
+        return AmqpDepth(url, (queue_name, f"{queue_name}.DQ"))  # and its delay queue
     return RedisDepth(url, queue_name)
 
 
