@@ -69,7 +69,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, CurrentMessage, Middleware, Retries, default_middleware
 
 from queues.base import Job, decode_job, encode_job
-from queues.errors import ConfigError, InvalidJob
+from queues.errors import ConfigError, InvalidJob, QueueError
 from servers.frameworks.task import (
     TASK_NAME,
     AmqpDepth,
@@ -290,10 +290,15 @@ class RedisDepth:
         self.keys = (f"dramatiq:{queue_name}.msgs", f"dramatiq:{queue_name}.DQ.msgs")
 
     async def depth(self) -> int:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key in self.keys:
-                pipe.hlen(key)
-            counts = await pipe.execute()
+        from redis.exceptions import RedisError
+
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in self.keys:
+                    pipe.hlen(key)
+                counts = await pipe.execute()
+        except RedisError as exc:  # a broker restarting: no sample this second
+            raise QueueError(f"the Dramatiq queue could not be counted: {exc!r}") from exc
         return sum(int(c) for c in counts)
 
     async def close(self) -> None:

@@ -4,6 +4,7 @@ integration tests run the real brokers)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from dramatiq.middleware import AgeLimit, Retries
 from test_frameworks import REFUSED, UNAVAILABLE, dead_letters, payload, runtime
 
 from queues.base import Email, Job, decode_job
-from queues.errors import ConfigError
+from queues.errors import ConfigError, QueueError
 from servers.frameworks import dramatiq as dq
 from servers.frameworks.task import FrameworkWorkerSettings
 from servers.mailgun import Outcome, SendResult
@@ -160,6 +161,15 @@ def test_a_retry_after_is_the_dramatiq_retry_delay(tmp_path: Path) -> None:
     assert raised.value.delay == 7000
 
 
-def test_the_depth_counts_every_message_not_yet_acked() -> None:
-    probe = dq.RedisDepth("redis://h:1/0?heartbeat=10", "q")
+def test_the_depth_counts_every_message_not_yet_acked_and_a_broker_away_is_no_sample() -> None:
+    probe = dq.RedisDepth("redis://127.0.0.1:1/0?heartbeat=10", "q")
     assert probe.keys == ("dramatiq:q.msgs", "dramatiq:q.DQ.msgs")
+
+    async def sample() -> int:
+        try:
+            return await probe.depth()
+        finally:
+            await probe.close()
+
+    with pytest.raises(QueueError, match="could not be counted"):
+        asyncio.run(sample())
