@@ -224,6 +224,27 @@ MODES: dict[str, Mode] = {
             service="redis",
             lease_parameter="maintenance",
         ),
+        *_framework_modes(
+            "dramatiq-rabbitmq",
+            "dramatiq",
+            "servers.senders.dramatiq:DramatiqSender",
+            title="Dramatiq on RabbitMQ",
+            explanation="POST /send sends a Dramatiq message to RabbitMQ and waits for the "
+            "publisher confirm (in a thread); a dramatiq worker (threads) runs the actor.",
+            colour="#332288",
+            service="rabbitmq",
+        ),
+        *_framework_modes(
+            "dramatiq-redis",
+            "dramatiq",
+            "servers.senders.dramatiq:DramatiqSender",
+            title="Dramatiq on Redis",
+            explanation="POST /send sends a Dramatiq message to Redis (in a thread); a "
+            "dramatiq worker (threads) runs the actor.",
+            colour="#44AA99",
+            service="redis",
+            lease_parameter="heartbeat",
+        ),
     )
 }
 

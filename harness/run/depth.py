@@ -8,8 +8,9 @@ one exception: RabbitMQ does not report other consumers' unacknowledged messages
 AMQP, so for a broker mailbench started the harness asks the broker itself, through
 ``erl_call`` on the node's private Erlang distribution port (a few ms of CPU;
 ``rabbitmqctl`` would start an Erlang VM, most of a second of CPU, every second), for
-the messages of the queue and its wait queues, ready or unacknowledged (of a quorum
-queue, from its Raft state: its ``messages_ready`` lags by seconds). A
+the messages of the queue and its wait queues (a Dramatiq queue's delay queue too), ready
+or unacknowledged (of a quorum queue, from its Raft state: its ``messages_ready`` lags by
+seconds). A
 RabbitMQ someone else runs (``AMQP_URL``) is sampled over AMQP instead, which counts
 ready messages and waiting retries only.
 """
@@ -56,11 +57,12 @@ class RabbitMQDepth:
             "PATH": settings.env.get("PATH") or "/usr/bin:/bin",
         }
         retry = f"{queue_name}.retry."
+        delay = f"{queue_name}.DQ"  # a Dramatiq queue's delay queue, where retries wait
         # A quorum queue's info (messages_ready, ...) is refreshed only every few seconds;
         # its Raft state machine, asked directly, counts ready, unacknowledged and
         # dead-lettered messages not yet confirmed by their target.
         self.expression = (
-            f'Q = <<"{queue_name}">>, P = <<"{retry}">>, N = byte_size(P), '
+            f'Q = <<"{queue_name}">>, D = <<"{delay}">>, P = <<"{retry}">>, N = byte_size(P), '
             "lists:sum([case amqqueue:get_type(Q1) of "
             "rabbit_quorum_queue -> {RaName, _} = amqqueue:get_pid(Q1), "
             "{ok, {_, C}, _} = ra:local_query({RaName, node()}, "
@@ -69,7 +71,8 @@ class RabbitMQDepth:
             "[messages_ready, messages_unacknowledged]), R + U end "
             f'|| Q1 <- rabbit_amqqueue:list(<<"{vhost}">>), '
             "{resource, _, queue, Name} <- [amqqueue:get_name(Q1)], "
-            "Name =:= Q orelse (byte_size(Name) > N andalso binary:part(Name, 0, N) =:= P)]).\n"
+            "Name =:= Q orelse Name =:= D orelse "
+            "(byte_size(Name) > N andalso binary:part(Name, 0, N) =:= P)]).\n"
         ).encode()
 
     @classmethod

@@ -46,9 +46,10 @@ from urllib.parse import urlsplit
 from celery import Celery, Task
 
 from queues.base import Job, encode_job
-from queues.errors import ConfigError, QueueError
+from queues.errors import ConfigError
 from servers.frameworks.task import (
     TASK_NAME,
+    AmqpDepth,
     FrameworkWorkerSettings,
     TaskRuntime,
     add_framework_worker_arguments,
@@ -194,38 +195,9 @@ class CeleryDepth:
         await self.redis.aclose()
 
 
-class AmqpDepth:
-    """Ready messages of the queue, as AMQP reports them (a RabbitMQ mailbench started
-    is counted by the harness through the broker itself, unacknowledged ones too)."""
-
-    def __init__(self, url: str, queue_name: str) -> None:
-        self.url = url
-        self.queue_name = queue_name
-        self._connection: Any = None
-
-    async def depth(self) -> int:
-        import aio_pika
-
-        try:
-            if self._connection is None:
-                self._connection = await aio_pika.connect_robust(self.url)
-            channel = await self._connection.channel()
-            try:
-                queue = await channel.declare_queue(self.queue_name, passive=True)
-                return int(queue.declaration_result.message_count or 0)
-            finally:
-                await channel.close()
-        except (aio_pika.exceptions.AMQPException, OSError) as exc:
-            raise QueueError(f"the Celery queue could not be counted: {exc!r}") from exc
-
-    async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
-
-
 async def open_depth(url: str, queue_name: str) -> CeleryDepth | AmqpDepth:
     if urlsplit(url).scheme.startswith("amqp"):
-        return AmqpDepth(url, queue_name)
+        return AmqpDepth(url, (queue_name,))
     return CeleryDepth(url, queue_name)
 
 
