@@ -16,7 +16,13 @@ from harness.results.folder import load_run
 pytestmark = pytest.mark.integration
 
 # One configuration each keeps the run short; the unit tests cover what the other changes.
-FRAMEWORK_MODES = ("celery-redis", "celery-rabbitmq-reliable", "rq-reliable")
+FRAMEWORK_MODES = (
+    "celery-redis",
+    "celery-rabbitmq-reliable",
+    "rq-reliable",
+    "huey-sqlite",
+    "huey-sqlite-reliable",
+)
 
 
 @pytest.fixture(scope="module")
