@@ -58,6 +58,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "servers.frameworks.dramatiq",
         "run Dramatiq's own worker on the mailbench actor (a framework mode's workers)",
     ),
+    "huey-worker": (
+        "servers.frameworks.huey",
+        "run huey's own consumer on the mailbench task (a framework mode's workers)",
+    ),
     "services": (
         "harness.services.manager",
         "start, stop or show local RabbitMQ / Redis / PostgreSQL",

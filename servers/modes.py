@@ -97,7 +97,8 @@ def _framework_modes(
     title: str,
     explanation: str,
     colour: str,
-    service: str,
+    service: str | None = None,
+    queue_file: str | None = None,
     lease_parameter: str | None = None,
 ) -> tuple[Mode, ...]:
     """A framework's two modes: ``<name>`` (as the framework ships, dash-dotted in charts)
@@ -112,6 +113,7 @@ def _framework_modes(
             colour=colour,
             linestyle="-" if config == "reliable" else "-.",
             service=service,
+            queue_file=queue_file,
             worker=f"{framework}-worker",
             worker_args=("--config", config),
             lease_parameter=lease_parameter,
@@ -244,6 +246,16 @@ MODES: dict[str, Mode] = {
             colour="#44AA99",
             service="redis",
             lease_parameter="heartbeat",
+        ),
+        *_framework_modes(
+            "huey-sqlite",
+            "huey",
+            "servers.senders.huey:HueySender",
+            title="Huey on SQLite",
+            explanation="POST /send enqueues a huey task in a SQLite file (SqliteHuey, "
+            "enqueue in a thread); huey's consumer (thread workers) sends it.",
+            colour="#999933",
+            queue_file="sqlite:///{dir}/huey.db",
         ),
     )
 }

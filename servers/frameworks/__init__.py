@@ -12,8 +12,8 @@ and accounting hold for it unchanged:
   one email in the fake's ledger and one duplicate delivery, as with mailbench's queues.
 * **The 2xx promise.** The sender returns (and the server answers 202) only once the
   framework's broker has accepted the job: the Redis command's reply, a RabbitMQ
-  publisher confirm (``confirm_publish``). Where a framework cannot give that, its
-  module says so.
+  publisher confirm (``confirm_publish``), the commit to huey's SQLite file. Where a
+  framework cannot give that, its module says so.
 * **The task** (:class:`TaskRuntime.deliver`): renders the card as mailbench's worker
   does (``--render-ms``), calls the API once, waits a 429 out in place for its
   ``Retry-After`` (up to ``--rate-limit-waits`` times, as :mod:`servers.worker` does),
@@ -31,7 +31,8 @@ and accounting hold for it unchanged:
 * **The depth probe** (``open_depth(url, queue_name)``): jobs still to be sent, for the
   harness's timeline and drain.
 
-One module per framework: :mod:`servers.frameworks.celery`, :mod:`servers.frameworks.rq`;
+One module per framework: :mod:`servers.frameworks.celery`, :mod:`servers.frameworks.rq`,
+:mod:`servers.frameworks.huey`;
 their senders are in :mod:`servers.senders`. ``docs/frameworks.md`` says why each is
 configured as it is.
 """

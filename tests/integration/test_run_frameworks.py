@@ -22,6 +22,8 @@ FRAMEWORK_MODES = (
     "rq-reliable",
     "dramatiq-rabbitmq-reliable",
     "dramatiq-redis-reliable",
+    "huey-sqlite",
+    "huey-sqlite-reliable",
 )
 
 
