@@ -20,9 +20,9 @@ bench: install
 bench-full: install
 	$(BIN)/mailbench run --profile full
 
-# The task-queue frameworks (Celery, RQ) beside the reference queues on the same brokers.
+# The task-queue frameworks (Celery, RQ, Procrastinate) beside the reference queues on the same brokers.
 bench-frameworks: install
-	$(BIN)/mailbench run --profile quick --modes frameworks,redis,rabbitmq
+	$(BIN)/mailbench run --profile quick --modes frameworks,redis,rabbitmq,postgres
 
 test: install
 	$(BIN)/python -m pytest
