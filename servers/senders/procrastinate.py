@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import logging
-import time
-
 from procrastinate import App
 
 from queues import Queue
@@ -14,9 +11,7 @@ from queues.errors import ConfigError
 from servers.frameworks.procrastinate import POOL_SIZE, defer, ensure_schema, make_app
 from servers.metrics import Recorder
 from servers.render import Renderer
-from servers.senders.base import QUEUE_UNAVAILABLE, Handed, SenderContext, queued_result
-
-log = logging.getLogger(__name__)
+from servers.senders.base import Handed, SenderContext, enqueued
 
 
 class ProcrastinateSender:
@@ -39,14 +34,8 @@ class ProcrastinateSender:
         return cls(app, context.queue_name, context.recorder)
 
     async def hand(self, job: Job) -> Handed:
-        started = time.perf_counter()
-        try:
-            await defer(self.app, self.queue_name, job)
-        except Exception as exc:
-            # A connector or psycopg error, a pool timeout: the job is not accepted.
-            log.warning("defer failed: %r", exc)
-            return QUEUE_UNAVAILABLE
-        return queued_result(self.recorder, started)
+        # A connector or psycopg error, a pool timeout: the job is not accepted.
+        return await enqueued(self.recorder, defer(self.app, self.queue_name, job), (Exception,))
 
     async def aclose(self) -> None:
         await self.app.close_async()
