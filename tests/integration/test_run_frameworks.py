@@ -20,7 +20,6 @@ FRAMEWORK_MODES = (
     "celery-redis",
     "celery-rabbitmq-reliable",
     "rq-reliable",
-    "procrastinate",
     "procrastinate-reliable",
 )
 
