@@ -4,8 +4,10 @@ The framework's task function decodes nothing and decides nothing itself: it han
 payload and the attempt number (the framework's own count) to :meth:`TaskRuntime.deliver`
 and carries out the :class:`Decision` with the framework's own mechanism — returning,
 a retry with a countdown, or a failure once the dead letter is journaled. One runtime per
-worker process holds the blocking Mailgun client (framework workers run tasks in threads
-or forked processes, not on an event loop), the card renderer and the figures.
+worker process holds the blocking Mailgun client (most framework workers run tasks in
+threads or forked processes, not on an event loop), the card renderer and the figures;
+where the tasks are coroutines (Procrastinate), :class:`AsyncTaskRuntime` does the same
+with the async client (:meth:`AsyncTaskRuntime.deliver_async`).
 """
 
 from __future__ import annotations
