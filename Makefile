@@ -20,9 +20,10 @@ bench: install
 bench-full: install
 	$(BIN)/mailbench run --profile full
 
-# The task-queue frameworks (Celery, RQ, Huey) beside the reference queues on the same brokers.
+# The task-queue frameworks beside the reference queues on the same brokers (SQLite: huey's;
+# PostgreSQL: Procrastinate's).
 bench-frameworks: install
-	$(BIN)/mailbench run --profile quick --modes frameworks,redis,rabbitmq,sqlite
+	$(BIN)/mailbench run --profile quick --modes frameworks,redis,rabbitmq,sqlite,postgres
 
 test: install
 	$(BIN)/python -m pytest

@@ -62,6 +62,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "servers.frameworks.huey",
         "run huey's own consumer on the mailbench task (a framework mode's workers)",
     ),
+    "procrastinate-worker": (
+        "servers.frameworks.procrastinate",
+        "run Procrastinate's worker on the mailbench task (a framework mode's workers)",
+    ),
     "services": (
         "harness.services.manager",
         "start, stop or show local RabbitMQ / Redis / PostgreSQL",

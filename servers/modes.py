@@ -257,6 +257,17 @@ MODES: dict[str, Mode] = {
             colour="#999933",
             queue_file="sqlite:///{dir}/huey.db",
         ),
+        *_framework_modes(
+            "procrastinate",
+            "procrastinate",
+            "servers.senders.procrastinate:ProcrastinateSender",
+            title="Procrastinate",
+            explanation="POST /send defers a Procrastinate job on PostgreSQL (defer_async, "
+            "on the event loop); Procrastinate's asyncio worker sends it.",
+            colour="#DDCC77",
+            service="postgres",
+            lease_parameter="stalled",
+        ),
     )
 }
 

@@ -33,6 +33,8 @@ and accounting hold for it unchanged:
 
 One module per framework: :mod:`servers.frameworks.celery`, :mod:`servers.frameworks.rq`,
 :mod:`servers.frameworks.huey`;
+:mod:`servers.frameworks.procrastinate` (whose task is a coroutine:
+:class:`~servers.frameworks.task.AsyncTaskRuntime`);
 their senders are in :mod:`servers.senders`. ``docs/frameworks.md`` says why each is
 configured as it is.
 """

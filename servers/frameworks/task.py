@@ -4,13 +4,16 @@ The framework's task function decodes nothing and decides nothing itself: it han
 payload and the attempt number (the framework's own count) to :meth:`TaskRuntime.deliver`
 and carries out the :class:`Decision` with the framework's own mechanism — returning,
 a retry with a countdown, or a failure once the dead letter is journaled. One runtime per
-worker process holds the blocking Mailgun client (framework workers run tasks in threads
-or forked processes, not on an event loop), the card renderer and the figures.
+worker process holds the blocking Mailgun client (most framework workers run tasks in
+threads or forked processes, not on an event loop), the card renderer and the figures;
+where the tasks are coroutines (Procrastinate), :class:`AsyncTaskRuntime` does the same
+with the async client (:meth:`AsyncTaskRuntime.deliver_async`).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -25,7 +28,7 @@ from typing import Any, Protocol
 
 from queues.base import Email, Job, decode_job
 from queues.errors import ConfigError, InvalidJob, QueueError
-from servers.mailgun import BlockingMailgunClient, Inline, Outcome, SendResult
+from servers.mailgun import BlockingMailgunClient, Inline, MailgunClient, Outcome, SendResult
 from servers.phases import PhasedRecorder, PhaseFile, write_phases
 from servers.render import Renderer
 from servers.worker import (
@@ -46,6 +49,14 @@ class BlockingSender(Protocol):
     """What the task needs from a Mailgun client (:class:`BlockingMailgunClient`)."""
 
     def send(self, email: Email, idempotency_key: str, *, inline: Inline = ()) -> SendResult: ...
+
+
+class AsyncSender(Protocol):
+    """What an async task needs from a Mailgun client (:class:`MailgunClient`)."""
+
+    async def send(
+        self, email: Email, idempotency_key: str, *, inline: Inline = ()
+    ) -> SendResult: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +129,7 @@ class TaskRuntime:
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
-        self.client: BlockingSender = client or BlockingMailgunClient(settings.mailgun)
+        self._client = client  # made on first use: an async runtime never needs one
         self.renderer = renderer or Renderer(settings.render_ms)
         self._replaying_at: float | None = None  # replay_journal's value's time
         self.recorder = PhasedRecorder(clock=self._now)
@@ -131,9 +142,32 @@ class TaskRuntime:
         self._lock = threading.Lock()
         self._rng = rng or random.Random()
 
+    @property
+    def client(self) -> BlockingSender:
+        if self._client is None:
+            self._client = BlockingMailgunClient(self.settings.mailgun)
+        return self._client
+
     def deliver(self, payload: str | bytes, attempt: int) -> Decision:
         """Send the job once (waiting out 429s in place); ``attempt`` counts the framework's
         earlier tries of it (0: the first)."""
+        begun = self._begin(payload, attempt)
+        if isinstance(begun, Decision):
+            return begun
+        job, failed = begun
+        if failed is not None:
+            return self._decide(job, attempt, failed)
+        try:
+            inline = self._render(job)
+        except Exception as exc:
+            result = self._render_failed(job, exc)
+        else:
+            result = self._wait_out_rate_limit(job, inline, self._send(job, inline))
+        return self._decide(job, attempt, result)
+
+    def _begin(self, payload: str | bytes, attempt: int) -> Decision | tuple[Job, None]:
+        """The job (its queue wait recorded on the first attempt), or the decision on a
+        payload that is none."""
         try:
             job = decode_job(payload)
         except InvalidJob as exc:
@@ -143,15 +177,12 @@ class TaskRuntime:
             return Decision("dead", reason=f"invalid payload: {exc}")
         if attempt == 0:
             self.record("queue_wait", max(0.0, time.time() - job.enqueued_at))
-        try:
-            inline = self._render(job)
-        except Exception as exc:
-            log.exception("job %s: rendering its card failed", job.id)
-            self._count("errors", f"render {type(exc).__name__}")
-            result = SendResult(Outcome.RETRYABLE, None, detail=f"render failed: {exc!r}")
-        else:
-            result = self._wait_out_rate_limit(job, inline, self._send(job, inline))
-        return self._decide(job, attempt, result)
+        return job, None
+
+    def _render_failed(self, job: Job, exc: Exception) -> SendResult:
+        log.exception("job %s: rendering its card failed", job.id)
+        self._count("errors", f"render {type(exc).__name__}")
+        return SendResult(Outcome.RETRYABLE, None, detail=f"render failed: {exc!r}")
 
     def _decide(self, job: Job, attempt: int, result: SendResult) -> Decision:
         attempts = attempt + 1
@@ -190,16 +221,25 @@ class TaskRuntime:
         return inline
 
     def _send(self, job: Job, inline: Inline) -> SendResult:
-        if job.email.subject == self.settings.inject_crash_subject:
-            print(f"crashing on purpose before sending job {job.id}", flush=True)
-            os._exit(CRASH_EXIT_CODE)
-        started = time.perf_counter()
+        started = self._before_send(job)
         try:
             result = self.client.send(job.email, job.id, inline=inline)
         except Exception as exc:
-            log.exception("job %s: unexpected error from the email client", job.id)
-            self._count("errors", f"exception {type(exc).__name__}")
-            return SendResult(Outcome.RETRYABLE, None, detail=f"unexpected error: {exc!r}")
+            return self._send_raised(job, exc)
+        return self._sent(result, started)
+
+    def _before_send(self, job: Job) -> float:
+        if job.email.subject == self.settings.inject_crash_subject:
+            print(f"crashing on purpose before sending job {job.id}", flush=True)
+            os._exit(CRASH_EXIT_CODE)
+        return time.perf_counter()
+
+    def _send_raised(self, job: Job, exc: Exception) -> SendResult:
+        log.exception("job %s: unexpected error from the email client", job.id)
+        self._count("errors", f"exception {type(exc).__name__}")
+        return SendResult(Outcome.RETRYABLE, None, detail=f"unexpected error: {exc!r}")
+
+    def _sent(self, result: SendResult, started: float) -> SendResult:
         self.record(result.metric, time.perf_counter() - started)
         if result.outcome is not Outcome.SUCCESS:
             status = result.status if result.status is not None else "no answer"
@@ -211,18 +251,22 @@ class TaskRuntime:
         slot of the pool and call again, without spending an attempt, as mailbench's
         worker does; after ``rate_limit_waits`` waits in a row it is a retry."""
         waits = 0
-        while result.status == 429 and waits < self.settings.rate_limit_waits:
+        while (delay := self._rate_limit_wait(result, waits)) is not None:
             waits += 1
-            self._count("counts", "rate_limited")
-            if result.retry_after is not None:
-                delay = min(result.retry_after, self.settings.backoff_cap)
-            else:
-                delay = backoff_delay(
-                    waits, self.settings.backoff_base, self.settings.backoff_cap, self._rng
-                )
             time.sleep(delay)
             result = self._send(job, inline)
         return result
+
+    def _rate_limit_wait(self, result: SendResult, waits: int) -> float | None:
+        """How long to wait before calling again after ``result`` (None: do not)."""
+        if result.status != 429 or waits >= self.settings.rate_limit_waits:
+            return None
+        self._count("counts", "rate_limited")
+        if result.retry_after is not None:
+            return min(result.retry_after, self.settings.backoff_cap)
+        return backoff_delay(
+            waits + 1, self.settings.backoff_base, self.settings.backoff_cap, self._rng
+        )
 
     def _now(self) -> float:
         return self._replaying_at if self._replaying_at is not None else time.time()
@@ -268,6 +312,54 @@ class TaskRuntime:
             write_phases(
                 self.settings.metrics_out, self.recorder, {**self.snapshot(), **(extra or {})}
             )
+
+
+class AsyncTaskRuntime(TaskRuntime):
+    """The runtime of a framework whose tasks are coroutines on its worker's event loop
+    (Procrastinate's): the same decisions, journal and figures, with the async Mailgun
+    client and ``asyncio.sleep`` for a 429. Made and used inside that loop."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        client: AsyncSender | None = None,
+        renderer: Renderer | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(settings, renderer=renderer, rng=rng)
+        self.async_client: AsyncSender = client or MailgunClient(settings.mailgun)
+
+    async def deliver_async(self, payload: str | bytes, attempt: int) -> Decision:
+        """:meth:`TaskRuntime.deliver`, awaiting the API; the card renders in a thread."""
+        begun = self._begin(payload, attempt)
+        if isinstance(begun, Decision):
+            return begun
+        job = begun[0]
+        try:
+            inline = await asyncio.to_thread(self._render, job) if self.renderer.enabled else []
+        except Exception as exc:
+            result = self._render_failed(job, exc)
+        else:
+            result = await self._send_async(job, inline)
+            waits = 0
+            while (delay := self._rate_limit_wait(result, waits)) is not None:
+                waits += 1
+                await asyncio.sleep(delay)
+                result = await self._send_async(job, inline)
+        return self._decide(job, attempt, result)
+
+    async def _send_async(self, job: Job, inline: Inline) -> SendResult:
+        started = self._before_send(job)
+        try:
+            result = await self.async_client.send(job.email, job.id, inline=inline)
+        except Exception as exc:
+            return self._send_raised(job, exc)
+        return self._sent(result, started)
+
+    async def aclose(self) -> None:
+        close = getattr(self.async_client, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def replay_journal(runtime: TaskRuntime, lines: Iterable[str]) -> None:

@@ -10,7 +10,9 @@ Which class serves which mode is declared in :mod:`servers.modes`.
 from __future__ import annotations
 
 import importlib
+import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +22,8 @@ from servers.mailgun import MailgunSettings, Outcome
 from servers.metrics import Recorder
 from servers.modes import Mode
 from servers.render import Renderer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,20 @@ def queued_result(recorder: Recorder, started: float) -> Handed:
     ``perf_counter``, whose time goes to the ``enqueue`` histogram)."""
     recorder.record("enqueue", time.perf_counter() - started)
     return Handed(True, 202, "queued")
+
+
+async def enqueued(
+    recorder: Recorder, enqueue: Awaitable[object], errors: tuple[type[Exception], ...]
+) -> Handed:
+    """Await ``enqueue`` (a coroutine not yet started) and answer: 202 once it returned,
+    503 on one of ``errors`` (the job was not accepted)."""
+    started = time.perf_counter()
+    try:
+        await enqueue
+    except errors as exc:
+        log.warning("enqueue failed: %r", exc)
+        return QUEUE_UNAVAILABLE
+    return queued_result(recorder, started)
 
 
 async def open_sender(mode: Mode, context: SenderContext) -> Sender:

@@ -24,15 +24,17 @@ FRAMEWORK_MODES = (
     "dramatiq-redis-reliable",
     "huey-sqlite",
     "huey-sqlite-reliable",
+    "procrastinate-reliable",
 )
 
 
 @pytest.fixture(scope="module")
 def framework_run(
-    tmp_path_factory: pytest.TempPathFactory, rabbitmq_url: str, redis_url: str
+    tmp_path_factory: pytest.TempPathFactory, rabbitmq_url: str, redis_url: str, postgres_url: str
 ) -> Path:
     out = tmp_path_factory.mktemp("results")
     env = {**os.environ, "AMQP_URL": rabbitmq_url, "REDIS_URL": redis_url, "CI": "true"}
+    env["DATABASE_URL"] = postgres_url
     done = subprocess.run(
         [sys.executable, "-m", "harness.cli", "run", "--modes", ",".join(FRAMEWORK_MODES),
          "--duration", "5", "--warmup", "1", "--users", "20", "--latency", "fixed:0.05",

@@ -1,18 +1,31 @@
-"""The framework modes' task runtime, Celery's settings and RQ's job function, against a
+"""The framework modes' task runtime (blocking and async), Celery's settings, RQ's job
+function and Procrastinate's task and retry strategy, against a
 scripted Mailgun double (no broker: the integration tests run the real ones)."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import json
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from queues.base import Email, Job, encode_job
+from servers.frameworks import procrastinate as pr
 from servers.frameworks import rq as rq_module
 from servers.frameworks.celery import RELIABLE_VISIBILITY_S, celery_settings
-from servers.frameworks.task import TaskRuntime, replay_journal, strip_parameter
+from servers.frameworks.task import (
+    TASK_NAME,
+    AsyncTaskRuntime,
+    FrameworkWorkerSettings,
+    TaskRuntime,
+    replay_journal,
+    strip_parameter,
+)
 from servers.mailgun import Inline, Outcome, SendResult
 from servers.metrics import decode
 from servers.phases import MAIN, write_control
@@ -211,3 +224,124 @@ def test_rq_reliable_cleans_up_at_the_lease_chaos_sets_and_an_idle_worker_gets_t
     Chaos(["q"])
     # An idle worker blocks in its dequeue for worker_ttl - 15 s before its maintenance.
     assert given == {"maintenance_interval": 10, "worker_ttl": 25}
+
+
+class ScriptedAsyncMailgun(ScriptedMailgun):
+    async def send(  # type: ignore[override]
+        self, email: Email, idempotency_key: str, *, inline: Inline = ()
+    ) -> SendResult:
+        return ScriptedMailgun.send(self, email, idempotency_key, inline=inline)
+
+
+def async_runtime(tmp_path: Path, *script: SendResult) -> tuple[AsyncTaskRuntime, ScriptedMailgun]:
+    task, _ = runtime(tmp_path)
+    client = ScriptedAsyncMailgun(*script)
+    return AsyncTaskRuntime(task.settings, client=client), client
+
+
+def test_the_async_runtime_decides_as_the_blocking_one(tmp_path: Path) -> None:
+    limited = SendResult(Outcome.RETRYABLE, 429, retry_after=0.01)
+    task, client = async_runtime(tmp_path, limited, UNAVAILABLE)
+    first = asyncio.run(task.deliver_async(payload(), 0))
+    assert first.action == "retry" and task.counts["rate_limited"] == 1
+    assert asyncio.run(task.deliver_async(payload(), 1)).action == "done"
+    assert client.keys == ["job-0"] * 3
+    assert task._client is None  # no blocking client was made
+    assert task.recorder.histograms["api"].get_total_count() == 1
+
+
+class FakeContext:
+    def __init__(self, attempts: int) -> None:
+        self.job = type("Job", (), {"attempts": attempts})()
+
+
+class RecordingApp:
+    """Keeps the task functions ``register_tasks`` defines, as Procrastinate's App would."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, Any] = {}
+        self.periodic_kwargs: dict[str, Any] | None = None
+        self.retry: Any = None
+
+    def task(self, name: str, retry: Any = None, **_: Any) -> Any:
+        def register(fn: Any) -> Any:
+            self.tasks[name] = fn
+            self.retry = retry if retry is not None else self.retry
+            return fn
+
+        return register
+
+    def periodic(self, **kwargs: Any) -> Any:
+        self.periodic_kwargs = kwargs
+        return lambda fn: fn
+
+
+def procrastinate_settings(tmp_path: Path, config: str) -> FrameworkWorkerSettings:
+    task, _ = runtime(tmp_path)
+    worker = replace(task.settings, backend="postgresql://u@h:1/db?stalled=9", queue_name="q")
+    return FrameworkWorkerSettings(worker, config=config)
+
+
+@pytest.mark.parametrize(
+    ("attempts", "script", "raised"),
+    [
+        (0, (UNAVAILABLE,), pr.RetryableSend),
+        (4, (UNAVAILABLE,), pr.DeadLettered),  # the fifth attempt is the last
+        (0, (REFUSED,), pr.DeadLettered),
+    ],
+)
+def test_the_procrastinate_task_raises_what_its_retry_strategy_should_do(
+    tmp_path: Path, attempts: int, script: tuple[SendResult, ...], raised: type[Exception]
+) -> None:
+    task, _ = async_runtime(tmp_path, *script)
+    app = RecordingApp()
+    pr.register_tasks(app, task, procrastinate_settings(tmp_path, "default"))  # type: ignore[arg-type]
+    assert set(app.tasks) == {TASK_NAME} and app.periodic_kwargs is None
+    with pytest.raises(raised) as caught:
+        asyncio.run(app.tasks[TASK_NAME](FakeContext(attempts), payload()))
+    job = FakeContext(attempts).job
+    decision = app.retry.get_retry_decision(exception=caught.value, job=job)
+    assert (decision is not None) == (raised is pr.RetryableSend)
+    assert len(dead_letters(tmp_path)) == (raised is pr.DeadLettered)
+
+
+def test_procrastinate_retries_at_the_time_the_runtime_chose() -> None:
+    strategy = pr.SendRetries(max_attempts=4, retry_exceptions={pr.RetryableSend})
+    job = FakeContext(1).job
+    before = datetime.datetime.now(datetime.UTC)
+    decision = strategy.get_retry_decision(exception=pr.RetryableSend("503", 7.0), job=job)
+    assert decision is not None and decision.retry_at is not None
+    assert 6.9 < (decision.retry_at - before).total_seconds() < 8
+    assert strategy.get_retry_decision(exception=pr.DeadLettered("x"), job=job) is None
+    assert (
+        strategy.get_retry_decision(exception=pr.RetryableSend("503", 1), job=FakeContext(4).job)
+        is None
+    )
+
+
+def test_procrastinate_reliable_sweeps_stalled_jobs_and_default_is_untouched(
+    tmp_path: Path,
+) -> None:
+    default = pr.worker_options(procrastinate_settings(tmp_path, "default"))
+    assert default["queues"] == ["q"] and "stalled_worker_timeout" not in default
+    reliable_settings = procrastinate_settings(tmp_path, "reliable")
+    reliable = pr.worker_options(reliable_settings)
+    assert (
+        reliable["stalled_worker_timeout"] == 9.0 and reliable["update_heartbeat_interval"] == 3.0
+    )
+    app = RecordingApp()
+    task, _ = async_runtime(tmp_path)
+    pr.register_tasks(app, task, reliable_settings)  # type: ignore[arg-type]
+    assert pr.SWEEP_TASK in app.tasks
+    assert app.periodic_kwargs is not None and app.periodic_kwargs["queue"] == "q"
+    assert pr.database_url("postgresql://u:p@h:1/db?stalled=9") == ("postgresql://u:p@h:1/db", 9.0)
+    assert pr.database_url("postgresql://u:p@h:1/db")[1] == pr.STALLED_S
+
+
+def test_a_procrastinate_queue_name_fits_its_notify_channel() -> None:
+    short = "mailbench-1-procrastinate"
+    assert pr.queue_of(short) == short
+    long = "mailbench-20261202-031216-procrastinate-reliable"
+    named = pr.queue_of(long)
+    assert len(named) == pr.MAX_QUEUE_NAME and named.startswith("mailbench-2026")
+    assert named == pr.queue_of(long) != pr.queue_of(long.replace("reliable", "default!"))
