@@ -5,12 +5,16 @@ payload and the attempt number (the framework's own count) to :meth:`TaskRuntime
 and carries out the :class:`Decision` with the framework's own mechanism — returning,
 a retry with a countdown, or a failure once the dead letter is journaled. One runtime per
 worker process holds the blocking Mailgun client (framework workers run tasks in threads
-or forked processes, not on an event loop), the card renderer and the figures.
+or forked processes, not on an event loop), the card renderer and the figures;
+:class:`AsyncTaskRuntime` is the same for a framework whose tasks are coroutines (arq),
+with the async client: the steps around the call are shared, only the call and the
+429 wait are awaited.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -25,7 +29,7 @@ from typing import Any, Protocol
 
 from queues.base import Email, Job, decode_job
 from queues.errors import ConfigError, InvalidJob
-from servers.mailgun import BlockingMailgunClient, Inline, Outcome, SendResult
+from servers.mailgun import BlockingMailgunClient, Inline, MailgunClient, Outcome, SendResult
 from servers.phases import PhasedRecorder, PhaseFile, write_phases
 from servers.render import Renderer
 from servers.worker import (
@@ -46,6 +50,14 @@ class BlockingSender(Protocol):
     """What the task needs from a Mailgun client (:class:`BlockingMailgunClient`)."""
 
     def send(self, email: Email, idempotency_key: str, *, inline: Inline = ()) -> SendResult: ...
+
+
+class AsyncSender(Protocol):
+    """What an async task needs from a Mailgun client (:class:`MailgunClient`)."""
+
+    async def send(
+        self, email: Email, idempotency_key: str, *, inline: Inline = ()
+    ) -> SendResult: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,24 +113,18 @@ def run_cli(
     return 0
 
 
-class TaskRuntime:
-    """One worker process's client, renderer and figures; thread-safe.
-
-    With ``journal`` (a path), every figure is also kept as an event and :meth:`flush`
-    appends them there, for workers whose tasks run in a process that ends with the job
-    (RQ's work-horses); :func:`replay_journal` turns the lines back into figures.
-    """
+class _Runtime:
+    """What both runtimes share: the renderer, the figures and the decisions around the
+    API call (the call itself is the subclass's)."""
 
     def __init__(
         self,
         settings: WorkerSettings,
-        client: BlockingSender | None = None,
         renderer: Renderer | None = None,
         journal: Path | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
-        self.client: BlockingSender = client or BlockingMailgunClient(settings.mailgun)
         self.renderer = renderer or Renderer(settings.render_ms)
         self._replaying_at: float | None = None  # replay_journal's value's time
         self.recorder = PhasedRecorder(clock=self._now)
@@ -131,9 +137,9 @@ class TaskRuntime:
         self._lock = threading.Lock()
         self._rng = rng or random.Random()
 
-    def deliver(self, payload: str | bytes, attempt: int) -> Decision:
-        """Send the job once (waiting out 429s in place); ``attempt`` counts the framework's
-        earlier tries of it (0: the first)."""
+    def _prepare(self, payload: str | bytes, attempt: int) -> Job | Decision:
+        """The job, its ``queue_wait`` on the first attempt; a payload that is no job is
+        given up on."""
         try:
             job = decode_job(payload)
         except InvalidJob as exc:
@@ -143,15 +149,16 @@ class TaskRuntime:
             return Decision("dead", reason=f"invalid payload: {exc}")
         if attempt == 0:
             self.record("queue_wait", max(0.0, time.time() - job.enqueued_at))
+        return job
+
+    def _render_job(self, job: Job) -> Inline | SendResult:
+        """The card, or the failure to retry when rendering it failed."""
         try:
-            inline = self._render(job)
+            return self._render(job)
         except Exception as exc:
             log.exception("job %s: rendering its card failed", job.id)
             self._count("errors", f"render {type(exc).__name__}")
-            result = SendResult(Outcome.RETRYABLE, None, detail=f"render failed: {exc!r}")
-        else:
-            result = self._wait_out_rate_limit(job, inline, self._send(job, inline))
-        return self._decide(job, attempt, result)
+            return SendResult(Outcome.RETRYABLE, None, detail=f"render failed: {exc!r}")
 
     def _decide(self, job: Job, attempt: int, result: SendResult) -> Decision:
         attempts = attempt + 1
@@ -189,40 +196,38 @@ class TaskRuntime:
         self.record("render", time.perf_counter() - started)
         return inline
 
-    def _send(self, job: Job, inline: Inline) -> SendResult:
+    def _before_send(self, job: Job) -> float:
+        """The crash chaos injects, then the call's start (``perf_counter``)."""
         if job.email.subject == self.settings.inject_crash_subject:
             print(f"crashing on purpose before sending job {job.id}", flush=True)
             os._exit(CRASH_EXIT_CODE)
-        started = time.perf_counter()
-        try:
-            result = self.client.send(job.email, job.id, inline=inline)
-        except Exception as exc:
-            log.exception("job %s: unexpected error from the email client", job.id)
-            self._count("errors", f"exception {type(exc).__name__}")
-            return SendResult(Outcome.RETRYABLE, None, detail=f"unexpected error: {exc!r}")
+        return time.perf_counter()
+
+    def _after_send(self, started: float, result: SendResult) -> SendResult:
         self.record(result.metric, time.perf_counter() - started)
         if result.outcome is not Outcome.SUCCESS:
             status = result.status if result.status is not None else "no answer"
             self._count("errors", f"{result.outcome.value} {status}")
         return result
 
-    def _wait_out_rate_limit(self, job: Job, inline: Inline, result: SendResult) -> SendResult:
+    def _client_failed(self, job: Job, exc: Exception) -> SendResult:
+        log.exception("job %s: unexpected error from the email client", job.id)
+        self._count("errors", f"exception {type(exc).__name__}")
+        return SendResult(Outcome.RETRYABLE, None, detail=f"unexpected error: {exc!r}")
+
+    def _rate_limit_delay(self, result: SendResult, waits: int) -> float | None:
         """A 429 asks the sender to slow down: wait ``Retry-After`` holding the task's
         slot of the pool and call again, without spending an attempt, as mailbench's
-        worker does; after ``rate_limit_waits`` waits in a row it is a retry."""
-        waits = 0
-        while result.status == 429 and waits < self.settings.rate_limit_waits:
-            waits += 1
-            self._count("counts", "rate_limited")
-            if result.retry_after is not None:
-                delay = min(result.retry_after, self.settings.backoff_cap)
-            else:
-                delay = backoff_delay(
-                    waits, self.settings.backoff_base, self.settings.backoff_cap, self._rng
-                )
-            time.sleep(delay)
-            result = self._send(job, inline)
-        return result
+        worker does; after ``rate_limit_waits`` waits in a row it is a retry (None: no
+        more waiting). ``waits``: the waits so far."""
+        if result.status != 429 or waits >= self.settings.rate_limit_waits:
+            return None
+        self._count("counts", "rate_limited")
+        if result.retry_after is not None:
+            return min(result.retry_after, self.settings.backoff_cap)
+        return backoff_delay(
+            waits + 1, self.settings.backoff_base, self.settings.backoff_cap, self._rng
+        )
 
     def _now(self) -> float:
         return self._replaying_at if self._replaying_at is not None else time.time()
@@ -270,7 +275,101 @@ class TaskRuntime:
             )
 
 
-def replay_journal(runtime: TaskRuntime, lines: Iterable[str]) -> None:
+class TaskRuntime(_Runtime):
+    """One worker process's blocking client, renderer and figures; thread-safe.
+
+    With ``journal`` (a path), every figure is also kept as an event and :meth:`flush`
+    appends them there, for workers whose tasks run in a process that ends with the job
+    (RQ's work-horses); :func:`replay_journal` turns the lines back into figures.
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        client: BlockingSender | None = None,
+        renderer: Renderer | None = None,
+        journal: Path | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(settings, renderer, journal, rng)
+        self.client: BlockingSender = client or BlockingMailgunClient(settings.mailgun)
+
+    def deliver(self, payload: str | bytes, attempt: int) -> Decision:
+        """Send the job once (waiting out 429s in place); ``attempt`` counts the framework's
+        earlier tries of it (0: the first)."""
+        job = self._prepare(payload, attempt)
+        if isinstance(job, Decision):
+            return job
+        inline = self._render_job(job)
+        if isinstance(inline, SendResult):
+            return self._decide(job, attempt, inline)
+        result, waits = self._send(job, inline), 0
+        while (delay := self._rate_limit_delay(result, waits)) is not None:
+            waits += 1
+            time.sleep(delay)
+            result = self._send(job, inline)
+        return self._decide(job, attempt, result)
+
+    def _send(self, job: Job, inline: Inline) -> SendResult:
+        started = self._before_send(job)
+        try:
+            result = self.client.send(job.email, job.id, inline=inline)
+        except Exception as exc:
+            return self._client_failed(job, exc)
+        return self._after_send(started, result)
+
+
+class AsyncTaskRuntime(_Runtime):
+    """:class:`TaskRuntime` for tasks that are coroutines on the worker's event loop, with
+    the async client (made on that loop by :meth:`open`, unless one is given)."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        client: AsyncSender | None = None,
+        renderer: Renderer | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(settings, renderer, rng=rng)
+        self.client = client
+        self._own_client: MailgunClient | None = None
+
+    async def open(self) -> None:
+        if self.client is None:
+            self.client = self._own_client = MailgunClient(self.settings.mailgun)
+
+    async def aclose(self) -> None:
+        if self._own_client is not None:
+            await self._own_client.aclose()
+
+    async def deliver(self, payload: str | bytes, attempt: int) -> Decision:
+        """:meth:`TaskRuntime.deliver`, awaiting the call and the 429 waits. The render
+        is CPU work and runs on the loop, as it would in the framework's task."""
+        job = self._prepare(payload, attempt)
+        if isinstance(job, Decision):
+            return job
+        inline = self._render_job(job)
+        if isinstance(inline, SendResult):
+            return self._decide(job, attempt, inline)
+        result, waits = await self._send(job, inline), 0
+        while (delay := self._rate_limit_delay(result, waits)) is not None:
+            waits += 1
+            await asyncio.sleep(delay)
+            result = await self._send(job, inline)
+        return self._decide(job, attempt, result)
+
+    async def _send(self, job: Job, inline: Inline) -> SendResult:
+        if self.client is None:
+            raise RuntimeError("AsyncTaskRuntime.open was not awaited")
+        started = self._before_send(job)
+        try:
+            result = await self.client.send(job.email, job.id, inline=inline)
+        except Exception as exc:
+            return self._client_failed(job, exc)
+        return self._after_send(started, result)
+
+
+def replay_journal(runtime: _Runtime, lines: Iterable[str]) -> None:
     """Add the figures of a journal's lines (:meth:`TaskRuntime.flush`) to ``runtime``'s,
     each value in the phase in which it was taken."""
     runtime.phases.check()
