@@ -54,6 +54,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "servers.frameworks.rq",
         "run an RQ worker pool on the mailbench task (a framework mode's workers)",
     ),
+    "arq-worker": (
+        "servers.frameworks.arq",
+        "run arq's own worker on the mailbench task (a framework mode's workers)",
+    ),
     "services": (
         "harness.services.manager",
         "start, stop or show local RabbitMQ / Redis / PostgreSQL",
