@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from queues.base import Job, encode_job
+from queues.errors import QueueError
 from servers.frameworks.task import (
     TASK_NAME,
     AsyncTaskRuntime,
@@ -200,7 +201,12 @@ class ArqDepth:
         self.queue_name = queue_name
 
     async def depth(self) -> int:
-        return int(await self.redis.zcard(self.queue_name))
+        from redis.exceptions import RedisError
+
+        try:
+            return int(await self.redis.zcard(self.queue_name))
+        except RedisError as exc:  # a broker restarting: the sampler tries again
+            raise QueueError(f"the arq queue could not be counted: {exc!r}") from exc
 
     async def close(self) -> None:
         await self.redis.aclose()
