@@ -56,11 +56,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from queues.base import Job, encode_job
-from queues.errors import QueueError
 from servers.frameworks.task import (
     TASK_NAME,
     AsyncTaskRuntime,
     FrameworkWorkerSettings,
+    RedisDepth,
     add_framework_worker_arguments,
     run_cli,
 )
@@ -190,26 +190,14 @@ def describe(settings: FrameworkWorkerSettings) -> dict[str, object]:
     }
 
 
-class ArqDepth:
+class ArqDepth(RedisDepth):
     """Jobs in the queue's sorted set: waiting, running (arq keeps them there until they
     finish) and deferred retries. redis-py only, so the harness needs no arq."""
 
-    def __init__(self, url: str, queue_name: str) -> None:
-        import redis.asyncio as aioredis
+    what = "the arq queue"
 
-        self.redis = aioredis.Redis.from_url(url)
-        self.queue_name = queue_name
-
-    async def depth(self) -> int:
-        from redis.exceptions import RedisError
-
-        try:
-            return int(await self.redis.zcard(self.queue_name))
-        except RedisError as exc:  # a broker restarting: the sampler tries again
-            raise QueueError(f"the arq queue could not be counted: {exc!r}") from exc
-
-    async def close(self) -> None:
-        await self.redis.aclose()
+    async def count(self) -> int:
+        return int(await self.redis.zcard(self.queue_name))
 
 
 async def open_depth(url: str, queue_name: str) -> ArqDepth:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from queues.base import Email, Job, decode_job
-from queues.errors import ConfigError, InvalidJob
+from queues.errors import ConfigError, InvalidJob, QueueError
 from servers.mailgun import BlockingMailgunClient, Inline, MailgunClient, Outcome, SendResult
 from servers.phases import PhasedRecorder, PhaseFile, write_phases
 from servers.render import Renderer
@@ -151,14 +151,19 @@ class _Runtime:
             self.record("queue_wait", max(0.0, time.time() - job.enqueued_at))
         return job
 
-    def _render_job(self, job: Job) -> Inline | SendResult:
-        """The card, or the failure to retry when rendering it failed."""
+    def _ready(self, payload: str | bytes, attempt: int) -> tuple[Job, Inline] | Decision:
+        """The job and its card to send, or what to do instead (no job; the render
+        failed: a retry)."""
+        job = self._prepare(payload, attempt)
+        if isinstance(job, Decision):
+            return job
         try:
-            return self._render(job)
+            return job, self._render(job)
         except Exception as exc:
             log.exception("job %s: rendering its card failed", job.id)
             self._count("errors", f"render {type(exc).__name__}")
-            return SendResult(Outcome.RETRYABLE, None, detail=f"render failed: {exc!r}")
+            failed = SendResult(Outcome.RETRYABLE, None, detail=f"render failed: {exc!r}")
+            return self._decide(job, attempt, failed)
 
     def _decide(self, job: Job, attempt: int, result: SendResult) -> Decision:
         attempts = attempt + 1
@@ -297,12 +302,10 @@ class TaskRuntime(_Runtime):
     def deliver(self, payload: str | bytes, attempt: int) -> Decision:
         """Send the job once (waiting out 429s in place); ``attempt`` counts the framework's
         earlier tries of it (0: the first)."""
-        job = self._prepare(payload, attempt)
-        if isinstance(job, Decision):
-            return job
-        inline = self._render_job(job)
-        if isinstance(inline, SendResult):
-            return self._decide(job, attempt, inline)
+        ready = self._ready(payload, attempt)
+        if isinstance(ready, Decision):
+            return ready
+        job, inline = ready
         result, waits = self._send(job, inline), 0
         while (delay := self._rate_limit_delay(result, waits)) is not None:
             waits += 1
@@ -323,14 +326,8 @@ class AsyncTaskRuntime(_Runtime):
     """:class:`TaskRuntime` for tasks that are coroutines on the worker's event loop, with
     the async client (made on that loop by :meth:`open`, unless one is given)."""
 
-    def __init__(
-        self,
-        settings: WorkerSettings,
-        client: AsyncSender | None = None,
-        renderer: Renderer | None = None,
-        rng: random.Random | None = None,
-    ) -> None:
-        super().__init__(settings, renderer, rng=rng)
+    def __init__(self, settings: WorkerSettings, client: AsyncSender | None = None) -> None:
+        super().__init__(settings)
         self.client = client
         self._own_client: MailgunClient | None = None
 
@@ -345,12 +342,10 @@ class AsyncTaskRuntime(_Runtime):
     async def deliver(self, payload: str | bytes, attempt: int) -> Decision:
         """:meth:`TaskRuntime.deliver`, awaiting the call and the 429 waits. The render
         is CPU work and runs on the loop, as it would in the framework's task."""
-        job = self._prepare(payload, attempt)
-        if isinstance(job, Decision):
-            return job
-        inline = self._render_job(job)
-        if isinstance(inline, SendResult):
-            return self._decide(job, attempt, inline)
+        ready = self._ready(payload, attempt)
+        if isinstance(ready, Decision):
+            return ready
+        job, inline = ready
         result, waits = await self._send(job, inline), 0
         while (delay := self._rate_limit_delay(result, waits)) is not None:
             waits += 1
@@ -389,6 +384,34 @@ def replay_journal(runtime: _Runtime, lines: Iterable[str]) -> None:
         for which in ("counts", "errors"):
             if which in event:
                 getattr(runtime, which)[str(event[which])] += 1
+
+
+class RedisDepth:
+    """A framework's depth probe on Redis, with redis-py alone (the harness runs it):
+    subclasses count in :meth:`count`; a Redis error (a broker restarting) is a
+    :class:`QueueError`, which the sampler retries."""
+
+    what = "the queue"
+
+    def __init__(self, url: str, queue_name: str) -> None:
+        import redis.asyncio as aioredis
+
+        self.redis = aioredis.Redis.from_url(url)
+        self.queue_name = queue_name
+
+    async def count(self) -> int:
+        raise NotImplementedError
+
+    async def depth(self) -> int:
+        from redis.exceptions import RedisError
+
+        try:
+            return await self.count()
+        except RedisError as exc:
+            raise QueueError(f"{self.what} could not be counted: {exc!r}") from exc
+
+    async def close(self) -> None:
+        await self.redis.aclose()
 
 
 def strip_parameter(url: str, name: str | None) -> tuple[str, float | None]:

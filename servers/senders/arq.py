@@ -3,9 +3,8 @@ the event loop: no thread, unlike Celery and RQ."""
 
 from __future__ import annotations
 
-import logging
-import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from queues import Queue
 from queues.base import Job
@@ -13,21 +12,18 @@ from queues.errors import ConfigError
 from servers.frameworks.arq import enqueue, open_pool
 from servers.metrics import Recorder
 from servers.render import Renderer
-from servers.senders.base import QUEUE_UNAVAILABLE, Handed, SenderContext, queued_result
+from servers.senders.base import Handed, SenderContext, enqueued
 
 if TYPE_CHECKING:
     from arq.connections import ArqRedis
 
-log = logging.getLogger(__name__)
 
-
+@dataclass
 class ArqSender:
-    queue: Queue | None = None  # the harness counts arq's queue itself
-    renderer: Renderer | None = None  # arq's worker renders, never the request
-
-    def __init__(self, pool: ArqRedis, recorder: Recorder) -> None:
-        self.pool = pool
-        self.recorder = recorder
+    pool: ArqRedis  # arq's connection pool, which enqueues
+    recorder: Recorder
+    queue: ClassVar[Queue | None] = None  # the harness counts arq's queue itself
+    renderer: ClassVar[Renderer | None] = None  # arq's worker renders, never the request
 
     @classmethod
     async def open(cls, context: SenderContext) -> ArqSender:
@@ -37,14 +33,8 @@ class ArqSender:
         return cls(await open_pool(context.queue_url, context.queue_name), context.recorder)
 
     async def hand(self, job: Job) -> Handed:
-        started = time.perf_counter()
-        try:
-            await enqueue(self.pool, job)
-        except Exception as exc:
-            # Whatever redis-py raised, the job is not accepted: try again, says the reply.
-            log.warning("enqueue failed: %r", exc)
-            return QUEUE_UNAVAILABLE
-        return queued_result(self.recorder, started)
+        # Whatever redis-py raised, the job is not accepted: try again, says the reply.
+        return await enqueued(self.recorder, enqueue(self.pool, job), Exception)
 
     async def aclose(self) -> None:
         await self.pool.aclose()

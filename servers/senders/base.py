@@ -10,7 +10,9 @@ Which class serves which mode is declared in :mod:`servers.modes`.
 from __future__ import annotations
 
 import importlib
+import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -96,6 +98,22 @@ def queued_result(recorder: Recorder, started: float) -> Handed:
     ``perf_counter``, whose time goes to the ``enqueue`` histogram)."""
     recorder.record("enqueue", time.perf_counter() - started)
     return Handed(True, 202, "queued")
+
+
+async def enqueued(
+    recorder: Recorder,
+    enqueue: Awaitable[None],
+    errors: type[Exception] | tuple[type[Exception], ...],
+) -> Handed:
+    """Await an async enqueue (not started yet: a coroutine) and answer: 202 once the
+    broker took the job, 503 when it raised one of ``errors``."""
+    started = time.perf_counter()
+    try:
+        await enqueue
+    except errors as exc:
+        logging.getLogger(__name__).warning("enqueue failed: %r", exc)
+        return QUEUE_UNAVAILABLE
+    return queued_result(recorder, started)
 
 
 async def open_sender(mode: Mode, context: SenderContext) -> Sender:

@@ -7,17 +7,12 @@ publisher confirm, a command reply, a commit) is kept before :meth:`enqueue` ret
 
 from __future__ import annotations
 
-import logging
-import time
-
 from queues import Queue, open_queue
 from queues.base import Job
 from queues.errors import ConfigError, MailbenchError
 from servers.metrics import Recorder
 from servers.render import Renderer
-from servers.senders.base import QUEUE_UNAVAILABLE, Handed, SenderContext, queued_result
-
-log = logging.getLogger(__name__)
+from servers.senders.base import Handed, SenderContext, enqueued
 
 
 class QueuedSender:
@@ -35,13 +30,7 @@ class QueuedSender:
         return cls(await open_queue(context.queue_url, context.queue_name), context.recorder)
 
     async def hand(self, job: Job) -> Handed:
-        started = time.perf_counter()
-        try:
-            await self._queue.enqueue(job)
-        except MailbenchError as exc:
-            log.warning("enqueue failed: %s", exc)
-            return QUEUE_UNAVAILABLE
-        return queued_result(self.recorder, started)
+        return await enqueued(self.recorder, self._queue.enqueue(job), MailbenchError)
 
     async def aclose(self) -> None:
         await self._queue.close()
