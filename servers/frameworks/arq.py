@@ -48,6 +48,7 @@ task running (``max retries exceeded``), so no dead letter is written for it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import time
@@ -172,6 +173,10 @@ def run_worker(settings: FrameworkWorkerSettings) -> None:
     started = time.monotonic()
     try:
         arq_run_worker(worker_settings)
+    except asyncio.CancelledError:
+        # arq's close() cancels the running jobs and gathers them; a job cancelled while
+        # it settles raises out of run(). Its in-progress key stays: it runs again later.
+        log.warning("arq's worker stopped with a job cancelled while it settled")
     finally:
         log.info("arq worker ran %.0f s", time.monotonic() - started)
         runtime.write_metrics({"framework": describe(settings)})
