@@ -184,10 +184,13 @@ def run_worker(settings: FrameworkWorkerSettings) -> None:
 
 def describe(settings: FrameworkWorkerSettings) -> dict[str, object]:
     """What the manifest records of the framework's worker."""
+    from importlib.metadata import version
+
     options = worker_options(settings)
     return {
         "name": "arq",
         "config": settings.config,
+        "versions": {"arq": version("arq"), "redis": version("redis")},  # its venv's
         "pool": f"asyncio, max_jobs {options['max_jobs']} (one event loop)",
         "job_timeout_s": options["job_timeout"],
         "max_tries": options["max_tries"],
