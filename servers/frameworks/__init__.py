@@ -31,7 +31,8 @@ and accounting hold for it unchanged:
 * **The depth probe** (``open_depth(url, queue_name)``): jobs still to be sent, for the
   harness's timeline and drain.
 
-One module per framework: :mod:`servers.frameworks.celery`, :mod:`servers.frameworks.rq`;
+One module per framework: :mod:`servers.frameworks.celery`, :mod:`servers.frameworks.rq`,
+:mod:`servers.frameworks.arq` (in a venv of its own: see :attr:`servers.modes.Mode.python`);
 their senders are in :mod:`servers.senders`. ``docs/frameworks.md`` says why each is
 configured as it is.
 """

@@ -41,8 +41,13 @@ task running (``max retries exceeded``), so no dead letter is written for it.
 * ``reliable`` — ``job_timeout`` :data:`RELIABLE_JOB_TIMEOUT_S` (above the longest send:
   the client's 10 s timeout and a few 429 waits; a job running longer is cancelled and
   failed by arq), so a killed worker's jobs come back after 70 s, and
-  :data:`SPARE_TRIES` more tries than attempts, so a crash does not spend a send's
-  attempt.
+  :data:`SPARE_TRIES` more tries than attempts, so a job killed on its last try runs
+  again rather than being failed unsent (the task's count, from ``job_try``, still
+  includes the crashed starts: it gives up after five failed tries of any kind).
+
+In both, arq's worker exits when Redis restarts (its poll raises ``ConnectionError``);
+a supervisor (here the harness) starts another, and the dead one's jobs wait for their
+in-progress keys as a killed worker's do.
 """
 
 from __future__ import annotations
