@@ -3,16 +3,26 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# arq's modes run in a venv of their own: arq 0.28 pins redis-py < 6, Celery needs >= 6.4.
+# The harness starts those modes' servers and workers with its python (servers.modes).
+ARQ_VENV  ?= .venv-arq
+ARQ_STAMP := $(ARQ_VENV)/.installed
 
 .PHONY: install bench bench-full bench-frameworks test test-lowest lint format services-up services-down clean bench-ci microbench
 
-install: $(STAMP)
+install: $(STAMP) $(ARQ_STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,frameworks]'
 	touch $(STAMP)
+
+$(ARQ_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(ARQ_VENV)
+	$(ARQ_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(ARQ_VENV)/bin/python -m pip install --quiet -e '.[arq]'
+	touch $(ARQ_STAMP)
 
 bench: install
 	$(BIN)/mailbench run --profile quick
@@ -74,5 +84,5 @@ services-down: install
 	$(BIN)/mailbench services down
 
 clean:
-	rm -rf $(VENV) $(LOWEST) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) $(ARQ_VENV) $(LOWEST) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .benchmarks
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

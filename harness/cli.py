@@ -66,6 +66,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "servers.frameworks.procrastinate",
         "run Procrastinate's worker on the mailbench task (a framework mode's workers)",
     ),
+    "arq-worker": (
+        "servers.frameworks.arq",
+        "run arq's own worker on the mailbench task (a framework mode's workers)",
+    ),
     "services": (
         "harness.services.manager",
         "start, stop or show local RabbitMQ / Redis / PostgreSQL",

@@ -142,9 +142,30 @@ def spawn(
     )
 
 
-def mailbench_command(*args: str) -> list[str]:
-    """Run a mailbench subcommand with the same interpreter as the harness."""
-    return [sys.executable, "-m", "harness.cli", *args]
+# The project's folder: its second venvs (.venv-<name>) are made there, beside .venv.
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+VENV_PYTHON_VAR = "MAILBENCH_PYTHON_{}"  # e.g. MAILBENCH_PYTHON_ARQ: that venv's python
+
+
+def venv_python(venv: str | None) -> str:
+    """The interpreter of the project's venv ``.venv-<venv>`` (or the one the
+    ``MAILBENCH_PYTHON_<VENV>`` variable names); ``None``: the harness's own."""
+    if venv is None:
+        return sys.executable
+    given = os.environ.get(VENV_PYTHON_VAR.format(venv.upper().replace("-", "_")))
+    python = Path(given) if given else PROJECT_DIR / f".venv-{venv}" / "bin" / "python"
+    if not python.is_file():
+        raise ProcessFailed(
+            f"{python} is missing: the modes that need the venv .venv-{venv} run in it "
+            f"(`make install` makes it, or pip install -e '.[{venv}]' in a venv of its own)"
+        )
+    return str(python)
+
+
+def mailbench_command(*args: str, python: str | None = None) -> list[str]:
+    """Run a mailbench subcommand with the same interpreter as the harness, or with that
+    of the project's venv ``.venv-<python>`` (a mode's :attr:`~servers.modes.Mode.python`)."""
+    return [venv_python(python), "-m", "harness.cli", *args]
 
 
 def free_port() -> int:

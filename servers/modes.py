@@ -22,6 +22,10 @@ that the server, the harness, the report, the gate, chaos and the tests need to 
   ``depth`` — ``"module:function"`` that opens its queue-depth probe (see
   :mod:`servers.frameworks`). Framework modes run with ``--modes frameworks``, not by
   default;
+* ``python`` — the virtualenv its servers and workers run in, ``.venv-<python>`` beside
+  the project's ``.venv`` (``make install`` makes it from the optional dependency group
+  of that name), for a framework whose dependencies cannot share the harness's (arq
+  pins redis-py < 6); ``None``: the harness's own interpreter;
 * how reports show it: ``title`` (in a sentence), ``colour`` and ``linestyle`` (in
   charts, the Okabe–Ito palette), ``explanation`` (one line in the report).
 
@@ -60,6 +64,7 @@ class Mode:
     framework: str | None = None  # a task-queue framework's mode: "celery", "rq", ...
     config: str | None = None  # its configuration: "default" or "reliable"
     depth: str | None = None  # "module:function" opening its depth probe (None: queues')
+    python: str | None = None  # its servers' and workers' venv: .venv-<python> (None: ours)
 
     def __post_init__(self) -> None:
         queued = self.kind is Kind.QUEUED
@@ -100,6 +105,7 @@ def _framework_modes(
     service: str | None = None,
     queue_file: str | None = None,
     lease_parameter: str | None = None,
+    python: str | None = None,
 ) -> tuple[Mode, ...]:
     """A framework's two modes: ``<name>`` (as the framework ships, dash-dotted in charts)
     and ``<name>-reliable`` (as its docs recommend, solid), one colour."""
@@ -120,6 +126,7 @@ def _framework_modes(
             framework=framework,
             config=config,
             depth=f"servers.frameworks.{framework}:open_depth",
+            python=python,
         )
         for config in FRAMEWORK_CONFIGS
     )
@@ -267,6 +274,17 @@ MODES: dict[str, Mode] = {
             colour="#DDCC77",
             service="postgres",
             lease_parameter="stalled",
+        ),
+        *_framework_modes(
+            "arq",
+            "arq",
+            "servers.senders.arq:ArqSender",
+            title="arq",
+            explanation="POST /send awaits arq's async enqueue_job on Redis (no thread); "
+            "arq's worker runs the task coroutine, up to max_jobs at once on one loop.",
+            colour="#DDCC77",
+            service="redis",
+            python="arq",  # arq 0.28 pins redis-py < 6: a venv of its own
         ),
     )
 }

@@ -123,7 +123,7 @@ class TierStarter:
             args += ["--render-ms", f"{cfg.render_ms:g}"]
         server = self.children.start(
             f"server {index} ({mode.name})",
-            mailbench_command(*args),
+            mailbench_command(*args, python=mode.python),
             self.config.run_dir / "logs" / f"{mode.name}-server-{index}.log",
             env=env,
         )
@@ -145,7 +145,7 @@ class TierStarter:
         args += mode.worker_args
         worker = self.children.start(
             f"worker {index} ({mode.name})",
-            mailbench_command(*args),
+            mailbench_command(*args, python=mode.python),
             self.config.run_dir / "logs" / f"{mode.name}-worker-{index}.log",
             env={QUEUE_URL_VAR: tiers.queue_url},
         )

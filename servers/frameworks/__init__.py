@@ -35,6 +35,7 @@ One module per framework: :mod:`servers.frameworks.celery`, :mod:`servers.framew
 :mod:`servers.frameworks.huey`;
 :mod:`servers.frameworks.procrastinate` (whose task is a coroutine:
 :class:`~servers.frameworks.task.AsyncTaskRuntime`);
+:mod:`servers.frameworks.arq` (in a venv of its own: see :attr:`servers.modes.Mode.python`);
 their senders are in :mod:`servers.senders`. ``docs/frameworks.md`` says why each is
 configured as it is.
 """

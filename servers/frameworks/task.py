@@ -384,6 +384,34 @@ def replay_journal(runtime: TaskRuntime, lines: Iterable[str]) -> None:
                 getattr(runtime, which)[str(event[which])] += 1
 
 
+class RedisDepth:
+    """A framework's depth probe on Redis, with redis-py alone (the harness runs it):
+    subclasses count in :meth:`count`; a Redis error (a broker restarting) is a
+    :class:`QueueError`, which the sampler retries."""
+
+    what = "the queue"
+
+    def __init__(self, url: str, queue_name: str) -> None:
+        import redis.asyncio as aioredis
+
+        self.redis = aioredis.Redis.from_url(url)
+        self.queue_name = queue_name
+
+    async def count(self) -> int:
+        raise NotImplementedError
+
+    async def depth(self) -> int:
+        from redis.exceptions import RedisError
+
+        try:
+            return await self.count()
+        except RedisError as exc:
+            raise QueueError(f"{self.what} could not be counted: {exc!r}") from exc
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
 def strip_parameter(url: str, name: str | None) -> tuple[str, float | None]:
     """``url`` without mailbench's ``name=`` parameter (a lease chaos shortens), and its
     value in seconds (None when absent)."""

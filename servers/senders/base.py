@@ -103,10 +103,12 @@ def queued_result(recorder: Recorder, started: float) -> Handed:
 
 
 async def enqueued(
-    recorder: Recorder, enqueue: Awaitable[object], errors: tuple[type[Exception], ...]
+    recorder: Recorder,
+    enqueue: Awaitable[object],
+    errors: type[Exception] | tuple[type[Exception], ...],
 ) -> Handed:
-    """Await ``enqueue`` (a coroutine not yet started) and answer: 202 once it returned,
-    503 on one of ``errors`` (the job was not accepted)."""
+    """Await an async enqueue (not started yet: a coroutine) and answer: 202 once the
+    broker took the job, 503 when it raised one of ``errors``."""
     started = time.perf_counter()
     try:
         await enqueue
