@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 REASON_HEADER = "x-mailbench-reason"
 # A handed-back job is published again, as a new message: this carries its deliveries so far.
 CARRIED_HEADER = "x-mailbench-deliveries"
+# Loop turns a stopping consumer yields for deliveries still on their way to its callback.
+_LATE_DELIVERY_TURNS = 5
 CONNECT_TIMEOUT = 10.0
 _ERRORS = (*CONNECTION_EXCEPTIONS, MessageProcessError)
 # 10 ms … 10 000 s in 1-1.5-2-3-5-7 steps: a retry is at most 1.7x late, never early.
@@ -185,9 +187,17 @@ class RabbitMQQueue:
         if self._closed:
             return
         inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        stopping = False
+        late: set[asyncio.Task[None]] = set()
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             self._unacked += 1
+            if stopping:  # no one reads the inbox any more: back at once, uncounted
+                task = asyncio.current_task()
+                if task is not None:
+                    late.add(task)
+                await self._give_back_quietly(message)
+                return
             inbox.put_nowait(message)
 
         with self._errors(f"start consuming {self._name!r}"):
@@ -211,6 +221,7 @@ class RabbitMQQueue:
             if not self._closed and not channel.is_closed:
                 # Deliveries already yielded stay ours to settle; the rest go back now
                 # (or when the channel closes, should this fail).
+                stopping = True
                 try:
                     with self._errors("stop a consumer"):
                         await queue.cancel(consumer_tag)
@@ -219,6 +230,14 @@ class RabbitMQQueue:
                                 await self._give_back(left, _deliveries(left) - 1)
                 except QueueError as exc:
                     log.warning("%s", exc)
+                # Each delivery reaches on_message two tasks after its frame (aiormq's,
+                # then aio-pika's), so some sent before the cancel's reply arrive after
+                # it: they hand themselves back; wait for them, so that nothing stays
+                # held on the channel (a crash would count it once more).
+                for _ in range(_LATE_DELIVERY_TURNS):
+                    await asyncio.sleep(0)
+                if late:
+                    await asyncio.wait(late)
 
     async def _settle(
         self, message: AbstractIncomingMessage, what: str, action: Callable[[], Awaitable[None]]
@@ -246,6 +265,12 @@ class RabbitMQQueue:
         )
         await self._publish_or_requeue(message, f"hand back message {message.message_id}", publish)
         await self._settle(message, "acknowledge", message.ack)
+
+    async def _give_back_quietly(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await self._give_back(message, _deliveries(message) - 1)
+        except QueueError as exc:
+            log.warning("%s; it comes back when the channel closes", exc)
 
     async def _requeue(self, message: AbstractIncomingMessage) -> None:
         """Requeue a message that could not be settled. Left unacknowledged on a live

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -20,6 +21,12 @@ from harness.errors import ServiceUnavailable
 from harness.process import port_taken
 from harness.services.manager import Services
 from harness.services.settings import ServiceSettings
+
+# A suite started as a background job of a non-interactive shell (a CI step's `cmd &`)
+# inherits SIGINT ignored, and so would every mailbench it starts, which would then
+# rightly ignore the Ctrl-C the interrupt tests send it. Run them as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # --- real brokers ---------------------------------------------------------------------
 

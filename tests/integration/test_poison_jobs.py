@@ -152,37 +152,50 @@ def test_a_poison_job_is_dead_lettered_after_max_deliveries_and_nothing_is_lost(
             workers.append(start_worker())
         dead = [json.loads(line) for p in sorted(tmp_path.glob("dead-letters-*.jsonl"))
                 for line in p.read_text().splitlines()]  # fmt: skip
-        if dead and wanted <= set(recipients(fake)):
+        outcomes = set(recipients(fake)) | {entry["to"] for entry in dead}
+        if poison.email.to in outcomes and wanted <= outcomes:
             break
-        assert time.monotonic() < deadline, (crashes, dead, sorted(wanted - set(recipients(fake))))
+        assert time.monotonic() < deadline, (crashes, dead, sorted(wanted - outcomes))
         time.sleep(0.1)
     for worker in workers:
         # A replacement may still be starting, before its SIGTERM handler is in place.
         assert children.stop(worker, timeout=30) in (0, -signal.SIGTERM), worker.tail()
 
     # The poison killed a worker on each of its deliveries, then went to the dead letter
-    # with its count, before any API call; no other job went there.
-    assert crashes == [CRASH_EXIT_CODE] * MAX_DELIVERIES
-    [entry] = dead
-    assert (entry["id"], entry["to"]) == (poison.id, poison.email.to)
-    assert f"delivered {MAX_DELIVERIES + 1} times" in entry["reason"], entry
-    assert f"--max-deliveries {MAX_DELIVERIES}" in entry["reason"], entry
+    # with its count, before any API call; no other job went there. RabbitMQ 3.x's
+    # quorum queues also count a message on its way to a consumer being cancelled (a
+    # worker stops reading to send a last chance alone), so there a job may reach the
+    # limit with fewer crashes, and a bystander of the poison may be dead-lettered
+    # with it: never lost, never sent twice (docs/modes.md).
+    counted_returns = broker.kind == "rabbitmq"
+    if counted_returns:
+        assert 1 <= len(crashes) <= MAX_DELIVERIES and set(crashes) == {CRASH_EXIT_CODE}
+    else:
+        assert crashes == [CRASH_EXIT_CODE] * MAX_DELIVERIES
+    [entry] = [e for e in dead if e["id"] == poison.id]
+    bystanders = [e for e in dead if e["id"] != poison.id]
+    assert bystanders == [] or counted_returns, bystanders
+    assert entry["to"] == poison.email.to
+    for each in dead:
+        assert f"delivered {MAX_DELIVERIES + 1} times" in each["reason"], each
+        assert f"--max-deliveries {MAX_DELIVERIES}" in each["reason"], each
     ledger = recipients(fake)
     assert poison.email.to not in ledger
-    assert asyncio.run(queue_counts(broker.url, broker.name)) == (0, 1)
+    assert asyncio.run(queue_counts(broker.url, broker.name)) == (0, len(dead))
 
     # Total-queue accounting over what was enqueued: nothing lost, nothing unexpected.
     accepted = [(job.email.to, job.enqueued_at) for job in jobs]
-    counts, _ = reconcile(accepted, fake.ledger(), [entry["to"]])
+    dead_to = [e["to"] for e in dead]
+    counts, _ = reconcile(accepted, fake.ledger(), dead_to)
     assert (counts.delivered, counts.dead_lettered, counts.lost, counts.unexpected) == (
-        GOOD_JOBS,
-        1,
+        GOOD_JOBS - len(bystanders),
+        1 + len(bystanders),
         0,
         0,
     )
     # Negative control: a job accepted but neither delivered nor dead-lettered is lost.
     planted = [*accepted, ("never-enqueued@example.com", time.time())]
-    assert reconcile(planted, fake.ledger(), [entry["to"]])[0].lost == 1
+    assert reconcile(planted, fake.ledger(), dead_to)[0].lost == 1
 
 
 async def take(queue: Queue, count: int) -> list[Delivery]:
