@@ -282,7 +282,7 @@ MODES: dict[str, Mode] = {
             title="arq",
             explanation="POST /send awaits arq's async enqueue_job on Redis (no thread); "
             "arq's worker runs the task coroutine, up to max_jobs at once on one loop.",
-            colour="#DDCC77",
+            colour="#AA4499",
             service="redis",
             python="arq",  # arq 0.28 pins redis-py < 6: a venv of its own
         ),

@@ -148,6 +148,10 @@ class TaskRuntime:
             self._client = BlockingMailgunClient(self.settings.mailgun)
         return self._client
 
+    @client.setter
+    def client(self, client: BlockingSender) -> None:
+        self._client = client
+
     def deliver(self, payload: str | bytes, attempt: int) -> Decision:
         """Send the job once (waiting out 429s in place); ``attempt`` counts the framework's
         earlier tries of it (0: the first)."""

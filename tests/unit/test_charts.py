@@ -122,13 +122,35 @@ def test_each_mode_keeps_its_colour_and_each_metric_its_colour(run: Run) -> None
 
 OKABE_ITO = {"#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7",
              "#999999", "#000000"}  # fmt: skip
+TOL_MUTED = {
+    "#CC6677",
+    "#332288",
+    "#DDCC77",
+    "#117733",
+    "#88CCEE",
+    "#882255",
+    "#44AA99",
+    "#999933",
+    "#AA4499",
+}
 
 
 def test_palette_is_okabe_ito_one_colour_per_mode_and_the_same_in_every_chart(run: Run) -> None:
+    # mailbench's own modes and the metrics: Okabe-Ito, one colour each. A framework's
+    # two configurations share one colour of Paul Tol's muted palette (their line styles
+    # differ), one per framework and broker.
     mode_colours = {name: mode.colour for name, mode in MODES.items()}
-    for palette in (mode_colours, charts.METRIC_COLOURS):
+    own = {name: colour for name, colour in mode_colours.items() if not MODES[name].framework}
+    for palette in (own, charts.METRIC_COLOURS):
         assert set(palette.values()) <= OKABE_ITO
         assert len(set(palette.values())) == len(palette)
+    frameworks = {
+        name.removesuffix("-reliable"): colour
+        for name, colour in mode_colours.items()
+        if MODES[name].framework
+    }
+    assert set(frameworks.values()) <= TOL_MUTED
+    assert len(set(frameworks.values())) == len(frameworks)
     figures = [charts.spectrum_chart(run, "form"), charts.delivery_chart(run)]
     figures.append(charts.timeline_chart(run))
     for figure in figures:
