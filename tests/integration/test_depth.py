@@ -39,7 +39,12 @@ async def test_rabbitmq_depth_counts_jobs_held_unacknowledged(
         assert await probe.depth() == 5
         for delivery in held:
             await consumer.ack(delivery)
-        assert await probe.depth() == 3
+        # An ack has no reply; the quorum queue applies it through its Raft log, where the
+        # probe reads: the count follows within moments.
+        deadline = time.monotonic() + 10
+        while (depth := await probe.depth()) != 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert depth == 3
     finally:
         await probe.close()
         await consumer.close()
