@@ -32,7 +32,7 @@ and accounting hold for it unchanged:
   harness's timeline and drain.
 
 One module per framework: :mod:`servers.frameworks.celery`, :mod:`servers.frameworks.rq`,
-:mod:`servers.frameworks.huey`;
+:mod:`servers.frameworks.dramatiq`, :mod:`servers.frameworks.huey`;
 :mod:`servers.frameworks.procrastinate` (whose task is a coroutine:
 :class:`~servers.frameworks.task.AsyncTaskRuntime`);
 :mod:`servers.frameworks.arq` (in a venv of its own: see :attr:`servers.modes.Mode.python`);

@@ -18,7 +18,8 @@ from servers.modes import MODES
 
 pytestmark = pytest.mark.integration
 
-# One configuration each keeps the run short; the unit tests cover what the other changes.
+# One configuration per framework and broker keeps the run short (both for huey and arq);
+# the unit tests cover what the other changes, and chaos runs both.
 FRAMEWORK_MODES = (
     "celery-redis",
     "celery-rabbitmq-reliable",
@@ -28,8 +29,9 @@ FRAMEWORK_MODES = (
     "huey-sqlite",
     "huey-sqlite-reliable",
     "procrastinate-reliable",
+    "arq",
+    "arq-reliable",
 )
-FRAMEWORK_MODES = ("celery-redis", "celery-rabbitmq-reliable", "rq-reliable", "arq", "arq-reliable")
 
 
 def _missing_venv(mode: str) -> str | None:
