@@ -54,9 +54,11 @@ PERCENTILES = (50, 99, 99.9)
 
 def reference_of(mode: Mode) -> str:
     """The reference queued mode on the framework's broker (``redis`` for ``rq``)."""
+    def broker(m: Mode) -> tuple[str | None, str | None]:  # a file queue: its scheme
+        return m.service, m.queue_file and m.queue_file.split(":", 1)[0]
+
     for name in QUEUED:
-        ref = MODES[name]
-        if (ref.service, ref.queue_file) == (mode.service, mode.queue_file):
+        if broker(MODES[name]) == broker(mode):
             return name
     raise SystemExit(f"no reference queue shares {mode.name}'s broker")
 
