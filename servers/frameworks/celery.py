@@ -51,6 +51,7 @@ from servers.frameworks.task import (
     TASK_NAME,
     AmqpDepth,
     FrameworkWorkerSettings,
+    RedisDepth,
     TaskRuntime,
     add_framework_worker_arguments,
     run_cli,
@@ -173,26 +174,20 @@ def describe(settings: FrameworkWorkerSettings, argv: list[str]) -> dict[str, ob
     }
 
 
-class CeleryDepth:
+class CeleryDepth(RedisDepth):
     """Messages waiting in the Redis list of the queue plus those delivered and not yet
     acknowledged (kombu's ``unacked`` hash; a retry waiting out its countdown is held
     there by a worker)."""
 
-    def __init__(self, url: str, queue_name: str) -> None:
-        import redis.asyncio as aioredis
+    what = "the Celery queue"
+    parameter = VISIBILITY_PARAMETER
 
-        self.redis = aioredis.Redis.from_url(strip_parameter(url, VISIBILITY_PARAMETER)[0])
-        self.queue_name = queue_name
-
-    async def depth(self) -> int:
+    async def count(self) -> int:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.llen(self.queue_name)
             pipe.hlen("unacked")
             waiting, unacked = await pipe.execute()
         return int(waiting) + int(unacked)
-
-    async def close(self) -> None:
-        await self.redis.aclose()
 
 
 async def open_depth(url: str, queue_name: str) -> CeleryDepth | AmqpDepth:

@@ -69,11 +69,12 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, CurrentMessage, Middleware, Retries, default_middleware
 
 from queues.base import Job, decode_job, encode_job
-from queues.errors import ConfigError, InvalidJob, QueueError
+from queues.errors import ConfigError, InvalidJob
 from servers.frameworks.task import (
     TASK_NAME,
     AmqpDepth,
     FrameworkWorkerSettings,
+    RedisDepth,
     TaskRuntime,
     add_framework_worker_arguments,
     run_cli,
@@ -279,36 +280,29 @@ def run_worker(settings: FrameworkWorkerSettings) -> None:
         raise SystemExit(code)
 
 
-class RedisDepth:
+class DramatiqRedisDepth(RedisDepth):
     """Messages not yet acknowledged: Dramatiq keeps each one in the queue's hash (and a
     retry in its delay queue's) from enqueue to ack, waiting, prefetched or running."""
 
-    def __init__(self, url: str, queue_name: str) -> None:
-        import redis.asyncio as aioredis
+    what = "the Dramatiq queue"
+    parameter = HEARTBEAT_PARAMETER
 
-        self.redis = aioredis.Redis.from_url(strip_parameter(url, HEARTBEAT_PARAMETER)[0])
-        self.keys = (f"dramatiq:{queue_name}.msgs", f"dramatiq:{queue_name}.DQ.msgs")
+    @property
+    def keys(self) -> tuple[str, str]:
+        return f"dramatiq:{self.queue_name}.msgs", f"dramatiq:{self.queue_name}.DQ.msgs"
 
-    async def depth(self) -> int:
-        from redis.exceptions import RedisError
-
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key in self.keys:
-                    pipe.hlen(key)
-                counts = await pipe.execute()
-        except RedisError as exc:  # a broker restarting: no sample this second
-            raise QueueError(f"the Dramatiq queue could not be counted: {exc!r}") from exc
+    async def count(self) -> int:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in self.keys:
+                pipe.hlen(key)
+            counts = await pipe.execute()
         return sum(int(c) for c in counts)
 
-    async def close(self) -> None:
-        await self.redis.aclose()
 
-
-async def open_depth(url: str, queue_name: str) -> RedisDepth | AmqpDepth:
+async def open_depth(url: str, queue_name: str) -> DramatiqRedisDepth | AmqpDepth:
     if urlsplit(url).scheme.startswith("amqp"):
         return AmqpDepth(url, (queue_name, f"{queue_name}.DQ"))  # and its delay queue
-    return RedisDepth(url, queue_name)
+    return DramatiqRedisDepth(url, queue_name)
 
 
 add_cli_arguments = add_framework_worker_arguments  # the subcommand's options

@@ -51,6 +51,7 @@ from rq.worker_pool import WorkerPool
 from queues.base import Job, encode_job
 from servers.frameworks.task import (
     FrameworkWorkerSettings,
+    RedisDepth,
     TaskRuntime,
     add_framework_worker_arguments,
     replay_journal,
@@ -206,25 +207,20 @@ def describe(settings: FrameworkWorkerSettings, processes: int, kind: type) -> d
     }
 
 
-class RQDepth:
+class RQDepth(RedisDepth):
     """Jobs queued, started (not finished) and scheduled (a retry waiting its interval)."""
 
-    def __init__(self, url: str, queue_name: str) -> None:
-        import redis.asyncio as aioredis
+    what = "the RQ queue"
+    parameter = MAINTENANCE_PARAMETER
 
-        self.redis = aioredis.Redis.from_url(redis_url(url)[0])
-        self.keys = (f"rq:queue:{queue_name}", f"rq:wip:{queue_name}", f"rq:scheduled:{queue_name}")
-
-    async def depth(self) -> int:
+    async def count(self) -> int:
+        name = self.queue_name
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.llen(self.keys[0])
-            pipe.zcard(self.keys[1])
-            pipe.zcard(self.keys[2])
+            pipe.llen(f"rq:queue:{name}")
+            pipe.zcard(f"rq:wip:{name}")
+            pipe.zcard(f"rq:scheduled:{name}")
             counts = await pipe.execute()
         return sum(int(c) for c in counts)
-
-    async def close(self) -> None:
-        await self.redis.aclose()
 
 
 async def open_depth(url: str, queue_name: str) -> RQDepth:

@@ -394,11 +394,12 @@ class RedisDepth:
     :class:`QueueError`, which the sampler retries."""
 
     what = "the queue"
+    parameter: str | None = None  # the mode's lease parameter: mailbench's, not Redis's
 
     def __init__(self, url: str, queue_name: str) -> None:
         import redis.asyncio as aioredis
 
-        self.redis = aioredis.Redis.from_url(url)
+        self.redis = aioredis.Redis.from_url(strip_parameter(url, self.parameter)[0])
         self.queue_name = queue_name
 
     async def count(self) -> int:

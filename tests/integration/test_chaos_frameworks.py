@@ -21,10 +21,6 @@ pytestmark = pytest.mark.integration
 MODE = "celery-redis-reliable"
 
 
-@pytest.mark.skip(
-    reason="on main its chaos run (5 kills, a Redis crash) no longer ends within 300 s; "
-    "it did, lost 0, before Redis's default user and the frameworks' merge met: to be found"
-)
 @pytest.mark.timeout(330)  # the drain waits out the killed workers' visibility timeouts
 def test_a_reliable_framework_loses_nothing_under_chaos(
     tmp_path: Path, make_service_settings: Callable[[], ServiceSettings]

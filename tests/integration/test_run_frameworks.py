@@ -14,24 +14,11 @@ import pytest
 from harness.errors import ProcessFailed
 from harness.process import venv_python
 from harness.results.folder import load_run
-from servers.modes import MODES
+from servers.modes import FRAMEWORKS, MODES
 
 pytestmark = pytest.mark.integration
 
-# One configuration per framework and broker keeps the run short (both for huey and arq);
-# the unit tests cover what the other changes, and chaos runs both.
-FRAMEWORK_MODES = (
-    "celery-redis",
-    "celery-rabbitmq-reliable",
-    "rq-reliable",
-    "dramatiq-rabbitmq-reliable",
-    "dramatiq-redis-reliable",
-    "huey-sqlite",
-    "huey-sqlite-reliable",
-    "procrastinate-reliable",
-    "arq",
-    "arq-reliable",
-)
+FRAMEWORK_MODES = FRAMEWORKS  # both configurations of every framework
 
 
 def _missing_venv(mode: str) -> str | None:

@@ -162,7 +162,7 @@ def test_a_retry_after_is_the_dramatiq_retry_delay(tmp_path: Path) -> None:
 
 
 def test_the_depth_counts_every_message_not_yet_acked_and_a_broker_away_is_no_sample() -> None:
-    probe = dq.RedisDepth("redis://127.0.0.1:1/0?heartbeat=10", "q")
+    probe = dq.DramatiqRedisDepth("redis://127.0.0.1:1/0?heartbeat=10", "q")
     assert probe.keys == ("dramatiq:q.msgs", "dramatiq:q.DQ.msgs")
 
     async def sample() -> int:

@@ -345,3 +345,32 @@ def test_a_procrastinate_queue_name_fits_its_notify_channel() -> None:
     named = pr.queue_of(long)
     assert len(named) == pr.MAX_QUEUE_NAME and named.startswith("mailbench-2026")
     assert named == pr.queue_of(long) != pr.queue_of(long.replace("reliable", "default!"))
+
+
+@pytest.mark.parametrize(
+    ("framework", "url"),
+    [
+        ("celery", "redis://127.0.0.1:1/0?visibility=10"),
+        ("rq", "redis://127.0.0.1:1/0?maintenance=10"),
+        ("dramatiq", "redis://127.0.0.1:1/0?heartbeat=10"),
+        ("arq", "redis://127.0.0.1:1/0"),
+    ],
+)
+def test_a_redis_framework_depth_probe_counts_no_sample_while_its_broker_is_away(
+    framework: str, url: str
+) -> None:
+    """Chaos restarts Redis under the depth sampler: a refused connection is a
+    QueueError, which the sampler skips, not an exception that ends its thread."""
+    from importlib import import_module
+
+    from queues.errors import QueueError
+
+    async def sample() -> int:
+        probe = await import_module(f"servers.frameworks.{framework}").open_depth(url, "q")
+        try:
+            return int(await probe.depth())
+        finally:
+            await probe.close()
+
+    with pytest.raises(QueueError, match="could not be counted"):
+        asyncio.run(sample())
