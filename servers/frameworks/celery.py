@@ -28,7 +28,9 @@ not acked), ``worker_prefetch_multiplier=1`` (a worker holds no more than it run
 on Redis a ``visibility_timeout`` (how long an unacknowledged message waits before
 another worker gets it) of :data:`RELIABLE_VISIBILITY_S` or the URL's ``visibility``
 parameter, instead of an hour, swept for every few seconds rather than kombu's 100 s
-(``unacked_restore_interval``, ``unacked_restore_throttle``). ``default`` is Celery as
+(``unacked_restore_interval``, ``unacked_restore_throttle``), with the sweep's lock held
+for that long at most (``unacked_mutex_expire``, 300 s as kombu ships: a worker killed
+holding it stopped every sweep for five minutes). ``default`` is Celery as
 it ships: it acks a message when its task *starts*, so a worker killed mid-send loses
 that email, and on Redis the prefetched messages of a dead worker come back only after
 an hour.
@@ -95,13 +97,19 @@ def celery_settings(broker_url: str, queue_name: str, config: str) -> dict[str, 
         }
         if scheme.startswith("redis"):
             visibility = visibility or RELIABLE_VISIBILITY_S
+            sweep_every = max(1, min(10, round(visibility / 2)))
             transport |= {
                 "visibility_timeout": visibility,
                 # kombu sweeps for messages past their visibility every 10 s x 10 polls
                 # (100 s), whatever the timeout; its docs: lower the interval and set
                 # the throttle to 1 with a low visibility_timeout.
-                "unacked_restore_interval": max(1, min(10, round(visibility / 2))),
+                "unacked_restore_interval": sweep_every,
                 "unacked_restore_throttle": 1,
+                # A sweep holds a lock in Redis (10 restores take milliseconds) that
+                # expires after 300 s as kombu ships: a worker killed while it holds it,
+                # or a Redis crash that kept the lock and lost its release, stops every
+                # worker's sweep for that long. One sweep interval is enough.
+                "unacked_mutex_expire": sweep_every,
             }
     settings["broker_transport_options"] = transport
     return settings
