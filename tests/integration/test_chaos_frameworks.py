@@ -1,6 +1,11 @@
-"""`mailbench chaos` on a framework's own worker: Celery on Redis as its docs recommend
-(late acks, reject on worker lost, a visibility timeout that chaos shortens) loses
-nothing while its workers are SIGKILLed, Redis crashes and restarts, and the API fails."""
+"""`mailbench chaos` on a framework's own worker: Dramatiq on Redis as its docs recommend
+(acks after the actor ran, a heartbeat that chaos shortens, frequent maintenance) loses
+nothing while its workers are SIGKILLed, Redis crashes and restarts, and the API fails.
+
+Dramatiq fetches with one Lua script that moves a message to its worker's ack set, so a
+crash leaves every accepted message somewhere it comes back from. Celery on Redis, the
+other candidate, cannot promise that across a Redis crash (docs/frameworks.md: kombu pops
+a message, then records it as unacknowledged, in two commands)."""
 
 from __future__ import annotations
 
@@ -18,10 +23,10 @@ from harness.services.settings import ENV_VARS, ServiceSettings
 
 pytestmark = pytest.mark.integration
 
-MODE = "celery-redis-reliable"
+MODE = "dramatiq-redis-reliable"
 
 
-@pytest.mark.timeout(330)  # the drain waits out the killed workers' visibility timeouts
+@pytest.mark.timeout(330)  # the drain waits out the killed workers' heartbeats
 def test_a_reliable_framework_loses_nothing_under_chaos(
     tmp_path: Path, make_service_settings: Callable[[], ServiceSettings]
 ) -> None:
