@@ -36,7 +36,7 @@ bench-frameworks: install
 	$(BIN)/mailbench run --profile quick --modes frameworks,redis,rabbitmq,sqlite,postgres
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 # The unit tests against the lowest versions pyproject.toml allows (uv's lowest-direct
 # resolution: each direct dependency at its floor), in a venv of their own: a floor below
