@@ -18,6 +18,16 @@ fsync on; SQLite in WAL mode. Jobs held by a killed worker come back after the
 broker notices: RabbitMQ at once (the connection closed), Redis and the SQL tables
 after a visibility timeout or lease, shortened here to :data:`LEASE_S`.
 
+With ``--restart-servers N`` (and ``--server-procs`` 2 or more) it also SIGKILLs a random
+server process at N seeded moments and starts another in its place, as a deploy does,
+while the others keep serving the port: in-request modes too, which have nothing else
+to break. A send in flight on the killed process fails; if its email was queued or sent
+all the same, it counts as ``unacknowledged``, never as lost or unexpected.
+
+With ``--target URL --server-cmd CMD --worker-cmd CMD`` the processes broken are those of
+an app of your own, which the harness starts from those commands
+(:meth:`harness.run.tiers.TierStarter.external`); its broker is left alone.
+
 Framework modes (``--modes frameworks``) are broken the same way. Their worker is a
 process tree (RQ's pool, its forked workers and their work-horses): a kill freezes and
 SIGKILLs all of it, as a host or container crash would, and the lease reaches the
@@ -193,11 +203,11 @@ class Chaos(Hooks):
         started = time.monotonic()
         self._event(elapsed, "server-kill", f"SIGKILL {victim.name}")
         replacement = starter.restart_server(tiers, victim)
+        took = time.monotonic() - started
         self._event(
-            elapsed,
+            elapsed + took,  # when the new one answered
             "server-restart",
-            f"restarted {victim.name} as {replacement.name}, answering after "
-            f"{time.monotonic() - started:.1f} s",
+            f"restarted {victim.name} as {replacement.name}, answering after {took:.1f} s",
         )
 
     def _restart_broker(self, tiers: Tiers, elapsed: float) -> None:
