@@ -42,6 +42,8 @@ DEFAULT_REDELIVERY_S = 30.0
 # Workers replaced per mode at most: past that, something other than a job kills them
 # (a broken setup), and starting more would only hide it.
 MAX_REPLACEMENTS = 50
+# Seconds a server started under load (a restart), or a target's server, has to answer.
+RESTART_READY_S = 90.0
 
 
 @dataclass
@@ -141,15 +143,16 @@ class TierStarter:
         tiers.servers.remove(victim)
         self.children.kill(victim)
         replacement = self.start_server(tiers)
-        self._wait_servers(tiers)
+        # Started while the load runs, on a machine it keeps busy: give it longer.
+        self._wait_servers(tiers, timeout=RESTART_READY_S)
         return replacement
 
-    def _wait_servers(self, tiers: Tiers) -> None:
+    def _wait_servers(self, tiers: Tiers, timeout: float = 30.0) -> None:
         if tiers.mode is None:
             # A target's server answers no identity: each must hold the port itself.
             assert self.config.target is not None
             for server in tiers.servers:
-                server.wait_listening(tiers.port)
+                server.wait_listening(tiers.port, timeout=max(timeout, RESTART_READY_S))
             self.config.target.check_form_page()
             return
         wait_ready(
@@ -157,6 +160,7 @@ class TierStarter:
             lambda: answered_identity(f"{tiers.base_url}/_mailbench/metrics"),
             tiers.port,
             what_to_do="stop it and run again (mailbench picks its servers' ports itself)",
+            timeout=timeout,
         )
 
     def start_server(self, tiers: Tiers) -> Child:
