@@ -278,6 +278,23 @@ class Child:
             f"see {self.log_path}"
         )
 
+    def wait_listening(self, port: int, timeout: float = 30.0) -> None:
+        """Wait until the child, or a process of its tree (a server's workers), listens
+        on ``port``: a process started by its command alone, whatever it answers."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            for member in self.tree():
+                with contextlib.suppress(psutil.Error):
+                    sockets = psutil.Process(member.pid).net_connections(kind="tcp")
+                    listening = (s.laddr.port for s in sockets if s.status == psutil.CONN_LISTEN)
+                    if port in listening:
+                        return
+            time.sleep(_POLL_S)
+        raise ProcessFailed(
+            f"{self.name} did not listen on port {port} within {timeout:.0f} s; see {self.log_path}"
+        )
+
     def tree(self) -> list[Pid]:
         """The child and its living descendants, whatever their process group: a
         framework's worker forks processes that leave it (RQ's work-horses ``setpgrp``)."""

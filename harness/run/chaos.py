@@ -18,6 +18,16 @@ fsync on; SQLite in WAL mode. Jobs held by a killed worker come back after the
 broker notices: RabbitMQ at once (the connection closed), Redis and the SQL tables
 after a visibility timeout or lease, shortened here to :data:`LEASE_S`.
 
+With ``--restart-servers N`` (and ``--server-procs`` 2 or more) it also SIGKILLs a random
+server process at N seeded moments and starts another in its place, as a deploy does,
+while the others keep serving the port: in-request modes too, which have nothing else
+to break. A send in flight on the killed process fails; if its email was queued or sent
+all the same, it counts as ``unacknowledged``, never as lost or unexpected.
+
+With ``--target URL --server-cmd CMD --worker-cmd CMD`` the processes broken are those of
+an app of your own, which the harness starts from those commands
+(:meth:`harness.run.tiers.TierStarter.external`); its broker is left alone.
+
 Framework modes (``--modes frameworks``) are broken the same way. Their worker is a
 process tree (RQ's pool, its forked workers and their work-horses): a kill freezes and
 SIGKILLs all of it, as a host or container crash would, and the lease reaches the
@@ -42,16 +52,20 @@ from harness.errors import ConfigError
 from harness.results.accounting import COLUMNS
 from harness.results.folder import ModeResult
 from harness.run.cli import (
+    add_fault_arguments,
+    add_target_arguments,
     drive,
+    fake_options,
+    target_from_args,
     warn_unsound,
 )
 from harness.run.config import RunConfig
-from harness.run.driver import Hooks
+from harness.run.driver import FAKEGUN_STATS, Hooks
+from harness.run.target import Target
 from harness.run.tiers import Tiers, TierStarter
 from harness.services.manager import Services, add_service_arguments, settings_from_args
 from harness.services.settings import ENV_VARS
 from servers.fakegun.admin import FakegunAdmin
-from servers.fakegun.faults import parse_fault
 from servers.modes import QUEUED, parse_modes
 from servers.modes import mode as mode_named
 
@@ -66,12 +80,15 @@ class ChaosSettings:
     kill_workers: int = 5
     restart_broker: bool = True
     seed: int = 1
+    restart_servers: int = 0  # server processes SIGKILLed and started again per mode
 
 
 @dataclass
 class Event:
     at_s: float
-    kind: str  # "kill", "restart" or "crash" (a worker that exited by itself)
+    # "kill" (a worker), "restart" (the broker), "crash" (a worker that exited by itself),
+    # "server-kill" and "server-restart" (a server process, as a deploy replaces it)
+    kind: str
     what: str
 
     def as_json(self) -> dict[str, Any]:
@@ -84,6 +101,7 @@ class _Plan:
 
     kills: list[float]
     restart_at: float | None
+    server_restarts: list[float] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
 
@@ -111,8 +129,15 @@ class Chaos(Hooks):
         kills = sorted(
             self.rng.uniform(0.1, 0.85) * duration for _ in range(self.settings.kill_workers)
         )
-        restart_at = 0.5 * duration if self.settings.restart_broker else None
-        self.plan = _Plan(kills, restart_at)
+        # Drawn after the kills, so that a seed kills workers at the same moments with or
+        # without server restarts.
+        server_restarts = sorted(
+            self.rng.uniform(0.1, 0.85) * duration for _ in range(self.settings.restart_servers)
+        )
+        mode = tiers.mode
+        has_broker = mode is not None and (mode.service or mode.queue_file) is not None
+        restart_at = 0.5 * duration if self.settings.restart_broker and has_broker else None
+        self.plan = _Plan(kills, restart_at, server_restarts)
         self._starter = starter
 
     # -- called every 0.2 s while the load runs ----------------------------------------
@@ -124,6 +149,9 @@ class Chaos(Hooks):
         while plan.kills and plan.kills[0] <= elapsed:
             plan.kills.pop(0)
             self._kill_a_worker(tiers, elapsed)
+        while plan.server_restarts and plan.server_restarts[0] <= elapsed:
+            plan.server_restarts.pop(0)
+            self._restart_a_server(tiers, elapsed)
         if plan.restart_at is not None and plan.restart_at <= elapsed:
             plan.restart_at = None
             # In this thread, though a RabbitMQ restart takes ~10 s (kills due meanwhile
@@ -136,18 +164,20 @@ class Chaos(Hooks):
         plan = self.plan
         while plan.kills:
             self._kill_a_worker(tiers, plan.kills.pop(0))
+        while plan.server_restarts:
+            self._restart_a_server(tiers, plan.server_restarts.pop(0))
 
     def after_mode(self, result: ModeResult, raw: Path, fake: FakegunAdmin) -> None:
         events = [e.as_json() for e in self.plan.events]
         (raw / "chaos-events.json").write_text(json.dumps(events, indent=1))
         kinds = Counter(e.kind for e in self.plan.events)
         killed, restarted, crashed = kinds["kill"], kinds["restart"], kinds["crash"]
+        servers = kinds["server-restart"]
         result.notes.append(
             f"chaos: {killed} workers killed, broker restarted {restarted} time(s), "
-            f"{crashed} workers exited by themselves"
+            f"{servers} servers restarted, {crashed} workers exited by themselves"
         )
-        stats = fake.stats()
-        (raw / "fakegun-stats.json").write_text(json.dumps(stats, indent=1))
+        stats = json.loads((raw / FAKEGUN_STATS).read_text())
         faults = ", ".join(f"{n} × {kind}" for kind, n in sorted(stats["faults"].items()))
         result.notes.append(
             f"API: {stats['received']} calls, faults injected: {faults or 'none'}, "
@@ -164,6 +194,21 @@ class Chaos(Hooks):
         starter.children.kill(victim)
         replacement = starter.start_worker(tiers)
         self._event(elapsed, "kill", f"SIGKILL worker {victim.name}; started {replacement.name}")
+
+    def _restart_a_server(self, tiers: Tiers, elapsed: float) -> None:
+        starter = self._starter
+        if not tiers.servers or starter is None:
+            return
+        victim = self.rng.choice(tiers.servers)
+        started = time.monotonic()
+        self._event(elapsed, "server-kill", f"SIGKILL {victim.name}")
+        replacement = starter.restart_server(tiers, victim)
+        took = time.monotonic() - started
+        self._event(
+            elapsed + took,  # when the new one answered
+            "server-restart",
+            f"restarted {victim.name} as {replacement.name}, answering after {took:.1f} s",
+        )
 
     def _restart_broker(self, tiers: Tiers, elapsed: float) -> None:
         starter, mode = self._starter, tiers.mode
@@ -194,18 +239,6 @@ def short_lease(url: str, parameter: str | None) -> str:
     return f"{url}{'&' if '?' in url else '?'}{parameter}={LEASE_S:g}"
 
 
-def fake_options(faults: str, rate_limit: str | None, idempotency: bool) -> tuple[str, ...]:
-    options: list[str] = []
-    for text in (f for f in faults.split(",") if f.strip()):
-        parse_fault(text)  # a bad spec fails here, not in the fake's log
-        options += ["--fault", text.strip()]
-    if rate_limit:
-        options += ["--rate-limit", rate_limit]
-    if idempotency:
-        options.append("--idempotency")
-    return tuple(options)
-
-
 def accounting_table(results: list[ModeResult]) -> str:
     header = ["backend", *COLUMNS, "verdict"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
@@ -222,12 +255,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--modes",
         default=",".join(QUEUED),
-        help=f"queued modes to break (default: {','.join(QUEUED)}; frameworks: every "
-        "task-queue framework's modes)",
+        help=f"modes to break (default: {','.join(QUEUED)}; frameworks: every task-queue "
+        "framework's modes; an in-request mode only with --restart-servers)",
     )
     add("--duration", type=float, default=60, help="seconds of load per mode (default: 60)")
     add("--users", type=int, default=20, help="Locust users posting the form (default: 20)")
-    add("--kill-workers", type=int, default=5, help="workers SIGKILLed per mode (default: 5)")
+    add(
+        "--kill-workers",
+        type=int,
+        help="workers SIGKILLed per mode (default: 5 where there are workers, else 0)",
+    )
     add(
         "--restart-broker",
         action=argparse.BooleanOptionalAction,
@@ -235,37 +272,33 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="crash and restart the broker half-way (default: on)",
     )
     add(
-        "--api-faults",
-        default=DEFAULT_FAULTS,
-        metavar="SPEC",
-        help="faults of the fake Mailgun, KIND:PROB,... with KIND a status, reset, hang or "
-        f"malformed (default: {DEFAULT_FAULTS}; '' for none)",
+        "--restart-servers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="server processes SIGKILLed and started again per mode, as a deploy replaces "
+        "them (default: 0; needs --server-procs 2 or more)",
     )
-    add(
-        "--rate-limit",
-        default="40",
-        metavar="RATE[:BURST]",
-        help="the fake's token bucket, sends/s (default: 40, below the load's ~50/s; '' for none)",
-    )
-    add(
-        "--idempotency",
-        action="store_true",
-        help="the fake honours Idempotency-Key: a retry is not delivered twice",
-    )
+    # The default rate limit is below the load's ~50 sends/s.
+    add_fault_arguments(parser, faults=DEFAULT_FAULTS, rate_limit="40")
+    add("--server-procs", type=int, default=1, help="server processes sharing the port")
     add("--worker-procs", type=int, default=2, help="worker processes (default: 2)")
     add("--concurrency", type=int, default=50, help="API calls in flight per worker (default: 50)")
     add("--latency", default="uniform:0.05,0.2", help="fake Mailgun latency (default: fast)")
     add("--seed", type=int, default=1)
     add("--out", type=Path, default=Path("results"), help="results root folder")
     add_service_arguments(parser, dir_flag="--services-dir")
+    add_target_arguments(parser)
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    modes = parse_modes(args.modes)
-    if unqueued := [m for m in modes if not mode_named(m).queued]:
-        raise ConfigError(f"chaos needs queued modes; {', '.join(unqueued)} has no queue")
-    if args.kill_workers < 0 or args.worker_procs < 1 or args.duration < 10:
-        raise ConfigError("--kill-workers ≥ 0, --worker-procs ≥ 1 and --duration ≥ 10 s")
+    target = target_from_args(args)
+    modes = (target.name,) if target is not None else parse_modes(args.modes)
+    has_workers = (
+        bool(target.worker_cmd) if target is not None else any(mode_named(m).queued for m in modes)
+    )
+    kill_workers = args.kill_workers if args.kill_workers is not None else 5 * has_workers
+    check_chaos_args(args, target, modes, kill_workers, has_workers)
     config = RunConfig(
         modes=modes,
         scenario="sender",
@@ -275,13 +308,16 @@ def cli_main(args: argparse.Namespace) -> int:
         latency=args.latency,
         seed=args.seed,
         out=args.out,
+        server_procs=args.server_procs,
         worker_procs=args.worker_procs,
         worker_concurrency=args.concurrency,
-        fake_options=fake_options(args.api_faults, args.rate_limit, args.idempotency),
+        fake_options=fake_options(args),
+        target=target,
     )
     config = replace(config, run_id=f"{config.run_id}-chaos")
     services_settings = settings_from_args(args)
-    if args.restart_broker:
+    restart_broker = args.restart_broker and target is None  # a target's broker is not ours
+    if restart_broker:
         for mode in modes:
             service = mode_named(mode).service
             if service is not None and services_settings.url_from_env(service):
@@ -289,12 +325,13 @@ def cli_main(args: argparse.Namespace) -> int:
                     f"chaos restarts the {service} broker, so it must start its own: unset "
                     f"{ENV_VARS[service]} (or pass --no-restart-broker)."
                 )
-    chaos = ChaosSettings(args.kill_workers, args.restart_broker, args.seed)
+    chaos = ChaosSettings(kill_workers, restart_broker, args.seed, args.restart_servers)
+    where = f"target {target.url}" if target is not None else ", ".join(modes)
     print(
-        f"mailbench chaos {config.run_id}: {', '.join(modes)}; {args.duration:.0f} s each, "
-        f"{args.kill_workers} worker kills, broker restart {'on' if args.restart_broker else 'off'}"
-        f", API faults {args.api_faults or 'none'}, rate limit {args.rate_limit or 'none'}, "
-        f"idempotency {'on' if args.idempotency else 'off'}",
+        f"mailbench chaos {config.run_id}: {where}; {args.duration:.0f} s each, "
+        f"{kill_workers} worker kills, {args.restart_servers} server restarts, broker restart "
+        f"{'on' if restart_broker else 'off'}, API faults {args.api_faults or 'none'}, rate "
+        f"limit {args.rate_limit or 'none'}, idempotency {'on' if args.idempotency else 'off'}",
         flush=True,
     )
     results = drive(config, services_settings, lambda services: Chaos(chaos, config, services))
@@ -307,3 +344,44 @@ def cli_main(args: argparse.Namespace) -> int:
     print(f"\n{table}\n\nresults in {config.run_dir}/ (chaos.md, report.md)", flush=True)
     warn_unsound(results)
     return 0 if all(r.accounting.sound for r in results) else 1
+
+
+def check_chaos_args(
+    args: argparse.Namespace,
+    target: Target | None,
+    modes: tuple[str, ...],
+    kill_workers: int,
+    has_workers: bool,
+) -> None:
+    """One sentence for each way the options cannot break anything, or not as asked."""
+    if kill_workers < 0 or args.worker_procs < 1 or args.server_procs < 1 or args.duration < 10:
+        raise ConfigError(
+            "--kill-workers ≥ 0, --worker-procs ≥ 1, --server-procs ≥ 1 and --duration ≥ 10 s"
+        )
+    if args.restart_servers < 0:
+        raise ConfigError("--restart-servers takes a number of restarts, 0 or more")
+    if args.restart_servers and args.server_procs < 2:
+        raise ConfigError(
+            f"--restart-servers {args.restart_servers} needs --server-procs 2 or more, so that "
+            "another server takes the sends while one restarts: add --server-procs 2."
+        )
+    if kill_workers and not has_workers:
+        what = "the target has no --worker-cmd" if target else f"{', '.join(modes)} has no queue"
+        raise ConfigError(f"--kill-workers {kill_workers}: {what}, so no worker to kill.")
+    if target is not None:
+        if not (target.server_cmd or target.worker_cmd):
+            raise ConfigError(
+                "chaos breaks only processes it started: give the target's --server-cmd "
+                "and/or --worker-cmd."
+            )
+        if args.restart_servers and not target.server_cmd:
+            raise ConfigError(
+                "--restart-servers restarts the target's servers that chaos started: give "
+                "--server-cmd."
+            )
+        return
+    if unbroken := [m for m in modes if not mode_named(m).queued and not args.restart_servers]:
+        raise ConfigError(
+            f"{', '.join(unbroken)} has no queue, so chaos can only restart its servers: "
+            "add --restart-servers N --server-procs 2 (or choose queued modes)."
+        )

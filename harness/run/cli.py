@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,9 +27,10 @@ from harness.run.config import (
 )
 from harness.run.driver import Driver, Hooks
 from harness.run.locust import on_loopback
-from harness.run.target import DEFAULT_FAKEGUN_PORT, Target
+from harness.run.target import DEFAULT_FAKEGUN_PORT, MAILGUN_URL_VAR, Target
 from harness.services.manager import Services, add_service_arguments, settings_from_args
 from harness.services.settings import ServiceSettings
+from servers.fakegun.faults import check_faults, parse_fault, parse_rate_limit
 from servers.modes import mode as mode_named
 from servers.modes import parse_modes
 
@@ -108,6 +110,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"spend US µs computing in every {where}, the event loop held (to test "
             "the CI gate with a slowdown finer than a sleep)",
         )
+    add_fault_arguments(parser, faults="", rate_limit="")
+    add_target_arguments(parser)
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """An external server and, if the harness is to start them, its processes' commands."""
     target = parser.add_argument_group("an external server (see docs/target.md for the contract)")
     target.add_argument("--target", metavar="URL", help="drive this server instead of ours")
     target.add_argument("--target-name", default="target", help="its name in the results")
@@ -122,11 +130,65 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument(
         "--fakegun-port",
         type=int,
-        default=DEFAULT_FAKEGUN_PORT,
         help=f"start the fake Mailgun the target sends to on this port (default: "
-        f"{DEFAULT_FAKEGUN_PORT}; 0: any free port, printed and kept in the manifest)",
+        f"{DEFAULT_FAKEGUN_PORT}, or any free port with --server-cmd/--worker-cmd, which are "
+        f"told it in ${MAILGUN_URL_VAR}; 0: any free port, printed and kept in the manifest)",
     )
     target.add_argument("--fakegun-url", help="use this running fake Mailgun instead")
+    for tier in ("server", "worker"):
+        target.add_argument(
+            f"--{tier}-cmd",
+            metavar="CMD",
+            help=f"start the target's {tier} processes with this command (split as a shell "
+            f"would, $VARIABLES of docs/target.md filled in, no shell run), --{tier}-procs of "
+            "them, and stop them at the end",
+        )
+
+
+def add_fault_arguments(parser: argparse.ArgumentParser, faults: str, rate_limit: str) -> None:
+    """What the fake Mailgun the harness starts does wrong, for every mode or target."""
+    shown = {"": "none"}
+    parser.add_argument(
+        "--api-faults",
+        default=faults,
+        metavar="SPEC",
+        help="faults of the fake Mailgun, KIND:PROB,... with KIND a status, reset, hang or "
+        f"malformed (default: {shown.get(faults, faults)}; '' for none)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        default=rate_limit,
+        metavar="RATE[:BURST]",
+        help=f"the fake's token bucket, sends/s (default: {shown.get(rate_limit, rate_limit)}"
+        "; '' for none)",
+    )
+    parser.add_argument(
+        "--idempotency",
+        action="store_true",
+        help="the fake honours Idempotency-Key: a retry is not delivered twice",
+    )
+
+
+def fake_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """``mailbench fakegun``'s options for ``--api-faults``, ``--rate-limit`` and
+    ``--idempotency``; a bad spec fails here, not in the fake's log."""
+    options: list[str] = []
+    faults = [f.strip() for f in args.api_faults.split(",") if f.strip()]
+    check_faults([parse_fault(text) for text in faults])
+    for text in faults:
+        options += ["--fault", text]
+    if args.rate_limit:
+        parse_rate_limit(args.rate_limit)
+        options += ["--rate-limit", args.rate_limit]
+    if args.idempotency:
+        options.append("--idempotency")
+    if options and getattr(args, "fakegun_url", None):
+        raise ConfigError(
+            "--api-faults, --rate-limit and --idempotency shape the fake Mailgun mailbench "
+            "starts; the one at --fakegun-url keeps its own: start it with those options "
+            "(mailbench fakegun --fault ... --rate-limit ...), or drop --fakegun-url."
+        )
+    return tuple(options)
 
 
 def add_tier_arguments(parser: argparse.ArgumentParser) -> None:
@@ -225,11 +287,21 @@ def check_tiers(args: argparse.Namespace) -> None:
 
 
 def target_from_args(args: argparse.Namespace) -> Target | None:
+    commands = {tier: getattr(args, f"{tier}_cmd", None) for tier in ("server", "worker")}
     if not args.target:
+        if given := [f"--{tier}-cmd" for tier, cmd in commands.items() if cmd is not None]:
+            raise ConfigError(
+                f"{' and '.join(given)} start a target's processes: give its URL with "
+                "--target URL too."
+            )
         return None
     fields = [f.strip() for f in args.fields.split(",")]
     if len(fields) != 3 or not all(fields):
         raise ConfigError(f"--fields {args.fields!r}: give three names, e.g. to,subject,message")
+    server_cmd, worker_cmd = (split_command(f"--{t}-cmd", c) for t, c in commands.items())
+    fakegun_port = args.fakegun_port
+    if fakegun_port is None:  # commands the harness starts are told any port
+        fakegun_port = 0 if server_cmd or worker_cmd else DEFAULT_FAKEGUN_PORT
     return Target(
         url=args.target,
         name=args.target_name,
@@ -238,9 +310,25 @@ def target_from_args(args: argparse.Namespace) -> Target | None:
         field_to=fields[0],
         field_subject=fields[1],
         field_message=fields[2],
-        fakegun_port=args.fakegun_port,
+        fakegun_port=fakegun_port,
         fakegun_url=args.fakegun_url,
+        server_cmd=server_cmd,
+        worker_cmd=worker_cmd,
     )
+
+
+def split_command(option: str, command: str | None) -> tuple[str, ...]:
+    """A ``--server-cmd``/``--worker-cmd`` as argv, split as a shell would."""
+    if command is None:
+        return ()
+    try:
+        argv = tuple(shlex.split(command))
+    except ValueError as exc:
+        raise ConfigError(f"{option} {command!r} does not split into words ({exc}): "
+                          "check its quotes.") from exc  # fmt: skip
+    if not argv:
+        raise ConfigError(f"{option} is empty: give the command that starts the process.")
+    return argv
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -294,6 +382,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         send_delay_ms=args.inject_send_delay_ms,
         send_work_us=args.inject_send_work_us,
         form_work_us=args.inject_form_work_us,
+        fake_options=fake_options(args),
         target=target,
     )
 

@@ -51,6 +51,7 @@ from servers.modes import mode as mode_named
 
 log = logging.getLogger(__name__)
 
+FAKEGUN_STATS = "fakegun-stats.json"  # the fake's counters, per mode
 QueueUrlFor = Callable[[str], str | None]  # mode name -> its queue URL (None: skip it)
 
 
@@ -112,7 +113,7 @@ class Driver:
             "config": cfg.describe(),
             "modes": {},
         }
-        if cfg.target is not None:
+        if cfg.target is not None and not cfg.target.server_cmd:
             cfg.target.check_form_page()  # a dead target is one sentence, not a run of failures
         write_manifest(self.run_dir, manifest)
         fake = self.fake = self._start_fake()
@@ -194,7 +195,7 @@ class Driver:
         warm-up's end."""
         self.hooks.tick(tiers, elapsed)
         self._supervise(tiers)
-        if self._phases is not None and self._phases.in_warmup and tiers.servers:
+        if self._phases is not None and self._phases.in_warmup and tiers.follow_phases:
             self._phases.watch_warmup(tiers.base_url)
 
     def _supervise(self, tiers: Tiers) -> int:
@@ -224,7 +225,7 @@ class Driver:
         phases = self._phases = PhaseClock(raw, cfg.warmup_s)
         self._replaced = []
         if cfg.target is not None:
-            tiers = starter.external(name, cfg.target.url, raw)
+            tiers = starter.external(cfg.target, raw)
         else:
             tiers = starter.start(mode_named(name), queue_url, raw)
         self.hooks.before_load(tiers, starter)
@@ -233,7 +234,7 @@ class Driver:
         locust.run(tiers, raw)
         duration = time.time() - started
         notes: list[str] = []
-        if phases.in_warmup and tiers.servers:
+        if phases.in_warmup and tiers.follow_phases:
             notes.append(
                 "the server never reported a first request: its and its workers' "
                 "histograms are all in warmup/"
@@ -267,6 +268,8 @@ class Driver:
         notes += starter.stop(tiers)
         ledger = fake.ledger()
         (raw / "ledger.json").write_text(json.dumps(ledger))
+        # What the fake did wrong on purpose (faults, rate limit) and how often.
+        (raw / FAKEGUN_STATS).write_text(json.dumps(fake.stats(), indent=1))
         result = collect_mode(name, raw, duration, ledger, notes, load_s=cfg.duration_s)
         result.sweep = sweep
         self.hooks.after_mode(result, raw, fake)

@@ -14,15 +14,23 @@ honours a small contract (docs/target.md):
   default; 0: any free port, which the run prints and records), or uses one already
   running at ``--fakegun-url``. A port held by anything else is an error.
 
-Before the load, the form page must answer (:meth:`Target.check_form_page`): a target
-that is down is one sentence, not a run of failed requests.
 * Each send goes to an address used for nothing else; the app must mail exactly that
   recipient. That is how the ledger ties deliveries to sends, with no cooperation from
   the app beyond sending the email it was asked to send.
+
+Before the load, the form page must answer (:meth:`Target.check_form_page`): a target
+that is down is one sentence, not a run of failed requests.
+
+The harness may also start the target's processes itself, from ``--server-cmd`` and
+``--worker-cmd`` (:meth:`Target.command`): then it can stop them, and ``mailbench chaos``
+can kill them. Each gets the environment variables of :meth:`Target.environment`, which
+also fill in ``$NAME`` or ``${NAME}`` in the command's words.
 """
 
 from __future__ import annotations
 
+import string
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +41,12 @@ from harness.errors import ConfigError
 
 DEFAULT_FAKEGUN_PORT = 8025
 FREE_PORT = "started on any free port"  # --fakegun-port 0
+# What a target's processes started with --server-cmd / --worker-cmd are told.
+MAILGUN_URL_VAR = "MAILBENCH_MAILGUN_URL"  # the fake's base URL: http://127.0.0.1:PORT
+MAILGUN_KEY_VAR = "MAILGUN_API_KEY"  # the key the fake accepts
+PORT_VAR = "MAILBENCH_PORT"  # the --target URL's port, where a server must listen
+INDEX_VAR = "MAILBENCH_PROCESS_INDEX"  # 0, 1, ...: the process's number in its tier
+SECRET_VAR = "MAILBENCH_SECRET"  # one secret for every server process (CSRF, sessions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +60,8 @@ class Target:
     field_message: str = "message"
     fakegun_port: int = DEFAULT_FAKEGUN_PORT
     fakegun_url: str | None = None  # a fake Mailgun already running: not started
+    server_cmd: tuple[str, ...] = ()  # the harness starts the target's servers with it
+    worker_cmd: tuple[str, ...] = ()  # and its workers with this
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -62,6 +78,27 @@ class Target:
     @property
     def form_url(self) -> str:
         return self.url.rstrip("/") + self.form_path
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    def environment(self, fake_url: str, api_key: str, secret: str, index: int) -> dict[str, str]:
+        """What a server or worker the harness starts for this target is told."""
+        return {
+            MAILGUN_URL_VAR: fake_url,
+            MAILGUN_KEY_VAR: api_key,
+            PORT_VAR: str(self.port),
+            INDEX_VAR: str(index),
+            SECRET_VAR: secret,
+        }
+
+    def command(self, tier: str, env: Mapping[str, str]) -> list[str]:
+        """``--server-cmd`` or ``--worker-cmd`` (``tier``), its ``$NAME`` words filled in
+        from ``env``; a name it does not hold stays as written."""
+        argv = self.server_cmd if tier == "server" else self.worker_cmd
+        return [string.Template(word).safe_substitute(env) for word in argv]
 
     def check_form_page(self, timeout: float = 10.0) -> None:
         """Fail with one sentence unless the form page answers 200 with a ``<form``, as the
@@ -105,4 +142,6 @@ class Target:
             "fields": [self.field_to, self.field_subject, self.field_message],
             "fakegun": self.fakegun_url
             or (f"started on port {self.fakegun_port}" if self.fakegun_port else FREE_PORT),
+            "server_cmd": list(self.server_cmd),
+            "worker_cmd": list(self.worker_cmd),
         }

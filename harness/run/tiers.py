@@ -3,7 +3,9 @@
 :class:`TierStarter` knows the command lines: ``mailbench serve`` for the servers (with
 ``--reuse-port`` when there are several) and the mode's worker command for the workers
 (see :mod:`servers.modes`), each with its files under the mode's ``raw/`` folder and a
-number per process started, so a replacement never overwrites a file. It also replaces
+number per process started, so a replacement never overwrites a file. For a target
+(``--target`` with ``--server-cmd``/``--worker-cmd``) it starts the target's own
+commands instead, told what :meth:`~harness.run.target.Target.environment` lists. It also replaces
 a worker that exited by itself, as a supervisor would (a poison job kills each worker
 it reaches until the worker dead-letters it: see ``--max-deliveries``). The queue URL,
 which carries the broker's password, goes to them in the environment
@@ -17,16 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from harness.errors import ConfigError
 from harness.process import (
     Child,
     Children,
     answered_identity,
     free_port,
     mailbench_command,
+    port_taken,
     wait_ready,
 )
 from harness.run.config import RunConfig
 from harness.run.phases import CONTROL_FILE
+from harness.run.target import MAILGUN_KEY_VAR, Target
+from servers.fakegun.server import FakegunSettings
 from servers.modes import Mode
 from servers.queue_url import QUEUE_URL_VAR
 
@@ -36,6 +42,8 @@ DEFAULT_REDELIVERY_S = 30.0
 # Workers replaced per mode at most: past that, something other than a job kills them
 # (a broken setup), and starting more would only hide it.
 MAX_REPLACEMENTS = 50
+# Seconds a server started under load (a restart), or a target's server, has to answer.
+RESTART_READY_S = 90.0
 
 
 @dataclass
@@ -53,6 +61,12 @@ class Tiers:
     workers: list[Child] = field(default_factory=list)
     started: dict[str, int] = field(default_factory=lambda: {"server": 0, "worker": 0})
     replaced: int = 0  # workers that exited by themselves and were replaced
+
+    @property
+    def follow_phases(self) -> bool:
+        """Whether servers of mailbench's own run here, which follow the phase file and
+        report the first request (a target's processes do neither)."""
+        return self.mode is not None and bool(self.servers)
 
     def next_index(self, kind: str) -> int:
         index = self.started[kind]
@@ -83,25 +97,76 @@ class TierStarter:
                 self.start_worker(tiers)
         return tiers
 
-    def external(self, name: str, url: str, raw: Path) -> Tiers:
-        """A server someone else runs: nothing to start or stop."""
-        return Tiers(None, name, raw, url.rstrip("/"), 0, None, "")
+    def external(self, target: Target, raw: Path) -> Tiers:
+        """A server someone else runs (nothing to start or stop), or one whose server and
+        worker processes the harness starts from the target's commands."""
+        tiers = Tiers(None, target.name, raw, target.url.rstrip("/"), target.port, None, "")
+        if target.server_cmd:
+            if port_taken(target.port):
+                raise ConfigError(
+                    f"Port {target.port} of --target {target.url} is taken before --server-cmd "
+                    "started anything: stop what listens there, or give --target another port."
+                )
+            self.start_servers(tiers)
+        if target.worker_cmd:
+            for _ in range(self.config.worker_procs):
+                self.start_worker(tiers)
+        return tiers
+
+    def _start_target_process(self, tiers: Tiers, tier: str) -> Child:
+        """One of the target's processes, from ``--server-cmd`` or ``--worker-cmd``."""
+        target = self.config.target
+        assert target is not None
+        index = tiers.next_index(tier)
+        api_key = os.environ.get(MAILGUN_KEY_VAR, FakegunSettings.api_key)
+        env = target.environment(self.fake_url, api_key, self.secret, index)
+        child = self.children.start(
+            f"{tier} {index} ({target.name})",
+            target.command(tier, env),
+            self.config.run_dir / "logs" / f"{target.name}-{tier}-{index}.log",
+            env=env,
+        )
+        pin(self.config, child, tier)
+        (tiers.servers if tier == "server" else tiers.workers).append(child)
+        return child
 
     def start_servers(self, tiers: Tiers) -> None:
         """Start the servers and wait until each answers with its own identity, so that
         whatever else holds the port is an error, not the server measured."""
         for _ in range(self.config.server_procs):
             self.start_server(tiers)
+        self._wait_servers(tiers)
+
+    def restart_server(self, tiers: Tiers, victim: Child) -> Child:
+        """SIGKILL one server, as a deploy or a crash would, start another in its place
+        and wait until it answers; the others keep serving the port meanwhile."""
+        tiers.servers.remove(victim)
+        self.children.kill(victim)
+        replacement = self.start_server(tiers)
+        # Started while the load runs, on a machine it keeps busy: give it longer.
+        self._wait_servers(tiers, timeout=RESTART_READY_S)
+        return replacement
+
+    def _wait_servers(self, tiers: Tiers, timeout: float = 30.0) -> None:
+        if tiers.mode is None:
+            # A target's server answers no identity: each must hold the port itself.
+            assert self.config.target is not None
+            for server in tiers.servers:
+                server.wait_listening(tiers.port, timeout=max(timeout, RESTART_READY_S))
+            self.config.target.check_form_page()
+            return
         wait_ready(
             tiers.servers,
             lambda: answered_identity(f"{tiers.base_url}/_mailbench/metrics"),
             tiers.port,
             what_to_do="stop it and run again (mailbench picks its servers' ports itself)",
+            timeout=timeout,
         )
 
     def start_server(self, tiers: Tiers) -> Child:
         cfg, mode = self.config, tiers.mode
-        assert mode is not None
+        if mode is None:
+            return self._start_target_process(tiers, "server")
         index = tiers.next_index("server")
         args = ["serve", "--mode", mode.name, "--port", str(tiers.port)]
         args += ["--mailgun-url", self.fake_url]
@@ -133,7 +198,9 @@ class TierStarter:
 
     def start_worker(self, tiers: Tiers) -> Child:
         cfg, mode = self.config, tiers.mode
-        assert mode is not None and mode.worker is not None and tiers.queue_url is not None
+        if mode is None:
+            return self._start_target_process(tiers, "worker")
+        assert mode.worker is not None and tiers.queue_url is not None
         index = tiers.next_index("worker")
         args = [mode.worker, "--queue-name", tiers.queue_name]
         args += ["--concurrency", str(cfg.worker_concurrency), "--mailgun-url", self.fake_url]

@@ -91,3 +91,37 @@ def test_nice_lowers_a_tiers_priority() -> None:
 def test_bad_nice_is_refused_in_one_sentence(spec: str) -> None:
     with pytest.raises(ConfigError, match="--nice"):
         parse_nice([spec])
+
+
+def test_the_fake_the_run_starts_takes_faults_a_rate_limit_and_idempotency() -> None:
+    assert config().fake_options == ()
+    cfg = config("--target", "http://127.0.0.1:9000", "--api-faults", "503:0.2, reset:0.1",
+                 "--rate-limit", "5:2", "--idempotency")  # fmt: skip
+    assert cfg.fake_options == (
+        "--fault", "503:0.2", "--fault", "reset:0.1", "--rate-limit", "5:2", "--idempotency",
+    )  # fmt: skip
+    assert config("--modes", "direct", "--api-faults", "500:0.1").fake_options[1] == "500:0.1"
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [(("--api-faults", "teapot:0.1"), "Fault 'teapot:0.1' is not understood"),
+     (("--api-faults", "500:0.6,503:0.6"), "add up to 1.2"),
+     (("--rate-limit", "fast"), "Rate limit 'fast' is not understood"),
+     (("--target", "http://x", "--fakegun-url", "http://127.0.0.1:8025",
+       "--api-faults", "503:0.1"), "the one at --fakegun-url keeps its own")],
+)  # fmt: skip
+def test_bad_faults_are_refused_before_anything_starts(argv: tuple[str, ...], says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        config(*argv)
+
+
+def test_a_target_with_commands_sends_to_a_fake_on_any_free_port() -> None:
+    cfg = config("--target", "http://127.0.0.1:9000", "--server-cmd", "app --port 9000",
+                 "--worker-cmd", "app-worker --url '$MAILBENCH_MAILGUN_URL'")  # fmt: skip
+    assert cfg.target is not None
+    assert cfg.target.server_cmd == ("app", "--port", "9000")
+    assert cfg.target.worker_cmd == ("app-worker", "--url", "$MAILBENCH_MAILGUN_URL")
+    assert cfg.target.fakegun_port == 0  # the commands are told where it is
+    plain = config("--target", "http://127.0.0.1:9000").target
+    assert plain is not None and plain.fakegun_port == 8025  # where an app sends by default

@@ -59,3 +59,20 @@ def test_the_fake_port_may_be_any_free_one_but_a_port() -> None:
     assert Target("http://app.test").describe()["fakegun"] == "started on port 8025"
     with pytest.raises(ConfigError, match="--fakegun-port 70000"):
         Target("http://app.test", fakegun_port=70000)
+
+
+def test_a_targets_commands_get_the_fakes_url_in_the_environment_and_their_words() -> None:
+    target = Target(
+        "http://127.0.0.1:9000",
+        server_cmd=("app", "--port", "$MAILBENCH_PORT", "--api=${MAILBENCH_MAILGUN_URL}/v3",
+                    "$HOME_OF_NOTHING", "100$"),
+    )  # fmt: skip
+    env = target.environment("http://127.0.0.1:4242", "key-x", "s3cret", index=1)
+    assert env["MAILBENCH_MAILGUN_URL"] == "http://127.0.0.1:4242"
+    assert (env["MAILGUN_API_KEY"], env["MAILBENCH_SECRET"]) == ("key-x", "s3cret")
+    assert (env["MAILBENCH_PORT"], env["MAILBENCH_PROCESS_INDEX"]) == ("9000", "1")
+    assert target.command("server", env) == [
+        "app", "--port", "9000", "--api=http://127.0.0.1:4242/v3", "$HOME_OF_NOTHING", "100$",
+    ]  # fmt: skip
+    assert target.command("worker", env) == []
+    assert Target("https://example.com").port == 443
