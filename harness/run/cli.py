@@ -111,6 +111,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("an external server (see docs/target.md for the contract)")
     target.add_argument("--target", metavar="URL", help="drive this server instead of ours")
     target.add_argument("--target-name", default="target", help="its name in the results")
+    target.add_argument(
+        "--target-label",
+        metavar="TEXT",
+        help="what the stack is, named in the reports, charts and comparisons, e.g. "
+        "'Django + Celery 5.4 on Redis, gunicorn 4 workers' (default: the URL's host:port)",
+    )
     target.add_argument("--form-path", default="/", help="path of the form page (default: /)")
     target.add_argument("--send-path", default="/send", help="path the form posts to")
     target.add_argument(
@@ -240,6 +246,7 @@ def target_from_args(args: argparse.Namespace) -> Target | None:
         field_message=fields[2],
         fakegun_port=args.fakegun_port,
         fakegun_url=args.fakegun_url,
+        label=args.target_label.strip() if args.target_label is not None else None,
     )
 
 

@@ -30,9 +30,18 @@ from urllib.parse import urlsplit
 import httpx
 
 from harness.errors import ConfigError
+from harness.results.folder import host_port
 
 DEFAULT_FAKEGUN_PORT = 8025
 FREE_PORT = "started on any free port"  # --fakegun-port 0
+LABEL_CHARS = 100  # a table cell and a chart's legend line, not a paragraph
+
+
+def label_fits(label: str) -> bool:
+    """A label that reads in a Markdown table cell and on one line of a chart: no line
+    break or control character, no ``|`` (a cell's edge) or backquote (code)."""
+    text = label.strip()
+    return 0 < len(text) <= LABEL_CHARS and text.isprintable() and not any(c in text for c in "|`")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +55,9 @@ class Target:
     field_message: str = "message"
     fakegun_port: int = DEFAULT_FAKEGUN_PORT
     fakegun_url: str | None = None  # a fake Mailgun already running: not started
+    # What the stack is, in the user's words ("Django + Celery 5.4 on Redis"): the name
+    # every report, chart and comparison gives it; absent, the URL's host:port.
+    label: str | None = None
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -58,6 +70,11 @@ class Target:
             raise ConfigError(f"--fakegun-port {self.fakegun_port}: use 0 (any free port) to 65535")
         if not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"--target-name {self.name!r}: use letters, digits, - and _")
+        if self.label is not None and not label_fits(self.label):
+            raise ConfigError(
+                f"--target-label {self.label!r}: give one line of at most {LABEL_CHARS} "
+                "characters without '|' or '`', e.g. 'Django + Celery 5.4 on Redis'"
+            )
 
     @property
     def form_url(self) -> str:
@@ -100,6 +117,7 @@ class Target:
         return {
             "url": self.url,
             "name": self.name,
+            "label": self.label or host_port(self.url),
             "form_path": self.form_path,
             "send_path": self.send_path,
             "fields": [self.field_to, self.field_subject, self.field_message],
