@@ -92,7 +92,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="address the Locust master listens on for them (default: 127.0.0.1)",
     )
     remote.add_argument("--master-port", type=int, default=5557, help="its port (default: 5557)")
-    add_service_arguments(parser, dir_flag="--services-dir")
+    add_service_arguments(parser, dir_flag="--services-dir", per_run=True)
     parser.add_argument(
         "--inject-send-delay-ms",
         type=float,
