@@ -91,14 +91,25 @@ def format_us(value: float, _pos: Any = None) -> str:
 
 def caption(run: Run) -> str:
     cfg = run.manifest.get("config", {})
+    target = run.target
     parts = [
+        *([f"target: {target.label}"] if target is not None else []),
         f"load: {cfg.get('load_model', '?')}",
-        f"{float(cfg.get('duration_s', 0)):.0f} s per mode",
+        f"{float(cfg.get('duration_s', 0)):.0f} s" + (" per mode" if target is None else ""),
         f"API latency {cfg.get('latency', '?')}",
         f"commit {run.manifest.get('git_commit', '?')}",
         machine.describe(run.manifest.get("machine", {})),
     ]
     return " · ".join(parts)
+
+
+LABEL_CHARS = 28  # a label on a bar chart's y axis, per line: the bars keep their width
+
+
+def axis_label(text: str) -> str:
+    """A name for a bar chart's y axis, wrapped onto lines short enough not to squeeze
+    the bars (a ``--target-label`` can be a sentence)."""
+    return textwrap.fill(text, LABEL_CHARS, break_long_words=True)
 
 
 def mode_colour(mode: str) -> str:
@@ -257,13 +268,15 @@ def gap_chart(run: Run) -> Figure:
                         va="center", fontweight="bold")  # fmt: skip
     ax.annotate("send ÷ form\n(p50)", xy=(1.01, -0.5), xycoords=("axes fraction", "data"),
                 ha="left", va="bottom", fontsize=8, color=GREY)  # fmt: skip
-    ax.set_yticks(range(len(modes)), modes)
+    ax.set_yticks(range(len(modes)), [axis_label(run.label_of(m)) for m in modes])
     ax.set_ylim(len(modes) - 0.5, -0.5)
     ax.grid(axis="y", visible=False)
     ax.set_xlabel("latency, log scale — bars: median (p50); black ticks: p99")
-    handles: list[Any] = [Rectangle((0, 0), 1, 1, color=METRIC_COLOURS[m]) for m in metrics]
+    # A --target run has no API calls of its own to show.
+    shown = [m for m in metrics if any(run.row(mode, m) for mode in modes)]
+    handles: list[Any] = [Rectangle((0, 0), 1, 1, color=METRIC_COLOURS[m]) for m in shown]
     handles.append(Line2D([], [], color="black", lw=1.6, marker="|", ls="none", ms=10))
-    labels = [METRIC_LABELS[m] for m in metrics] + ["p99"]
+    labels = [METRIC_LABELS[m] for m in shown] + ["p99"]
     title = "Sending email inside the request vs serving the form"
     return finish(fig, caption(run), title, handles, labels, 4)
 
@@ -308,7 +321,7 @@ def spectrum_chart(run: Run, metric: str) -> Figure:
         values += [ys[0], ys[-1]]
         largest = max(largest, len(xs) and int(xs[-1]))
         handles.append(line)
-        labels.append(f"{mode} (n={int(xs[-1]):,}, max {format_us(ys[-1])})")
+        labels.append(f"{run.label_of(mode)} (n={int(xs[-1]):,}, max {format_us(ys[-1])})")
     percentile_axis(ax, largest)
     log_time_axis(ax, "y", values)
     ax.set_ylabel("latency, log scale")
@@ -347,9 +360,8 @@ def delivery_chart(run: Run) -> Figure:
         values += [xs[0], xs[-1]]
         handles.append(line)
         p50 = int(histogram.get_value_at_percentile(50.0))
-        labels.append(
-            f"{mode} (n={len(ys) and int(histogram.get_total_count()):,}, p50 {format_us(p50)})"
-        )
+        count = len(ys) and int(histogram.get_total_count())
+        labels.append(f"{run.label_of(mode)} (n={count:,}, p50 {format_us(p50)})")
     log_time_axis(ax, "x", values)
     ax.set_ylim(0, 1.02)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _p: f"{y:.0%}"))
@@ -399,7 +411,7 @@ def timeline_chart(run: Run) -> Figure:
         style = {"color": mode_colour(mode), "ls": mode_linestyle(mode)}
         # Markers: a lone second between two stalls is a point, not an invisible line.
         p99s = [series["p99"].get(s, math.nan) for s in seconds]
-        (line,) = axes[0].plot(seconds, p99s, label=mode, marker="o", ms=2.5, **style)
+        (line,) = axes[0].plot(seconds, p99s, label=run.label_of(mode), marker="o", ms=2.5, **style)
         axes[1].plot(seconds, [series["answered"].get(s, 0.0) for s in seconds], **style)
         if queued and series["depth"]:
             depth_seconds = sorted(series["depth"])

@@ -4,8 +4,10 @@ The same modes on two machines, under two latency models or at two commits. Each
 named by a letter (A, B, …) and labelled by what differs in its manifest, so a chart
 never says "run 20261128-140329" where it could say "latency fixed:0.2". Bars keep each
 mode's colour from the single-run charts; the runs are told apart by hatching and by
-the letter beside each bar. Output: ``comparison.md``, ``comparison.html`` and
-``charts/`` in a folder of its own (the runs' folders are only read).
+the letter beside each bar. Runs of external servers (``--target``) are compared server
+by server instead, one row per run (:mod:`harness.report.targets`). Output:
+``comparison.md``, ``comparison.html`` and ``charts/`` in a folder of its own (the runs'
+folders are only read).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
+from harness.report import targets
 from harness.report.charts import (
     GREY,
     SCREEN_DPI,
@@ -81,11 +84,26 @@ def tags(count: int) -> list[str]:
     return list(string.ascii_uppercase[:count])
 
 
+def _fields(runs: Sequence[Run]) -> list[str]:
+    """The fields that describe these runs: of target runs, only those of the load and
+    the machine (a target run starts no server or worker of mailbench's)."""
+    if targets.is_target_comparison(runs):
+        return list(targets.TARGET_FIELDS)
+    return list(FIELDS)
+
+
 def run_labels(runs: Sequence[Run]) -> list[str]:
     """For each run, what sets it apart from the others: ``latency fixed:0.2``,
-    ``commit 1a2b3c, machine 8 cores …``; the run id when nothing in the manifest does."""
-    differing = [name for name, get in FIELDS.items() if len({str(get(r)) for r in runs}) > 1]
+    ``commit 1a2b3c, machine 8 cores …``; the run id when nothing in the manifest does.
+    A target run is named by its target's label first."""
+    fields = _fields(runs)
+    differing = [name for name in fields if len({str(FIELDS[name](r)) for r in runs}) > 1]
     labels = [", ".join(f"{name} {FIELDS[name](r)}" for name in differing) for r in runs]
+    if targets.is_target_comparison(runs):
+        labels = [
+            f"{targets.target_of(r).label} ({label})" if label else targets.target_of(r).label
+            for label, r in zip(labels, runs, strict=True)
+        ]
     if len(set(labels)) < len(runs):
         labels = [
             f"{label}, run {_run_id(r)}" if label else f"run {_run_id(r)}"
@@ -220,11 +238,7 @@ def render(
         {"run": t, "label": label, "id": f"`{_run_id(r)}`", "folder": f"`{p}`"}
         for t, label, r, p in zip(letters, labels, runs, paths, strict=True)
     ]
-    same = [
-        f"- {name}: {FIELDS[name](runs[0])}"
-        for name in FIELDS
-        if len({str(FIELDS[name](r)) for r in runs}) == 1
-    ]
+    same = same_in_every_run(runs)
     modes = all_modes(runs)
     gap_rows = [
         {
@@ -266,6 +280,14 @@ def render(
     return "\n\n".join(s for s in sections if s) + "\n"
 
 
+def same_in_every_run(runs: Sequence[Run]) -> list[str]:
+    return [
+        f"- {name}: {FIELDS[name](runs[0])}"
+        for name in _fields(runs)
+        if len({str(FIELDS[name](r)) for r in runs}) == 1
+    ]
+
+
 def _accounting(run: Run, mode: str) -> str:
     """The mode's verdict and what made it: ``**FAILED** (3 lost)``, ``duplicates (2)``."""
     counts = run.accounting_of(mode)
@@ -284,9 +306,18 @@ def build_comparison(run_dirs: Sequence[Path], out: Path) -> Path:
     runs = [load_run(Path(d)) for d in run_dirs]
     labels = run_labels(runs)
     charts_dir = out / "charts"
-    save(latency_chart(runs, labels), charts_dir, "compare-latency")
-    save(gap_chart(runs, labels), charts_dir, "compare-gap")
-    text = render(runs, labels, [r.path for r in runs], ["compare-gap", "compare-latency"])
+    charts = ["compare-gap", "compare-latency"]
+    if targets.is_target_comparison(runs):
+        letters = tags(len(runs))
+        note = targets.note(runs, letters)
+        named = [f"{t}  {label}" for t, label in zip(letters, labels, strict=True)]
+        save(targets.latency_chart(runs, named, note), charts_dir, "compare-latency")
+        save(targets.gap_chart(runs, named, note), charts_dir, "compare-gap")
+        text = targets.render(runs, letters, labels, same_in_every_run(runs), charts)
+    else:
+        save(latency_chart(runs, labels), charts_dir, "compare-latency")
+        save(gap_chart(runs, labels), charts_dir, "compare-gap")
+        text = render(runs, labels, [r.path for r in runs], charts)
     path = out / "comparison.md"
     path.write_text(text)
     write_html(text, out, out / "comparison.html")

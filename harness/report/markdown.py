@@ -34,6 +34,12 @@ CHART_EXPLAINED = {
     "last second is partial.",
 }
 
+# What differs for a --target run: no Mailgun API call measured, one server.
+TARGET_CHART_EXPLAINED = {
+    "gap": "Median (bar) and p99 (black tick) of the form page and POST /send, on a log "
+    "scale; on the right, the gap (send p50 ÷ form p50).",
+}
+
 US_COLUMNS = ("mean_us", "p50_us", "p90_us", "p99_us", "p999_us", "max_us")
 SUMMARY_HEADERS = {
     "mode": "mode",
@@ -72,12 +78,26 @@ def headline(run: Run) -> str:
             f"{format_us(fast)} (p50) — "
             f"{times(slow / max(1.0, fast))} faster than {how} ({format_us(slow)})."
         )
+    target = run.target
+    if target is not None:
+        gap, send, form = (
+            run.gap(target.name),
+            run.row(target.name, "send"),
+            run.row(target.name, "form"),
+        )
+        if gap is None or not send or not form:
+            return f"{target.label}: no sends were measured."
+        return (
+            f"{target.label}: POST /send answered in {format_us(send.p50_us)} (p50), "
+            f"{times(gap)} the form page ({format_us(form.p50_us)})."
+        )
     parts = []
     for mode in run.modes:
         gap, send = run.gap(mode), run.row(mode, "send")
         if gap is not None and send:
             parts.append(
-                f"{mode}: POST /send p50 {format_us(send.p50_us)}, {times(gap)} the form page"
+                f"{run.label_of(mode)}: POST /send p50 {format_us(send.p50_us)}, "
+                f"{times(gap)} the form page"
             )
     return ("POST /send, " + "; ".join(parts) + ".") if parts else "No sends were measured."
 
@@ -106,7 +126,7 @@ def floor_sentence(run: Run) -> str | None:
         return None
     p50, p99 = float(floor["p50"]), float(floor.get("p99") or 0)
     near = [
-        f"{mode} ({format_us(row.p50_us)})"
+        f"{run.label_of(mode)} ({format_us(row.p50_us)})"
         for mode in run.modes
         if (row := run.row(mode, "form")) and row.count and row.p50_us <= FLOOR_FACTOR * p50
     ]
@@ -169,7 +189,7 @@ def gap_table(run: Run) -> str:
         fast = float(send.p50_us)
         rows.append(
             {
-                "mode": mode,
+                "mode": run.label_of(mode),
                 "form": _us(form.p50_us),
                 "send": _us(send.p50_us),
                 "send99": _us(send.p99_us),
@@ -184,7 +204,12 @@ def gap_table(run: Run) -> str:
         "gap": "gap (send ÷ form)",
         "direct": f"send vs {reference}",
     }
-    return table(rows, ["mode", "form", "send", "send99", "gap", "direct"], headers=headers)
+    columns = ["mode", "form", "send", "send99", "gap", "direct"]
+    if run.target is not None:
+        # One server, none of mailbench's to set it against.
+        columns.remove("direct")
+        headers["mode"] = "target"
+    return table(rows, columns, headers=headers)
 
 
 def summary_table(run: Run) -> str:
@@ -216,7 +241,7 @@ def accounting_table(run: Run) -> str:
     # The requests are counted in the latency table; here only when they fail the mode.
     rows = [
         {
-            "mode": r.mode,
+            "mode": run.label_of(r.mode),
             **r.counts.as_row(),
             "verdict": verdict_cell(r.counts)
             + (f" ({r.counts.failures})" if r.counts.failures else ""),
@@ -225,6 +250,8 @@ def accounting_table(run: Run) -> str:
     ]
     columns = ["mode", *EMAIL_COUNTS, "verdict"]
     headers = {"dead_lettered": "dead-lettered"}
+    if run.target is not None:
+        headers["mode"] = "target"
     return table(rows, columns, {c: str for c in columns}, headers)
 
 
@@ -244,9 +271,11 @@ def verdict_cell(counts: Accounting) -> str:
 
 
 def _explain_mode(run: Run, mode: str) -> str:
-    target = run.manifest.get("config", {}).get("target")
-    if target and mode == target.get("name"):
-        return f"a server mailbench did not start, at {target.get('url')} (`--target`)."
+    target = run.target
+    if target is not None and mode == target.name:
+        return (
+            f"**{target.label}**: a server mailbench did not start, at {target.url} (`--target`)."
+        )
     known = MODES.get(mode)
     return known.explanation if known is not None else ""
 
@@ -263,9 +292,9 @@ def warnings(run: Run) -> list[str]:
         elif "skipped" in info:
             found.append(f"**{mode}** was skipped: {info['skipped']}.")
     for mode, info in modes_info.items():
-        found += [f"**{mode}**: {note}." for note in info.get("notes", [])]
+        found += [f"**{run.label_of(mode)}**: {note}." for note in info.get("notes", [])]
     for accounted in run.accounting:
-        mode, c = accounted.mode, accounted.counts
+        mode, c = run.label_of(accounted.mode), accounted.counts
         if c.lost:
             found.append(
                 f"**{mode}**: {c.lost:,} accepted emails were never delivered (lost) — "
@@ -289,11 +318,13 @@ def warnings(run: Run) -> list[str]:
         total = r.count + r.errors
         if r.errors:
             found.append(
-                f"**{r.mode}**: {r.errors:,} of {total:,} `{r.metric}` requests "
+                f"**{run.label_of(r.mode)}**: {r.errors:,} of {total:,} `{r.metric}` requests "
                 f"failed ({r.errors / total:.1%}); latencies count only successes."
             )
     few = [
-        f"{r.mode} ({r.count})" for r in run.summary if r.metric == "send" and r.count < FEW_SAMPLES
+        f"{run.label_of(r.mode)} ({r.count})"
+        for r in run.summary
+        if r.metric == "send" and r.count < FEW_SAMPLES
     ]
     if few:
         found.append(
@@ -303,9 +334,21 @@ def warnings(run: Run) -> list[str]:
     return found
 
 
+# Settings of the servers and workers mailbench starts: a --target run starts none, so they
+# describe nothing it measured.
+HARNESS_ONLY = (
+    "modes", "server_procs", "worker_procs", "worker_concurrency", "render_ms",
+    "send_delay_ms", "send_work_us", "form_work_us", "target",
+)  # fmt: skip
+# Of the versions in the manifest, those of the instrument: a --target run's figures owe
+# nothing to mailbench's own server, queue clients or chart libraries.
+INSTRUMENT_PACKAGES = ("mailbench", "locust", "hdrhistogram")
+
+
 def configuration(run: Run) -> str:
     m = run.manifest
     info = m.get("machine", {})
+    target = run.target
     lines = [
         f"- run: `{m.get('run_id', run.path.name)}`, "
         f"{m.get('started_at', '?')} → {m.get('finished_at', '?')}",
@@ -313,12 +356,27 @@ def configuration(run: Run) -> str:
         f"- machine: {machine.describe(info)}; {info.get('cpu', '?')}; "
         f"kernel {info.get('kernel', '?')}; Python {info.get('python', '?')}",
     ]
-    cfg = {k: v for k, v in m.get("config", {}).items() if k not in ("out", "run_id")}
+    left_out = ("out", "run_id", *(HARNESS_ONLY if target is not None else ()))
+    cfg = {k: v for k, v in m.get("config", {}).items() if k not in left_out}
+    if target is not None:
+        lines.append(f"- target: {_target_line(m['config']['target'], target.label)}")
     lines += [f"- {k}: `{_plain(v)}`" for k, v in sorted(cfg.items())]
     versions = m.get("versions", {})
+    if target is not None:
+        versions = {k: v for k, v in versions.items() if k in INSTRUMENT_PACKAGES}
     if versions:
         lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
     return "\n".join(lines)
+
+
+def _target_line(described: dict[str, Any], label: str) -> str:
+    """``config.target`` of the manifest as a sentence, not a Python dict."""
+    fields = _plain(described.get("fields", []))
+    return (
+        f"**{label}** at `{described.get('url')}`: form page `GET {described.get('form_path')}`"
+        f", sends `POST {described.get('send_path')}` (fields `{fields}`); fake Mailgun "
+        f"{described.get('fakegun')}; results under the name `{described.get('name')}`"
+    )
 
 
 def _warmup_sentence(run: Run) -> str:
@@ -340,38 +398,31 @@ def _capital(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def chart_section(name: str) -> str:
+def chart_section(name: str, run: Run | None = None) -> str:
     kind = name.split("-", 1)[0]
-    return f"![{name}](charts/{name}.png)\n\n{CHART_EXPLAINED.get(kind, '')}".rstrip()
+    explained = CHART_EXPLAINED.get(kind, "")
+    if run is not None and run.target is not None:
+        explained = TARGET_CHART_EXPLAINED.get(kind, explained)
+    return f"![{name}](charts/{name}.png)\n\n{explained}".rstrip()
 
 
-def render(run: Run, charts: list[str]) -> str:
-    spectra = [c for c in charts if c.startswith("spectrum-")]
-    spectra_text = "\n\n".join(
-        f"### {_capital(METRIC_LABELS.get(c.split('-', 1)[1], c))}\n\n![{c}](charts/{c}.png)"
-        for c in spectra
-    )
-    extra = [blocking_sentence(run)]
-    watch = warnings(run) or ["Nothing was lost, nothing unexpected delivered, no warnings."]
-    sections = [
-        f"# mailbench run {run.manifest.get('run_id', run.path.name)}",
-        " ".join(s for s in [f"**{headline(run)}**", *extra] if s),
-        f"*{caption(run)}*",
-        floor_sentence(run) or "",
-        "## The gap\n\n"
-        + gap_table(run)
-        + ("\n\n" + chart_section("gap") if "gap" in charts else ""),
-        "## What to watch\n\n" + "\n".join(f"- {w}" for w in watch),
-        framework_section(run),
-        "## Latency by percentile\n\n" + CHART_EXPLAINED["spectrum"] + "\n\n" + spectra_text
-        if spectra
-        else "",
-        "## Delivery lag\n\n" + chart_section("delivery") if "delivery" in charts else "",
-        "## Second by second\n\n" + chart_section("timeline") if "timeline" in charts else "",
-        "## Load sweep\n\n" + chart_section("sweep") + "\n\n" + sweep_table(run)
-        if "sweep" in charts
-        else "",
-        "## Latency\n\nTimes recorded in µs into HdrHistograms (1 µs … 1 h, 3 significant "
+def _latency_explained(run: Run) -> str:
+    """What each metric of the latency table is; a --target run has only those the load
+    generator and the fake's ledger measure."""
+    if run.target is not None:
+        return (
+            "Times recorded in µs into HdrHistograms (1 µs … 1 h, 3 significant digits) and "
+            "shown in the unit that reads best. `form` and `send` are measured by the load "
+            "generator, `delivery` from the send being posted to the fake Mailgun's "
+            "acceptance (its ledger). `form_server` and `send_server`, if the server sends a "
+            "`Server-Timing` header, are the handler's own time as it reported it. "
+            "`*_intended` (open model) time each request from when it was due, counting "
+            "those that failed or were never answered. "
+            + _warmup_sentence(run)
+            + "`per s` is successful requests per second of the run."
+        )
+    return (
+        "Times recorded in µs into HdrHistograms (1 µs … 1 h, 3 significant "
         "digits) and shown in the unit that reads best. `form` and `send` are measured by the "
         "load generator, `api` by the caller of the API (the handler or a worker) for the "
         "calls it accepted (`api_rate_limited`, `api_retryable` and `api_failed` hold the "
@@ -385,15 +436,48 @@ def render(run: Run, charts: list[str]) -> str:
         "`*_intended` (open model) time each request from when it was due, counting those "
         "that failed or were never answered. "
         + _warmup_sentence(run)
-        + "`per s` is successful requests per second of the mode's run.\n\n"
-        + summary_table(run),
+        + "`per s` is successful requests per second of the mode's run."
+    )
+
+
+def render(run: Run, charts: list[str]) -> str:
+    spectra = [c for c in charts if c.startswith("spectrum-")]
+    spectra_text = "\n\n".join(
+        f"### {_capital(METRIC_LABELS.get(c.split('-', 1)[1], c))}\n\n![{c}](charts/{c}.png)"
+        for c in spectra
+    )
+    extra = [blocking_sentence(run)]
+    watch = warnings(run) or ["Nothing was lost, nothing unexpected delivered, no warnings."]
+    title = f"# mailbench run {run.manifest.get('run_id', run.path.name)}"
+    if run.target is not None:
+        title += f": {run.target.label}"
+    sections = [
+        title,
+        " ".join(s for s in [f"**{headline(run)}**", *extra] if s),
+        f"*{caption(run)}*",
+        floor_sentence(run) or "",
+        "## The gap\n\n"
+        + gap_table(run)
+        + ("\n\n" + chart_section("gap", run) if "gap" in charts else ""),
+        "## What to watch\n\n" + "\n".join(f"- {w}" for w in watch),
+        framework_section(run),
+        "## Latency by percentile\n\n" + CHART_EXPLAINED["spectrum"] + "\n\n" + spectra_text
+        if spectra
+        else "",
+        "## Delivery lag\n\n" + chart_section("delivery") if "delivery" in charts else "",
+        "## Second by second\n\n" + chart_section("timeline") if "timeline" in charts else "",
+        "## Load sweep\n\n" + chart_section("sweep") + "\n\n" + sweep_table(run)
+        if "sweep" in charts
+        else "",
+        "## Latency\n\n" + _latency_explained(run) + "\n\n" + summary_table(run),
         "## Accounting\n\nEvery send goes to an address of its own, which the fake Mailgun's "
         "ledger records. Every accepted (2xx) email must be delivered: `lost` (accepted − "
         "delivered − dead-lettered) and `unexpected` (delivered, but no send made it) must be "
         "0; `duplicates` counts extra deliveries of one send; `unacknowledged` counts sends "
         "delivered although their client saw no 2xx (a reply cut off at the end or by a "
         "crash), which is not an error.\n\n" + accounting_table(run),
-        "## Modes\n\n" + "\n".join(f"- `{m}` — {_explain_mode(run, m)}" for m in run.modes),
+        ("## The server under test\n\n" if run.target is not None else "## Modes\n\n")
+        + "\n".join(f"- `{m}` — {_explain_mode(run, m)}" for m in run.modes),
         "## Configuration\n\n" + configuration(run),
     ]
     return "\n\n".join(s for s in sections if s) + "\n"

@@ -43,7 +43,7 @@ def sweep_chart(run: Run) -> Figure:
             xs, ys = zip(*points, strict=True)
             offered += [r.offered_per_s for r in rows]
             values[metric] += ys
-            (line,) = ax.plot(xs, ys, marker="o", ms=3.5, label=mode, **style)
+            (line,) = ax.plot(xs, ys, marker="o", ms=3.5, label=run.label_of(mode), **style)
             for r in rows:
                 if r.knee and p99(r):
                     served = max(0.1, r.throughput_per_s)

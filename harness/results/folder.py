@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from hdrh.histogram import HdrHistogram
 
@@ -190,6 +191,40 @@ def point_latest(run_dir: Path) -> None:
     os.replace(tmp, latest)
 
 
+def host_port(url: str) -> str:
+    """``host:port`` of a URL, without any user or password: the name of a target whose
+    run was given no ``--target-label`` (and of every folder written before the label)."""
+    parts = urlsplit(url)
+    host = parts.hostname or parts.netloc
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # not a number: the URL as written is all there is to say
+        return parts.netloc.rpartition("@")[2] or url
+    return f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TargetInfo:
+    """The server of a ``mailbench run --target URL`` run, from ``config.target`` in the
+    manifest: the results' ``mode`` column holds its ``name``; ``label`` is what the
+    reports call it (``--target-label``, else the URL's host:port)."""
+
+    url: str
+    name: str
+    label: str
+
+    @classmethod
+    def of(cls, manifest: Mapping[str, Any]) -> TargetInfo | None:
+        target = (manifest.get("config") or {}).get("target")
+        if not isinstance(target, Mapping) or not target.get("url"):
+            return None
+        url = str(target["url"])
+        label = target.get("label") or host_port(url)
+        return cls(url=url, name=str(target.get("name") or "target"), label=str(label))
+
+
 @dataclass(slots=True)
 class Run:
     """A results folder read back: what report, compare and the notebook work from."""
@@ -209,6 +244,17 @@ class Run:
     @property
     def modes(self) -> list[str]:
         return list(dict.fromkeys(row.mode for row in self.summary))
+
+    @property
+    def target(self) -> TargetInfo | None:
+        """The external server this run measured; None for a run of mailbench's modes."""
+        return TargetInfo.of(self.manifest)
+
+    def label_of(self, mode: str) -> str:
+        """What reports and charts call a mode: the target's label for a ``--target``
+        run's server, the mode's own name otherwise."""
+        target = self.target
+        return target.label if target is not None and mode == target.name else mode
 
     def row(self, mode: str, metric: str) -> SummaryRow | None:
         return next((r for r in self.summary if r.mode == mode and r.metric == metric), None)

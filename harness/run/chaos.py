@@ -287,7 +287,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add("--latency", default="uniform:0.05,0.2", help="fake Mailgun latency (default: fast)")
     add("--seed", type=int, default=1)
     add("--out", type=Path, default=Path("results"), help="results root folder")
-    add_service_arguments(parser, dir_flag="--services-dir")
+    add_service_arguments(parser, dir_flag="--services-dir", per_run=True)
     add_target_arguments(parser)
 
 

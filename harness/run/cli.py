@@ -94,7 +94,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="address the Locust master listens on for them (default: 127.0.0.1)",
     )
     remote.add_argument("--master-port", type=int, default=5557, help="its port (default: 5557)")
-    add_service_arguments(parser, dir_flag="--services-dir")
+    add_service_arguments(parser, dir_flag="--services-dir", per_run=True)
     parser.add_argument(
         "--inject-send-delay-ms",
         type=float,
@@ -119,6 +119,12 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("an external server (see docs/target.md for the contract)")
     target.add_argument("--target", metavar="URL", help="drive this server instead of ours")
     target.add_argument("--target-name", default="target", help="its name in the results")
+    target.add_argument(
+        "--target-label",
+        metavar="TEXT",
+        help="what the stack is, named in the reports, charts and comparisons, e.g. "
+        "'Django + Celery 5.4 on Redis, gunicorn 4 workers' (default: the URL's host:port)",
+    )
     target.add_argument("--form-path", default="/", help="path of the form page (default: /)")
     target.add_argument("--send-path", default="/send", help="path the form posts to")
     target.add_argument(
@@ -314,6 +320,7 @@ def target_from_args(args: argparse.Namespace) -> Target | None:
         fakegun_url=args.fakegun_url,
         server_cmd=server_cmd,
         worker_cmd=worker_cmd,
+        label=args.target_label.strip() if args.target_label is not None else None,
     )
 
 

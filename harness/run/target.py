@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from harness.errors import ConfigError
+from harness.results.folder import host_port
 
 DEFAULT_FAKEGUN_PORT = 8025
 FREE_PORT = "started on any free port"  # --fakegun-port 0
@@ -47,6 +48,15 @@ MAILGUN_KEY_VAR = "MAILGUN_API_KEY"  # the key the fake accepts
 PORT_VAR = "MAILBENCH_PORT"  # the --target URL's port, where a server must listen
 INDEX_VAR = "MAILBENCH_PROCESS_INDEX"  # 0, 1, ...: the process's number in its tier
 SECRET_VAR = "MAILBENCH_SECRET"  # one secret for every server process (CSRF, sessions)
+
+LABEL_CHARS = 100  # a table cell and a chart's legend line, not a paragraph
+
+
+def label_fits(label: str) -> bool:
+    """A label that reads in a Markdown table cell and on one line of a chart: no line
+    break or control character, no ``|`` (a cell's edge) or backquote (code)."""
+    text = label.strip()
+    return 0 < len(text) <= LABEL_CHARS and text.isprintable() and not any(c in text for c in "|`")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +72,9 @@ class Target:
     fakegun_url: str | None = None  # a fake Mailgun already running: not started
     server_cmd: tuple[str, ...] = ()  # the harness starts the target's servers with it
     worker_cmd: tuple[str, ...] = ()  # and its workers with this
+    # What the stack is, in the user's words ("Django + Celery 5.4 on Redis"): the name
+    # every report, chart and comparison gives it; absent, the URL's host:port.
+    label: str | None = None
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -74,6 +87,11 @@ class Target:
             raise ConfigError(f"--fakegun-port {self.fakegun_port}: use 0 (any free port) to 65535")
         if not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"--target-name {self.name!r}: use letters, digits, - and _")
+        if self.label is not None and not label_fits(self.label):
+            raise ConfigError(
+                f"--target-label {self.label!r}: give one line of at most {LABEL_CHARS} "
+                "characters without '|' or '`', e.g. 'Django + Celery 5.4 on Redis'"
+            )
 
     @property
     def form_url(self) -> str:
@@ -137,6 +155,7 @@ class Target:
         return {
             "url": self.url,
             "name": self.name,
+            "label": self.label or host_port(self.url),
             "form_path": self.form_path,
             "send_path": self.send_path,
             "fields": [self.field_to, self.field_subject, self.field_message],

@@ -30,6 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -58,7 +59,13 @@ from harness.services.brokers import (
     open_log,
     private_dir,
 )
-from harness.services.settings import ENV_VARS, REDIS_FSYNC, SERVICE_NAMES, ServiceSettings
+from harness.services.settings import (
+    ENV_VARS,
+    REDIS_FSYNC,
+    SERVICE_NAMES,
+    ServiceSettings,
+    services_home,
+)
 from harness.services.state import (
     ENV_FILE,
     entry_alive,
@@ -113,6 +120,7 @@ class Services:
         self.detached = detached
         self._children: dict[str, _Child] = {}
         self._external: dict[str, str] = {}
+        self._failed = False  # a broker did not start: its log is worth keeping
 
     def __enter__(self) -> Services:
         return self
@@ -125,6 +133,15 @@ class Services:
     ) -> None:
         with signals_deferred():  # a second Ctrl-C must not leave brokers behind
             self.stop_all()
+            if self.settings.temporary:
+                self._remove_temporary_dir()
+
+    def _remove_temporary_dir(self) -> None:
+        base = self.settings.base_dir
+        if self._failed:
+            print(f"mailbench: kept {base} for the logs of the broker that failed", file=sys.stderr)
+            return
+        shutil.rmtree(base, ignore_errors=True)
 
     def start(self, name: str) -> str:
         """Have ``name`` running and return its URL; a no-op if it already runs."""
@@ -141,7 +158,8 @@ class Services:
             log.info("%s: using %s=%s", broker.title, ENV_VARS[name], redact_url(url))
             self._external[name] = url
             return url
-        if (url := urls_from_state(settings.base_dir).get(name)) is not None:
+        shared = settings.shared_dir or settings.base_dir
+        if (url := urls_from_state(shared).get(name)) is not None:
             log.info(
                 "%s: using the one `mailbench services up` started, %s",
                 broker.title,
@@ -173,8 +191,9 @@ class Services:
         try:
             self._wait_ready(child, launch, credentials)
             broker.after_ready(settings, workdir, credentials)
-        except BaseException:
+        except BaseException as exc:
             # Also on Ctrl-C while waiting: a half-started broker must not outlive us.
+            self._failed = self._failed or isinstance(exc, ServiceUnavailable)
             self.stop(name)
             raise
         log.info(
@@ -340,12 +359,18 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add_service_arguments(parser)
 
 
-def add_service_arguments(parser: argparse.ArgumentParser, dir_flag: str = "--dir") -> None:
-    """Where brokers started by mailbench live and listen (read by settings_from_args)."""
+def add_service_arguments(
+    parser: argparse.ArgumentParser, dir_flag: str = "--dir", per_run: bool = False
+) -> None:
+    """Where brokers started by mailbench live and listen (read by settings_from_args).
+    ``per_run``: a command whose brokers last one run (``run``, ``chaos``): by default
+    they live in a temporary directory, removed after it."""
+    default = "a temporary directory, removed after the run" if per_run else ".mailbench/services"
     parser.add_argument(
-        dir_flag, dest="base_dir", type=Path, help="broker data, logs and state "
-        "(default: .mailbench/services)",
+        dir_flag, dest="base_dir", type=Path, help=f"broker data, logs and state "
+        f"(default: {default})",
     )  # fmt: skip
+    parser.set_defaults(services_per_run=per_run)
     parser.add_argument(
         "--port", action="append", default=[], metavar="NAME=PORT",
         help=f"override a broker port: {', '.join(_PORTS)}",
@@ -372,6 +397,12 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
     changes: dict[str, Any] = {}
     if args.base_dir is not None:
         changes["base_dir"] = args.base_dir.resolve()
+    elif getattr(args, "services_per_run", False):
+        # Not the current folder: a run started anywhere leaves nothing there. Brokers
+        # that `mailbench services up` left running are still found in its usual place.
+        changes["base_dir"] = Path(tempfile.mkdtemp(prefix="mailbench-services-"))
+        changes["temporary"] = True
+        changes["shared_dir"] = services_home()
     if args.no_install:
         changes["install"] = False
     changes["redis_fsync"] = args.redis_fsync

@@ -29,6 +29,12 @@ ENV_VARS: Final[Mapping[str, str]] = {
 REDIS_FSYNC: Final = ("always", "everysec")
 
 
+def services_home() -> Path:
+    """Where ``mailbench services`` keeps the brokers it leaves running, their data and
+    ``state.json``, in the folder it is run from (docs: README, docs/target.md)."""
+    return Path.cwd() / ".mailbench" / "services"
+
+
 def _apt_allowed() -> bool:
     debian = Path("/etc/debian_version").exists()
     return os.geteuid() == 0 and debian and shutil.which("apt-get") is not None
@@ -38,7 +44,14 @@ def _apt_allowed() -> bool:
 class ServiceSettings:
     """Where the brokers live and listen. Ports are private so a system broker is untouched."""
 
-    base_dir: Path = field(default_factory=lambda: Path.cwd() / ".mailbench" / "services")
+    base_dir: Path = field(default_factory=services_home)
+    # base_dir was made for one run (`mailbench run` or `chaos` without --services-dir):
+    # removed, data and all, when the brokers stop, so a run leaves nothing behind in the
+    # folder it was started from or in its results (which must hold no credentials).
+    temporary: bool = False
+    # Where `mailbench services up` records the brokers it left running, for a run to use
+    # them; None: base_dir.
+    shared_dir: Path | None = None
     # Below Linux's ephemeral range (32768-60999), where any outgoing connection may
     # hold a port for a minute, and clear of the brokers' own defaults.
     rabbitmq_port: int = 28672

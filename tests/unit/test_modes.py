@@ -13,7 +13,6 @@ import importlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -21,6 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from harness.cli import COMMANDS
 from harness.report import markdown
 from harness.report.charts import mode_colour, mode_linestyle
+from harness.results.folder import Run
 from harness.run import chaos
 from harness.run.cli import QueueUrls
 from harness.run.config import DEFAULT_MODES, RunConfig
@@ -94,8 +94,8 @@ def test_every_mode_has_its_own_colour_and_in_request_modes_their_own_line() -> 
 
 @pytest.mark.parametrize("name", list(MODES))
 def test_the_report_explains_every_mode(name: str, tmp_path: Path) -> None:
-    run = SimpleNamespace(manifest={})  # a folder with no --target
-    assert markdown._explain_mode(run, name)  # type: ignore[arg-type] == MODES[name].explanation
+    run = Run(tmp_path, {}, [], [], [], {})  # a folder with no --target
+    assert markdown._explain_mode(run, name) == MODES[name].explanation
 
 
 def test_queue_urls_come_from_the_registry(tmp_path: Path) -> None:
@@ -151,8 +151,8 @@ async def test_a_new_entry_is_served_run_charted_reported_and_broken(
     assert parse_modes(f"direct,{extra_mode.name}") == ("direct", extra_mode.name)
     assert mode_colour(extra_mode.name) == "#F0E442"
     assert mode_linestyle(extra_mode.name) == "-"
-    run = SimpleNamespace(manifest={})
-    assert markdown._explain_mode(run, extra_mode.name) == extra_mode.explanation  # type: ignore[arg-type]
+    run = Run(tmp_path, {}, [], [], [], {})
+    assert markdown._explain_mode(run, extra_mode.name) == extra_mode.explanation
     url = breaker().queue_url("memory://x", extra_mode.name)
     assert url == "memory://x?lease=10"
     queue_url = QueueUrls(FakeServices(), tmp_path, strict=True)(extra_mode.name)  # type: ignore[arg-type]
