@@ -17,6 +17,8 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from queues.base import Email, Job, decode_job, encode_job
 from servers.fakegun.server import FakegunSettings, FakeMailgun
+from servers.metrics import Recorder
+from servers.senders.threaded import ThreadedSender
 from servers.web.forms import EmailForm, render_form, validate
 
 FORM = {
@@ -89,3 +91,38 @@ def test_fake_mailgun_send_to_ledger(
 
 async def _session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession()  # made inside the loop it will run in
+
+
+class _NoEnqueue(ThreadedSender):
+    """A framework sender whose blocking enqueue does nothing: what is left is the hop."""
+
+    def enqueue(self, job: Job) -> None:
+        assert job is JOB
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    event_loop = asyncio.new_event_loop()
+    yield event_loop
+    event_loop.close()
+
+
+def test_the_thread_hop_of_a_blocking_framework_enqueue(
+    benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Celery, RQ, Dramatiq and huey have no async enqueue: the handler runs theirs in a
+    thread pool. This is that hop, to the thread and back, with an enqueue that does
+    nothing (compare ``test_an_awaited_no_op``: the loop's own round)."""
+    sender = _NoEnqueue(Recorder())
+    handed = benchmark(lambda: loop.run_until_complete(sender.hand(JOB)))
+    assert handed.accepted
+    loop.run_until_complete(sender.aclose())
+
+
+def test_an_awaited_no_op(benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop) -> None:
+    """The event loop's own round trip for one coroutine, the baseline of the hop."""
+
+    async def no_op() -> bool:
+        return True
+
+    assert benchmark(lambda: loop.run_until_complete(no_op()))
