@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,11 +35,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from harness.process import Children, free_port, mailbench_command
+from harness.errors import MailbenchError
+from harness.process import Children, free_port, mailbench_command, venv_python
 from harness.results.folder import load_run
 from harness.services.manager import Services
 from harness.services.settings import ServiceSettings
 from queues.base import Email, Job
+from queues.errors import QueueError
 from servers.fakegun.admin import FakegunAdmin
 from servers.mailgun import MailgunSettings
 from servers.metrics import Recorder
@@ -54,6 +57,7 @@ PERCENTILES = (50, 99, 99.9)
 
 def reference_of(mode: Mode) -> str:
     """The reference queued mode on the framework's broker (``redis`` for ``rq``)."""
+
     def broker(m: Mode) -> tuple[str | None, str | None]:  # a file queue: its scheme
         return m.service, m.queue_file and m.queue_file.split(":", 1)[0]
 
@@ -143,6 +147,21 @@ async def fill(mode: Mode, url: str, queue_name: str, jobs: int) -> float:
     return jobs / (time.perf_counter() - started)
 
 
+def fill_in_its_venv(mode: Mode, url: str, queue_name: str, jobs: int) -> float:
+    """:func:`fill`, in this process, or in the mode's own venv where it has one (arq's
+    sender needs arq, which the harness's venv does not have)."""
+    if mode.python is None:
+        return asyncio.run(fill(mode, url, queue_name, jobs))
+    done = subprocess.run(
+        [venv_python(mode.python), __file__, "--fill", mode.name, queue_name, str(jobs)],
+        env={**os.environ, QUEUE_URL_VAR: url},  # the URL holds the broker's password
+        capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"{mode.name}: filling its queue failed: {done.stderr[-2000:]}")
+    return float(done.stdout.split()[-1])
+
+
 def worker_figures(
     name: str, services: Services, args: argparse.Namespace, children: Children, tmp: Path
 ) -> dict[str, Any]:
@@ -151,7 +170,7 @@ def worker_figures(
     assert mode.worker is not None
     url = mode.queue_file.format(dir=tmp) if mode.queue_file else services.start(str(mode.service))
     queue_name = f"bench-{name}-{uuid.uuid4().hex[:8]}"
-    fill_rate = asyncio.run(fill(mode, url, queue_name, args.jobs))
+    fill_rate = fill_in_its_venv(mode, url, queue_name, args.jobs)
     logs, port = tmp / "logs", free_port()
     fake = children.start(
         "fakegun",
@@ -174,6 +193,7 @@ def worker_figures(
             "--metrics-out",
             str(logs / f"{name}-worker.json"),
             *mode.worker_args,
+            python=mode.python,
         ),
         logs / f"{name}-worker.log",
         env={QUEUE_URL_VAR: url},
@@ -248,7 +268,13 @@ def main() -> int:
     add("--skip", default="", help="'enqueue' or 'worker': leave that part out")
     add("--json", type=Path, help="also write the figures here")
     add("--keep", type=Path, help="keep runs and logs in this folder (default: a temporary one)")
+    add("--fill", nargs=3, metavar=("MODE", "QUEUE", "JOBS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.fill:  # one queue filled in this interpreter: the rate on stdout
+        filled = MODES[args.fill[0]]
+        url, queue_name, jobs = os.environ[QUEUE_URL_VAR], args.fill[1], int(args.fill[2])
+        print(asyncio.run(fill(filled, url, queue_name, jobs)))
+        return 0
     modes = with_references(parse_modes(args.modes))
     rates = [int(r) for r in args.rates.split(",") if r.strip()]
     rows: list[dict[str, Any]] = [
@@ -264,19 +290,32 @@ def main() -> int:
             for rate in rates:
                 for mode, figures in enqueue_figures(modes, rate, args, tmp).items():
                     rows[modes.index(mode)]["enqueue"][str(rate)] = figures
+                keep(rows, args.json)
         if "worker" not in args.skip:
             ports: dict[str, Any] = {f"{k.replace('-', '_')}_port": int(v) for k, _, v in
                      (p.partition("=") for p in args.port)}  # fmt: skip
             settings = replace(ServiceSettings(base_dir=tmp / "worker-services"), **ports)
             with Children() as children, Services(settings) as services:
                 for row in rows:
-                    row["worker"] = worker_figures(row["mode"], services, args, children, tmp)
+                    try:
+                        row["worker"] = worker_figures(row["mode"], services, args, children, tmp)
+                    except (SystemExit, MailbenchError, QueueError) as exc:
+                        # One mode that cannot be measured costs its cell, not the run's.
+                        row["worker_error"] = str(exc)
+                        print(f"{row['mode']:>26}: not measured: {exc}", flush=True)
+                        continue
+                    finally:
+                        keep(rows, args.json)
                     print(f"{row['mode']:>26}: {row['worker']['delivered_per_s']:,.0f} "
                           "delivered/s, one worker process", flush=True)  # fmt: skip
     print("\n" + markdown(rows, rates), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
-    return 0
+    return 0 if not any("worker_error" in row for row in rows) else 1
+
+
+def keep(rows: list[dict[str, Any]], path: Path | None) -> None:
+    """The figures so far, written as each part ends: a later failure keeps them."""
+    if path is not None:
+        path.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
