@@ -44,6 +44,12 @@ lost:
   ``heartbeat`` parameter (seconds; chaos sets 10), else Dramatiq's 60 s. ``default``
   is Dramatiq as it ships: a killed worker's prefetched messages (up to twice its
   threads) come back only when maintenance happens to run, seconds to many minutes later.
+* **Redis restarts ridden out** (on Redis): the broker's redis-py client retries a
+  command that found Redis down or still loading its data, for up to ~30 s
+  (:func:`riding_out_restarts`). Dramatiq's ``Retries`` enqueues a retry as a new
+  message, then acks the failed one whatever became of that enqueue: in a chaos run as
+  shipped, five retries due while Redis restarted were refused (``BusyLoadingError``,
+  logged as "Unexpected failure in after_process_message") and lost.
 
 Neither changes ``worker_timeout`` (1 s): the Redis consumer, finding its queue empty,
 sleeps with exponential backoff up to that before it looks again, which is most of
@@ -84,6 +90,7 @@ from servers.frameworks.task import (
 log = logging.getLogger(__name__)
 
 MAX_THREADS = 32
+REDIS_RETRIES, REDIS_RETRY_CAP_S = 30, 1.0  # reliable rides out ~30 s of Redis away
 HEARTBEAT_PARAMETER = "heartbeat"  # the mode's lease parameter on Redis (seconds)
 RELIABLE_MAINTENANCE_CHANCE = 100_000  # in a million commands (Dramatiq's: 1,000)
 RELIABLE_MAX_AGE_MS = 3_600_000
@@ -108,6 +115,24 @@ def make_middleware(config: str, retries: Retries | None = None) -> list[Middlew
     return middleware
 
 
+def riding_out_restarts(url: str) -> Any:
+    """A redis-py client that retries a command refused by a Redis restarting (no
+    connection, or still loading its data) for up to :data:`REDIS_RETRIES` ×
+    :data:`REDIS_RETRY_CAP_S`, with redis-py's own ``Retry``. Dramatiq's ``Retries``
+    re-enqueues a retry as a new message and then acks the one that failed, whatever
+    became of that enqueue: without this, a retry due while Redis restarts is lost."""
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        url,
+        retry=Retry(ExponentialBackoff(cap=REDIS_RETRY_CAP_S, base=0.05), REDIS_RETRIES),
+        retry_on_error=[BusyLoadingError, ConnectionError, TimeoutError],
+    )
+
+
 def make_broker(
     url: str, config: str, middleware: list[Middleware] | None = None
 ) -> dramatiq.Broker:
@@ -119,11 +144,12 @@ def make_broker(
         return RabbitmqBroker(url=url, confirm_delivery=True, middleware=middleware)
     if scheme in ("redis", "rediss"):
         options: dict[str, Any] = {}
-        if config == "reliable":
-            options["maintenance_chance"] = RELIABLE_MAINTENANCE_CHANCE
-            if heartbeat is not None:
-                options["heartbeat_timeout"] = int(heartbeat * 1000)
-        return RedisBroker(url=url, middleware=middleware, **options)  # type: ignore[no-untyped-call]
+        if config != "reliable":
+            return RedisBroker(url=url, middleware=middleware)  # type: ignore[no-untyped-call]
+        options["maintenance_chance"] = RELIABLE_MAINTENANCE_CHANCE
+        if heartbeat is not None:
+            options["heartbeat_timeout"] = int(heartbeat * 1000)
+        return RedisBroker(client=riding_out_restarts(url), middleware=middleware, **options)  # type: ignore[no-untyped-call]
     raise ConfigError(f"Dramatiq modes take an amqp:// or redis:// URL, not {scheme}://")
 
 

@@ -173,3 +173,23 @@ def test_the_depth_counts_every_message_not_yet_acked_and_a_broker_away_is_no_sa
 
     with pytest.raises(QueueError, match="could not be counted"):
         asyncio.run(sample())
+
+
+def test_reliable_rides_out_a_redis_restart_and_default_does_not() -> None:
+    """Dramatiq's Retries re-enqueues a retry as a new message and then acks the first,
+    whatever became of the enqueue: a retry sent while Redis was restarting (refused, or
+    'loading the dataset') was lost. The reliable broker's client retries those errors."""
+    from redis.exceptions import BusyLoadingError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    def retried(config: str) -> tuple[set[type[Exception]], int]:
+        broker = dq.make_broker("redis://h:1/0", config)
+        assert isinstance(broker, RedisBroker)
+        kwargs = broker.client.connection_pool.connection_kwargs
+        retry = kwargs.get("retry")
+        return set(kwargs.get("retry_on_error") or ()), (retry._retries if retry else 0)
+
+    errors, retries = retried("reliable")
+    assert {BusyLoadingError, RedisConnectionError} <= errors
+    assert retries * dq.REDIS_RETRY_CAP_S >= 10  # longer than a restart takes here
+    assert BusyLoadingError not in retried("default")[0]
