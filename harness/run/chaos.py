@@ -24,6 +24,11 @@ SIGKILLs all of it, as a host or container crash would, and the lease reaches th
 framework's own setting where it has one (Celery's Redis visibility timeout, RQ's
 registry maintenance interval) in the ``reliable`` configuration; ``default`` keeps the
 framework's as it ships, so what it loses under a crash is the finding.
+
+The shortcuts (``--modes shortcuts``) are broken the same way: ``naive``'s workers are
+killed as any worker (what they had taken is gone: auto-ack), and ``background`` has no
+worker and no broker: its queue is its server processes' memory, so the broker restart
+is a SIGKILL of those servers, and the sends they had in flight are lost.
 """
 
 from __future__ import annotations
@@ -222,8 +227,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--modes",
         default=",".join(QUEUED),
-        help=f"queued modes to break (default: {','.join(QUEUED)}; frameworks: every "
-        "task-queue framework's modes)",
+        help=f"modes to break (default: {','.join(QUEUED)}; frameworks: every "
+        "task-queue framework's modes; shortcuts: background and naive)",
     )
     add("--duration", type=float, default=60, help="seconds of load per mode (default: 60)")
     add("--users", type=int, default=20, help="Locust users posting the form (default: 20)")
@@ -262,8 +267,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     modes = parse_modes(args.modes)
-    if unqueued := [m for m in modes if not mode_named(m).queued]:
-        raise ConfigError(f"chaos needs queued modes; {', '.join(unqueued)} has no queue")
+    if unqueued := [m for m in modes if not mode_named(m).sends_after_reply]:
+        raise ConfigError(
+            f"chaos needs modes that send after the reply (queued or background); "
+            f"{', '.join(unqueued)} sends in the request"
+        )
     if args.kill_workers < 0 or args.worker_procs < 1 or args.duration < 10:
         raise ConfigError("--kill-workers ≥ 0, --worker-procs ≥ 1 and --duration ≥ 10 s")
     config = RunConfig(
