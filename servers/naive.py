@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 
 from queues.base import decode_job
 from queues.errors import ConfigError, InvalidJob
+from queues.rabbitmq import AmqpDepth
 from queues.urls import redact_url
-from servers.frameworks.task import AmqpDepth
 from servers.mailgun import (
     MailgunClient,
     MailgunSettings,

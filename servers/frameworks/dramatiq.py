@@ -70,9 +70,9 @@ from dramatiq.middleware import AgeLimit, CurrentMessage, Middleware, Retries, d
 
 from queues.base import Job, decode_job, encode_job
 from queues.errors import ConfigError, InvalidJob, QueueError
+from queues.rabbitmq import AmqpDepth
 from servers.frameworks.task import (
     TASK_NAME,
-    AmqpDepth,
     FrameworkWorkerSettings,
     TaskRuntime,
     add_framework_worker_arguments,
