@@ -16,9 +16,11 @@ amqp-client-lwt), the queue a tutorial hands its readers first:
 Two changes so that it can run under load at all, neither of which saves an email: the
 handler closes its connection after publishing (the original never does; thousands of
 open connections would take the broker down, a different failure), and up to
-``--concurrency`` sends run at once from the one polling loop (the original sends one at
-a time: ``--concurrency 1``), so the worker keeps up with the load. The client is the
-project's (it has timeouts; the original's has none).
+``--concurrency`` sends run at once from the one polling loop, which takes as many more
+messages to wait for a send (the original takes the next message once it sent the last:
+one in flight, none waiting), so the worker keeps up with the load. What it has taken
+is in its memory only: a kill loses every message waiting (and any send not yet out).
+The client is the project's (it has timeouts; the original's has none).
 """
 
 from __future__ import annotations
@@ -86,7 +88,9 @@ class NaiveWorker:
         self.recorder = PhasedRecorder()
         self.taken = 0
         self.statuses: dict[str, int] = {}  # the API's answers, printed, never acted on
-        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._slots = asyncio.Semaphore(settings.concurrency)  # sends in flight
+        # Messages taken, sending or waiting for a send: as many wait as are sent.
+        self._held = asyncio.Semaphore(2 * settings.concurrency)
         self._sends: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
 
@@ -108,10 +112,10 @@ class NaiveWorker:
 
     async def _poll(self) -> None:
         while not self.stopping.is_set():
-            await self._slots.acquire()
+            await self._held.acquire()
             message = await self.queue.get(no_ack=True, fail=False)
             if message is None:
-                self._slots.release()
+                self._held.release()
                 with suppress(TimeoutError):  # "No new tasks, waiting."
                     await asyncio.wait_for(self.stopping.wait(), self.settings.idle_sleep_s)
                 continue
@@ -122,7 +126,7 @@ class NaiveWorker:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._sends.discard(task)
-        self._slots.release()
+        self._held.release()
 
     async def _send(self, body: bytes) -> None:
         try:
@@ -131,9 +135,10 @@ class NaiveWorker:
             log.warning("received an invalid email record from RabbitMQ: %r", body[:200])
             return
         self.recorder.record("queue_wait", max(0.0, time.time() - job.enqueued_at))
-        started = time.perf_counter()
-        result = await self.client.send(job.email, job.id)
-        self.recorder.record(result.metric, time.perf_counter() - started)
+        async with self._slots:  # meanwhile it is in this process's memory only
+            started = time.perf_counter()
+            result = await self.client.send(job.email, job.id)
+            self.recorder.record(result.metric, time.perf_counter() - started)
         # The original prints "API Response Status: %d." and goes on to the next one.
         status = str(result.status) if result.status is not None else result.detail[:40]
         self.statuses[status] = self.statuses.get(status, 0) + 1

@@ -185,3 +185,18 @@ async def test_naive_polls_with_auto_ack_and_sleeps_when_the_queue_is_empty() ->
     assert all(queue.gets)  # no_ack=True on every get
     # One message, then an empty get every 0.05 s sleep: a few polls, not a busy loop.
     assert 2 <= len(queue.gets) <= 10
+
+
+async def test_naive_takes_as_many_messages_to_wait_as_it_sends() -> None:
+    """What it has taken and not sent is in its memory only (auto-ack): a kill's loss."""
+    queue = PolledQueue([job() for _ in range(10)])
+    api = ScriptedApi(OK, gate=asyncio.Event())  # no call ever answers
+    settings = NaiveSettings(url="amqp://x", concurrency=2, idle_sleep_s=0.05)
+    worker = NaiveWorker(settings, queue, api)  # type: ignore[arg-type]
+    polling = asyncio.create_task(worker._poll())
+    await asyncio.sleep(0.1)
+    assert worker.taken == 4 and len(api.keys) == 2 and len(queue.messages) == 6
+    polling.cancel()
+    for task in (polling, *worker._sends):
+        task.cancel()
+    await asyncio.wait({polling, *worker._sends})
