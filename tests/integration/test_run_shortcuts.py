@@ -123,7 +123,7 @@ def test_background_loses_its_sends_in_flight_with_its_server(tmp_path: Path) ->
     env = {k: v for k, v in os.environ.items() if k not in ENV_VARS.values()}
     # Half-way the servers are SIGKILLed (a background mode's "broker" is their memory).
     run_dir, stdout = chaos(
-        tmp_path, env, "--modes", "background", "--duration", "10", "--kill-workers", "0",
+        tmp_path, env, "--modes", "background", "--duration", "30", "--kill-workers", "0",
         "--api-faults", "", "--latency", "fixed:3",
     )  # fmt: skip
     row = load_run(run_dir).accounting_of("background")
