@@ -5,8 +5,9 @@ as fast as a queue's, without a broker or a worker. The task sends with the work
 client and retry policy (:mod:`servers.worker`: backoff with full jitter, ``Retry-After``
 honoured, a 429 waited out without spending an attempt), so a flaky API costs no email
 while the process lives. The email lives in that process's memory only: a SIGKILL, an
-out-of-memory kill or a deploy that does not wait loses every task in flight, and
-nothing anywhere records that it existed. That is the finding; nothing here persists.
+out-of-memory kill or a deploy that does not wait loses every task whose call the API
+has not received yet (waiting out a backoff or a 429, or not yet posted), and nothing
+anywhere records that it existed. That is the finding; nothing here persists.
 
 :meth:`BackgroundSender.depth` counts the tasks in flight (``/_mailbench/depth``), so
 that the harness's drain knows when nothing can still arrive. A graceful stop (SIGTERM)
