@@ -107,10 +107,11 @@ def test_naive_loses_exactly_the_emails_the_api_refused(tmp_path: Path, rabbitmq
 def test_a_killed_naive_worker_loses_what_it_had_taken(tmp_path: Path, rabbitmq_url: str) -> None:
     # Calls of 3 s, 5 at once, under ~40 sends/s: the worker always holds as many
     # messages waiting for a send, which the broker forgot when it handed them out (a call
-    # already posted is not lost: the API takes it even if its caller dies).
+    # already posted is not lost: the API takes it even if its caller dies). Three kills,
+    # as a kill may come before a replacement, slow to start, took anything.
     run_dir, _ = chaos(
-        tmp_path, broker_env(rabbitmq_url), "--modes", "naive", "--duration", "15",
-        "--kill-workers", "2", "--no-restart-broker", "--api-faults", "",
+        tmp_path, broker_env(rabbitmq_url), "--modes", "naive", "--duration", "25",
+        "--kill-workers", "3", "--no-restart-broker", "--api-faults", "",
         "--latency", "fixed:3", "--concurrency", "5",
     )  # fmt: skip
     row = load_run(run_dir).accounting_of("naive")
