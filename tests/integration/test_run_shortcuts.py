@@ -130,14 +130,14 @@ async def test_a_killed_naive_worker_loses_what_it_had_taken(rabbitmq_url: str) 
         email = Email(to=f"kill-{i}@example.com", subject="s", text="t")
         assert (await sender.hand(Job(id=uuid.uuid4().hex, email=email))).accepted
     depth = AmqpDepth(rabbitmq_url, (name,))
-    async with FakeMailgun(FakegunSettings(latency="fixed:60", seed=1)) as fake:
+    async with FakeMailgun(FakegunSettings(latency="fixed:20", seed=1)) as fake:
         worker = subprocess.Popen(
             [sys.executable, "-m", "harness.cli", "naive-worker", "--queue-name", name,
              "--concurrency", "5", "--mailgun-url", fake.url],
             env={**os.environ, QUEUE_URL_VAR: rabbitmq_url}, start_new_session=True,
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 200
             while not (fake.in_flight == 5 and await depth.depth() == 20):
                 assert worker.poll() is None and time.monotonic() < deadline
                 await asyncio.sleep(0.2)
