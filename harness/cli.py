@@ -46,6 +46,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "serve": ("servers.web.app", "serve the reference web application in one mode"),
     "worker": ("servers.worker", "consume a queue and send through the Mailgun API"),
+    "naive-worker": (
+        "servers.naive",
+        "poll RabbitMQ with auto-ack and send without retries (the naive mode's workers)",
+    ),
     "celery-worker": (
         "servers.frameworks.celery",
         "run Celery's own worker on the mailbench task (a framework mode's workers)",

@@ -424,3 +424,35 @@ async def open_rabbitmq(url: str, name: str) -> RabbitMQQueue:
         await connection.close()
         raise
     return queue
+
+
+class AmqpDepth:
+    """Ready messages of RabbitMQ queues that another client declared (``names``: a
+    framework's, the naive mode's), as AMQP reports them
+    (a RabbitMQ mailbench started is counted by the harness through the broker itself,
+    unacknowledged ones too)."""
+
+    def __init__(self, url: str, names: tuple[str, ...]) -> None:
+        self.url = url
+        self.names = names
+        self._connection: Any = None
+
+    async def depth(self) -> int:
+        try:
+            if self._connection is None:
+                self._connection = await aio_pika.connect_robust(self.url)
+            total = 0
+            for name in self.names:
+                channel = await self._connection.channel()
+                try:
+                    queue = await channel.declare_queue(name, passive=True)
+                    total += int(queue.declaration_result.message_count or 0)
+                finally:
+                    await channel.close()
+            return total
+        except (aio_pika.exceptions.AMQPException, OSError) as exc:
+            raise QueueError(f"the queue {self.names[0]} could not be counted: {exc!r}") from exc
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()

@@ -3,8 +3,10 @@
 A mode is one way for ``POST /send`` to let an email leave. Its entry here holds all
 that the server, the harness, the report, the gate, chaos and the tests need to know:
 
-* ``kind`` — :attr:`Kind.IN_REQUEST` (the handler calls the API and answers after it)
-  or :attr:`Kind.QUEUED` (the handler hands a job to a broker; workers send it);
+* ``kind`` — :attr:`Kind.IN_REQUEST` (the handler calls the API and answers after it),
+  :attr:`Kind.QUEUED` (the handler hands a job to a broker; workers send it) or
+  :attr:`Kind.BACKGROUND` (the handler starts a task of its own process that sends, and
+  answers at once: no broker, no workers; what is in flight lives in that process only);
 * ``sender`` — ``"module:Class"`` of the code that sends or enqueues in the handler
   (a :class:`servers.senders.base.Sender`, opened by
   :func:`servers.senders.base.open_sender`), imported only when the mode is served, so
@@ -22,6 +24,10 @@ that the server, the harness, the report, the gate, chaos and the tests need to 
   ``depth`` — ``"module:function"`` that opens its queue-depth probe (see
   :mod:`servers.frameworks`). Framework modes run with ``--modes frameworks``, not by
   default;
+* ``retries`` — False for a mode that never tries a failed send again (``naive``): the
+  drain then stops waiting for its lost emails once nothing can still arrive;
+* ``shortcut`` — a design that looks as fast as a queue but loses mail by construction
+  (``background``, ``naive``): it runs with ``--modes shortcuts``, not by default;
 * ``python`` — the virtualenv its servers and workers run in, ``.venv-<python>`` beside
   the project's ``.venv`` (``make install`` makes it from the optional dependency group
   of that name), for a framework whose dependencies cannot share the harness's (arq
@@ -44,6 +50,7 @@ from queues.errors import ConfigError
 class Kind(enum.Enum):
     IN_REQUEST = "in-request"  # the reply waits for the API: send time ≈ API latency
     QUEUED = "queued"  # the reply waits for the broker; workers call the API
+    BACKGROUND = "background"  # the reply comes first; a task of the server process sends
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +72,17 @@ class Mode:
     config: str | None = None  # its configuration: "default" or "reliable"
     depth: str | None = None  # "module:function" opening its depth probe (None: queues')
     python: str | None = None  # its servers' and workers' venv: .venv-<python> (None: ours)
+    retries: bool = True  # False: a failed send is never tried again, by design
+    shortcut: bool = False  # loses mail by design: runs with --modes shortcuts only
 
     def __post_init__(self) -> None:
         queued = self.kind is Kind.QUEUED
         if queued != (self.worker is not None) or queued != bool(self.service or self.queue_file):
             raise ValueError(f"mode {self.name}: a queued mode has a queue and workers, no other")
+        if not queued and self.lease_parameter is not None:
+            raise ValueError(f"mode {self.name}: only a queued mode has a lease to shorten")
+        if self.kind is Kind.BACKGROUND and self.blocks_event_loop:
+            raise ValueError(f"mode {self.name}: a background mode answers before it sends")
         if (self.framework is None) != (self.config is None) or (
             self.config is not None and self.config not in FRAMEWORK_CONFIGS
         ):
@@ -83,6 +96,12 @@ class Mode:
         return self.kind is Kind.QUEUED
 
     @property
+    def sends_after_reply(self) -> bool:
+        """The 2xx comes before the API call (a queue's worker or a background task sends):
+        ``send`` is then judged, like a queue's, against the form page."""
+        return self.kind is not Kind.IN_REQUEST
+
+    @property
     def has_broker_process(self) -> bool:
         """False where the queue is a file that the servers write (a crash of the broker
         is then a crash of those servers)."""
@@ -91,6 +110,7 @@ class Mode:
 
 _QUEUED = "servers.senders.queued:QueuedSender"
 FRAMEWORKS_GROUP = "frameworks"  # --modes frameworks: every framework mode
+SHORTCUTS_GROUP = "shortcuts"  # --modes shortcuts: background and naive
 FRAMEWORK_CONFIGS = ("default", "reliable")
 
 
@@ -198,6 +218,32 @@ MODES: dict[str, Mode] = {
             worker="worker",
             lease_parameter="lease",
         ),
+        # Shortcuts people ship: as fast as a queue until something goes wrong.
+        Mode(
+            "background",
+            Kind.BACKGROUND,
+            "servers.senders.background:BackgroundSender",
+            title="an in-process background task",
+            explanation="POST /send starts a task in the server process that sends (with "
+            "the workers' client and retries) and answers at once; no broker, no worker.",
+            colour="#F0E442",
+            shortcut=True,
+        ),
+        Mode(
+            "naive",
+            Kind.QUEUED,
+            "servers.senders.naive:NaiveSender",
+            title="the naive RabbitMQ queue",
+            explanation="POST /send opens a new AMQP connection and publishes without "
+            "confirms; one consumer polls with auto-ack every 5 s when idle, never retries "
+            "and never checks the API's answer.",
+            colour="#999999",
+            service="rabbitmq",
+            worker="naive-worker",
+            depth="servers.naive:open_depth",
+            retries=False,
+            shortcut=True,
+        ),
         # Task-queue frameworks on the same server: only the queue changes. Colours from
         # Paul Tol's colour-blind-safe "muted" scheme, the Okabe-Ito one being used up.
         *_framework_modes(
@@ -289,11 +335,17 @@ MODES: dict[str, Mode] = {
     )
 }
 
-IN_REQUEST = tuple(name for name, mode in MODES.items() if not mode.queued)
+IN_REQUEST = tuple(name for name, mode in MODES.items() if mode.kind is Kind.IN_REQUEST)
 FRAMEWORKS = tuple(name for name, mode in MODES.items() if mode.framework is not None)
+SHORTCUTS = tuple(name for name, mode in MODES.items() if mode.shortcut)
+GROUPS = {FRAMEWORKS_GROUP: FRAMEWORKS, SHORTCUTS_GROUP: SHORTCUTS}
 # The reference queues: what runs by default, and what chaos breaks by default.
-QUEUED = tuple(name for name, mode in MODES.items() if mode.queued and name not in FRAMEWORKS)
-DEFAULT = tuple(name for name in MODES if name not in FRAMEWORKS)
+QUEUED = tuple(
+    name
+    for name, mode in MODES.items()
+    if mode.queued and name not in FRAMEWORKS and name not in SHORTCUTS
+)
+DEFAULT = tuple(name for name in MODES if name not in FRAMEWORKS and name not in SHORTCUTS)
 
 
 def mode(name: str) -> Mode:
@@ -305,17 +357,19 @@ def mode(name: str) -> Mode:
 
 
 def parse_modes(text: str) -> tuple[str, ...]:
-    """``direct,redis`` → the modes named, in order; ``frameworks`` stands for every
-    framework mode; unknown names are one error."""
+    """``direct,redis`` → the modes named, in order; a group (``frameworks``: every
+    framework mode, ``shortcuts``: background and naive) stands for its modes; unknown
+    names are one error."""
     names: list[str] = []
     for name in (m.strip() for m in text.split(",")):
-        for each in FRAMEWORKS if name == FRAMEWORKS_GROUP else (name,) if name else ():
+        for each in GROUPS.get(name, (name,) if name else ()):
             if each not in names:
                 names.append(each)
     unknown = [m for m in names if m not in MODES]
     if unknown or not names:
+        groups = "; ".join(f"{group} for {', '.join(members)}" for group, members in GROUPS.items())
         raise ConfigError(
             f"unknown mode(s) {', '.join(unknown) or '(none)'}; choose from "
-            f"{', '.join(MODES)}, or {FRAMEWORKS_GROUP} for {', '.join(FRAMEWORKS)}"
+            f"{', '.join(MODES)}, or a group: {groups}"
         )
     return tuple(names)

@@ -399,7 +399,7 @@ def _mode_rows(
     mode: str, baseline: list[Run], current: list[Run], settings: GateSettings
 ) -> list[Judged]:
     known = MODES.get(mode)  # a --target's server is judged as a queued one
-    api_bound = known is not None and not known.queued  # POST /send awaits the API
+    api_bound = known is not None and not known.sends_after_reply  # POST /send awaits the API
     concurrent = settings.schedule == "concurrent"
 
     def row(metric: str, unit: str, rule: str, figure: Figure) -> Judged:

@@ -34,6 +34,11 @@ SIGKILLs all of it, as a host or container crash would, and the lease reaches th
 framework's own setting where it has one (Celery's Redis visibility timeout, RQ's
 registry maintenance interval) in the ``reliable`` configuration; ``default`` keeps the
 framework's as it ships, so what it loses under a crash is the finding.
+
+The shortcuts (``--modes shortcuts``) are broken the same way: ``naive``'s workers are
+killed as any worker (what they had taken is gone: auto-ack), and ``background`` has no
+worker and no broker: its queue is its server processes' memory, so the broker restart
+is a SIGKILL of those servers, and the sends they had in flight are lost.
 """
 
 from __future__ import annotations
@@ -256,7 +261,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--modes",
         default=",".join(QUEUED),
         help=f"modes to break (default: {','.join(QUEUED)}; frameworks: every task-queue "
-        "framework's modes; an in-request mode only with --restart-servers)",
+        "framework's modes; shortcuts: background and naive; an in-request mode only with "
+        "--restart-servers)",
     )
     add("--duration", type=float, default=60, help="seconds of load per mode (default: 60)")
     add("--users", type=int, default=20, help="Locust users posting the form (default: 20)")
@@ -295,7 +301,9 @@ def cli_main(args: argparse.Namespace) -> int:
     target = target_from_args(args)
     modes = (target.name,) if target is not None else parse_modes(args.modes)
     has_workers = (
-        bool(target.worker_cmd) if target is not None else any(mode_named(m).queued for m in modes)
+        bool(target.worker_cmd)
+        if target is not None
+        else any(mode_named(m).worker is not None for m in modes)
     )
     kill_workers = args.kill_workers if args.kill_workers is not None else 5 * has_workers
     check_chaos_args(args, target, modes, kill_workers, has_workers)
@@ -366,7 +374,7 @@ def check_chaos_args(
             "another server takes the sends while one restarts: add --server-procs 2."
         )
     if kill_workers and not has_workers:
-        what = "the target has no --worker-cmd" if target else f"{', '.join(modes)} has no queue"
+        what = "the target has no --worker-cmd" if target else f"{', '.join(modes)} has no workers"
         raise ConfigError(f"--kill-workers {kill_workers}: {what}, so no worker to kill.")
     if target is not None:
         if not (target.server_cmd or target.worker_cmd):
@@ -380,8 +388,10 @@ def check_chaos_args(
                 "--server-cmd."
             )
         return
-    if unbroken := [m for m in modes if not mode_named(m).queued and not args.restart_servers]:
+    if unbroken := [
+        m for m in modes if not mode_named(m).sends_after_reply and not args.restart_servers
+    ]:
         raise ConfigError(
-            f"{', '.join(unbroken)} has no queue, so chaos can only restart its servers: "
+            f"{', '.join(unbroken)} sends in the request, so chaos can only restart its servers: "
             "add --restart-servers N --server-procs 2 (or choose queued modes)."
         )

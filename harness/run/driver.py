@@ -243,7 +243,9 @@ class Driver:
         timeout = self.hooks.drain_timeout(cfg.drain_timeout_s)
         # Sent inside the request, every email is in the ledger once nothing is lost; with
         # a queue (ours, or maybe a target's), wait for two quiet polls in a row.
-        quiet_polls = 2 if tiers.queue_url or cfg.target else 1
+        # The same for a background mode's tasks in flight, which its servers count.
+        backlog = tiers.queue_url or (tiers.mode is not None and tiers.mode.sends_after_reply)
+        quiet_polls = 2 if backlog or cfg.target else 1
 
         grace = redelivery_s(tiers.mode, tiers.queue_url)
 

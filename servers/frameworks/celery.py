@@ -49,9 +49,9 @@ from celery import Celery, Task
 
 from queues.base import Job, encode_job
 from queues.errors import ConfigError
+from queues.rabbitmq import AmqpDepth
 from servers.frameworks.task import (
     TASK_NAME,
-    AmqpDepth,
     FrameworkWorkerSettings,
     RedisDepth,
     TaskRuntime,

@@ -76,9 +76,9 @@ from dramatiq.middleware import AgeLimit, CurrentMessage, Middleware, Retries, d
 
 from queues.base import Job, decode_job, encode_job
 from queues.errors import ConfigError, InvalidJob
+from queues.rabbitmq import AmqpDepth
 from servers.frameworks.task import (
     TASK_NAME,
-    AmqpDepth,
     FrameworkWorkerSettings,
     RedisDepth,
     TaskRuntime,

@@ -16,7 +16,6 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
-from queues import Queue
 from queues.base import Email, Job
 from servers.mailgun import MailgunSettings, Outcome
 from servers.metrics import Recorder
@@ -50,9 +49,18 @@ class SenderContext:
     framework_config: str | None = None  # a framework mode's: "default" or "reliable"
 
 
+class Backlog(Protocol):
+    """What ``/_mailbench/depth`` counts: a queue, or a background sender's tasks."""
+
+    async def depth(self) -> int: ...
+
+
 class Sender(Protocol):
-    queue: Queue | None  # the queue whose depth /_mailbench/depth reports (None: none)
     renderer: Renderer | None  # the per-email render, where it runs in the request
+
+    @property
+    def queue(self) -> Backlog | None:
+        """The queue (or tasks in flight) whose depth /_mailbench/depth reports (None: none)."""
 
     @classmethod
     async def open(cls, context: SenderContext) -> Sender: ...

@@ -66,7 +66,10 @@ def test_every_mode_is_complete_and_its_code_exists(name: str) -> None:
 
 
 def test_every_mode_but_the_frameworks_runs_by_default_and_is_accepted_everywhere() -> None:
-    assert tuple(n for n, m in MODES.items() if m.framework is None) == DEFAULT_MODES
+    assert (
+        tuple(n for n, m in MODES.items() if m.framework is None and not m.shortcut)
+        == DEFAULT_MODES
+    )
     assert parse_modes(",".join(MODES)) == tuple(MODES)
     frameworks = tuple(n for n, m in MODES.items() if m.framework is not None)
     assert frameworks and parse_modes("frameworks,redis") == (*frameworks, "redis")
@@ -84,7 +87,7 @@ def test_every_mode_has_its_own_colour_and_in_request_modes_their_own_line() -> 
     for name, mode in MODES.items():
         if mode.framework is None:
             assert mode.colour in OKABE_ITO
-            assert (mode_linestyle(name) == "-") == mode.queued
+            assert (mode_linestyle(name) == "-") == mode.sends_after_reply
         else:
             assert mode.colour in TOL_MUTED
             assert mode_linestyle(name) == ("-" if mode.config == "reliable" else "-.")

@@ -201,3 +201,12 @@ def test_framework_modes_get_their_table_beside_the_reference_queue(tmp_path: Pa
 
 def test_runs_without_a_framework_have_no_framework_table(tmp_path: Path) -> None:
     assert "Task-queue frameworks" not in markdown.render(synthetic_run(tmp_path), [])
+
+
+def test_headline_names_a_real_queue_before_a_faster_shortcut(tmp_path: Path) -> None:
+    shape = {"direct": (150, 760_000), "redis": (160, 900), "background": (150, 300)}
+    line = markdown.headline(synthetic_run(tmp_path, shape))
+    assert line.startswith("Queued with Redis, POST /send answered in "), line
+    del shape["redis"]
+    alone = markdown.headline(synthetic_run(tmp_path / "b", shape))
+    assert alone.startswith("Queued with an in-process background task"), alone
