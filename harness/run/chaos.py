@@ -140,7 +140,8 @@ class Chaos(Hooks):
             self.rng.uniform(0.1, 0.85) * duration for _ in range(self.settings.restart_servers)
         )
         mode = tiers.mode
-        has_broker = mode is not None and (mode.service or mode.queue_file) is not None
+        # A background mode's "broker" is its servers' memory: they crash instead.
+        has_broker = mode is not None and mode.sends_after_reply
         restart_at = 0.5 * duration if self.settings.restart_broker and has_broker else None
         self.plan = _Plan(kills, restart_at, server_restarts)
         self._starter = starter

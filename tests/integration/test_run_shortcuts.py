@@ -76,12 +76,14 @@ def test_nothing_lost_when_nothing_goes_wrong(shortcuts_run: Path, mode: str) ->
 
 
 def test_naive_polling_shows_as_delivery_lag(shortcuts_run: Path) -> None:
-    """The worker sleeps 5 s whenever it finds the queue empty: a 50 ms API call, and
-    yet half the emails wait a second or more (background's do not)."""
+    """The worker sleeps 5 s whenever it finds the queue empty (it does at least once, at
+    the start): a 50 ms API call, and yet an email waits seconds; background's do not
+    wait for a poll. How many wait depends on how often the queue runs empty, so on the
+    machine's speed: the test asks for the longest wait and the order of the medians."""
     run = load_run(shortcuts_run)
     naive, background = run.row("naive", "delivery"), run.row("background", "delivery")
     assert naive is not None and background is not None
-    assert naive.p50_us > 1_000_000 > background.p50_us, (naive, background)
+    assert naive.max_us > 2_000_000 and naive.p50_us > background.p50_us, (naive, background)
 
 
 def test_report_explains_both(shortcuts_run: Path) -> None:
