@@ -35,7 +35,7 @@ TARGET = ("--target", "http://127.0.0.1:9000")
     ("argv", "says"),
     [
         (("--modes", "redis", "--restart-servers", "2"), "needs --server-procs 2 or more"),
-        (("--modes", "direct"), "direct sends in the request, so chaos can only restart its servers"),
+        (("--modes", "direct"), "direct sends in the request, so chaos can only restart"),
         (("--modes", "direct", "--restart-servers", "1", "--server-procs", "2",
           "--kill-workers", "2"), "direct has no workers, so no worker to kill"),
         (TARGET, "give the target's --server-cmd and/or --worker-cmd"),
