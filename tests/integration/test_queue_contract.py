@@ -159,6 +159,52 @@ async def _postgres_reasons(backend: Backend) -> list[str]:
     return [row[0] for row in rows]
 
 
+def _sqs_client(backend: Backend) -> Any:
+    from aiobotocore.session import get_session
+
+    from queues.sqs import parse_url
+
+    target, _ = parse_url(backend.url)
+    assert target.key is not None
+    key, secret = target.key
+    return get_session().create_client(
+        "sqs",
+        region_name=target.region,
+        endpoint_url=target.endpoint,
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+    )
+
+
+async def _sqs_inject(backend: Backend, raw: bytes) -> None:
+    async with _sqs_client(backend) as client:
+        url = (await client.get_queue_url(QueueName=backend.name))["QueueUrl"]
+        # An SQS body is text: the undecodable byte arrives as U+FFFD, still no job.
+        await client.send_message(QueueUrl=url, MessageBody=raw.decode(errors="replace"))
+
+
+async def _sqs_reasons(backend: Backend) -> list[str]:
+    reasons = []
+    async with _sqs_client(backend) as client:
+        url = (await client.get_queue_url(QueueName=f"{backend.name}-dead"))["QueueUrl"]
+        while True:  # received and left: they come back after the visibility timeout
+            reply = await client.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=30,
+                MessageAttributeNames=["All"],
+            )  # fmt: skip
+            if not reply.get("Messages"):
+                return reasons
+            for message in reply["Messages"]:
+                reasons.append(message["MessageAttributes"]["mailbench-reason"]["StringValue"])
+
+
+async def _sqs_clean(backend: Backend) -> None:
+    async with _sqs_client(backend) as client:
+        for name in (backend.name, f"{backend.name}-dead"):
+            url = (await client.get_queue_url(QueueName=name))["QueueUrl"]
+            await client.delete_queue(QueueUrl=url)
+
+
 async def _nothing_to_clean(backend: Backend) -> None:
     return None
 
@@ -199,6 +245,7 @@ CLEAN: dict[str, Callable[[Backend], Awaitable[None]]] = {
     "redis": _redis_clean,
     "rabbitmq": _rabbitmq_clean,
     "postgres": _postgres_clean,
+    "sqs": _sqs_clean,
 }
 INJECT: dict[str, Callable[[Backend, bytes], Awaitable[None]]] = {
     "memory": _memory_inject,
@@ -206,6 +253,7 @@ INJECT: dict[str, Callable[[Backend, bytes], Awaitable[None]]] = {
     "redis": _redis_inject,
     "rabbitmq": _rabbitmq_inject,
     "postgres": _postgres_inject,
+    "sqs": _sqs_inject,
 }
 REASONS: dict[str, Callable[[Backend], Awaitable[list[str]]]] = {
     "memory": _memory_reasons,
@@ -213,6 +261,7 @@ REASONS: dict[str, Callable[[Backend], Awaitable[list[str]]]] = {
     "redis": _redis_reasons,
     "rabbitmq": _rabbitmq_reasons,
     "postgres": _postgres_reasons,
+    "sqs": _sqs_reasons,
 }
 
 
@@ -223,6 +272,7 @@ REASONS: dict[str, Callable[[Backend], Awaitable[list[str]]]] = {
         pytest.param("redis", marks=pytest.mark.integration),
         pytest.param("rabbitmq", marks=pytest.mark.integration),
         pytest.param("postgres", marks=pytest.mark.integration),
+        pytest.param("sqs", marks=pytest.mark.integration),
     ]
 )
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
@@ -235,6 +285,8 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         url = with_query(request.getfixturevalue("redis_url"), "visibility=1&poll=0.1")
     elif kind == "rabbitmq":
         url = request.getfixturevalue("rabbitmq_url")
+    elif kind == "sqs":
+        url = with_query(request.getfixturevalue("sqs_url"), "visibility=1&poll=1")
     else:
         url = with_query(request.getfixturevalue("postgres_url"), "lease=1&poll=0.1")
     backend = Backend(kind, url)
@@ -487,7 +539,7 @@ async def test_concurrent_enqueues_are_each_consumed_exactly_once(backend: Backe
 
 @pytest.mark.parametrize(
     ("scheme", "broker"),
-    [("amqp", "RabbitMQ"), ("redis", "Redis"), ("postgresql", "PostgreSQL")],
+    [("amqp", "RabbitMQ"), ("redis", "Redis"), ("postgresql", "PostgreSQL"), ("sqs", "SQS")],
 )
 async def test_unreachable_broker_is_one_clear_sentence(scheme: str, broker: str) -> None:
     with socket.socket() as probe:
