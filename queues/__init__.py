@@ -38,7 +38,8 @@ BACKENDS: dict[str, str] = {
 
 async def open_queue(url: str, name: str = "mailbench") -> Queue:
     """Connect to the queue at ``url`` (``amqp://``, ``redis://``, ``sqlite:///path``,
-    ``postgresql://``, ``sqs://``, an SQS ``https://`` queue URL, ``memory://``) and make sure the queue ``name`` exists."""
+    ``postgresql://``, ``sqs://``, an SQS ``https://`` queue URL, ``memory://``) and make
+    sure the queue ``name`` exists."""
     scheme = urlsplit(url).scheme
     target = BACKENDS.get(scheme)
     if target is None:

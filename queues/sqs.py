@@ -193,6 +193,7 @@ class SQSQueue:
         self._fifo = False
         self._in_flight: dict[str, Slots] = {}
         self._unyielded: dict[str, _Message] = {}  # received, not yet handed out
+        self._receives: set[asyncio.Task[list[_Message]]] = set()
         self._closed = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -278,14 +279,18 @@ class SQSQueue:
         slots = Slots(prefetch, asyncio.Event())
         batch: deque[str] = deque()
         backoff = 0.0
+        receiving: asyncio.Task[list[_Message]] | None = None
         try:
             while not self._closed.is_set():
                 if slots.free == 0:
                     slots.released.clear()
                     await self._until_closed(slots.released.wait())
                     continue
+                receiving = self._receiving(min(BATCH, slots.free))
                 try:
-                    received = await self._until_closed(self._receive(min(BATCH, slots.free)))
+                    # Shielded: a receive cut off would leave its messages hidden for the
+                    # visibility timeout (the server goes on with a long poll it took).
+                    received = await self._until_closed(asyncio.shield(receiving))
                 except QueueError as exc:
                     if self._closed.is_set():
                         return
@@ -293,10 +298,11 @@ class SQSQueue:
                     log.warning("%s; trying again in %.1f s", exc, backoff)
                     await self._until_closed(asyncio.sleep(backoff))
                     continue
+                if received is None:  # closed: close() hands back what it brings
+                    return
+                receiving = None
                 backoff = 0.0
-                for message in received or ():
-                    self._unyielded[message.receipt] = message
-                    batch.append(message.receipt)
+                batch.extend(message.receipt for message in received)
                 while batch and not self._closed.is_set():  # close() hands them back
                     message = self._unyielded.pop(batch.popleft())
                     try:
@@ -313,8 +319,27 @@ class SQSQueue:
                         job, _Handle(message.receipt, slots), deliveries=message.deliveries
                     )
         finally:
+            if receiving is not None and not self._closed.is_set():
+                with contextlib.suppress(QueueError):
+                    batch.extend(message.receipt for message in await receiving)
             if batch and not self._closed.is_set():
                 await self._hand_back_quietly([self._unyielded.pop(r) for r in batch])
+
+    def _receiving(self, count: int) -> asyncio.Task[list[_Message]]:
+        """A receive whose messages are held in ``_unyielded`` until handed out, and
+        which :meth:`close` waits for."""
+
+        async def receive() -> list[_Message]:
+            messages = await self._receive(count)
+            self._unyielded.update((message.receipt, message) for message in messages)
+            return messages
+
+        task = asyncio.create_task(receive())
+        # Its error reaches the consumer that awaits it; one that closed does not care.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._receives.add(task)
+        task.add_done_callback(self._receives.discard)
+        return task
 
     async def _receive(self, count: int) -> list[_Message]:
         with self._action(f"receive from {self._main}"):
@@ -355,10 +380,11 @@ class SQSQueue:
             await asyncio.wait([task, closed], return_when=asyncio.FIRST_COMPLETED)
         finally:
             closed.cancel()
-            if not task.done():
+            cut_off = not task.done()
+            if cut_off:
                 task.cancel()
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return task.result() if task.done() else None
+        return None if cut_off else task.result()
 
     async def _keep_hidden(self) -> None:
         # Extend the visibility of the messages held, so only a silent consumer's come back.
@@ -458,6 +484,8 @@ class SQSQueue:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
+        if self._receives:  # a long poll ends within poll seconds
+            await asyncio.wait(self._receives, timeout=self._settings.poll + 10)
         if self._unyielded:
             await self._hand_back_quietly(list(self._unyielded.values()))
             self._unyielded.clear()

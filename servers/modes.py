@@ -198,6 +198,19 @@ MODES: dict[str, Mode] = {
             worker="worker",
             lease_parameter="lease",
         ),
+        Mode(
+            "sqs",
+            Kind.QUEUED,
+            _QUEUED,
+            title="Amazon SQS",
+            explanation="POST /send sends the job to an SQS queue (aiobotocore) and waits for "
+            "the reply; workers long-poll. Locally moto's in-memory SQS server: its figures "
+            "are moto's, not AWS's.",
+            colour="#999999",
+            service="sqs",
+            worker="worker",
+            lease_parameter="visibility",
+        ),
         # Task-queue frameworks on the same server: only the queue changes. Colours from
         # Paul Tol's colour-blind-safe "muted" scheme, the Okabe-Ito one being used up.
         *_framework_modes(
