@@ -503,10 +503,10 @@ async def open_sqs(url: str, name: str) -> SQSQueue:
     target, settings = parse_url(url)
     shown = redact_url(url)
     config = AioConfig(
-        connect_timeout=5,
+        connect_timeout=10,
         read_timeout=MAX_WAIT_S + 10,  # above the long poll
         retries={"max_attempts": 3, "mode": "standard"},
-        max_pool_connections=50,  # a server's enqueues in flight at once
+        max_pool_connections=20,  # requests in flight at once; more only crowd moto's threads
     )
     options: dict[str, Any] = {"region_name": target.region, "config": config}
     if target.endpoint is not None:
