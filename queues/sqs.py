@@ -51,7 +51,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from queues.base import Delivery, Job, Slots, decode_job, encode_job
+from queues.base import Delivery, Job, Slots, decode_job, encode_job, until_closed
 from queues.errors import ConfigError, InvalidJob, MailbenchError, QueueError, ServiceUnavailable
 from queues.urls import redact_url, split_settings
 
@@ -373,18 +373,7 @@ class SQSQueue:
         return messages
 
     async def _until_closed(self, aw: Any) -> Any:
-        """Await ``aw`` unless the queue closes first (then return ``None``)."""
-        task = asyncio.ensure_future(aw)
-        closed = asyncio.ensure_future(self._closed.wait())
-        try:
-            await asyncio.wait([task, closed], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-            cut_off = not task.done()
-            if cut_off:
-                task.cancel()
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return None if cut_off else task.result()
+        return await until_closed(self._closed, aw)
 
     async def _keep_hidden(self) -> None:
         # Extend the visibility of the messages held, so only a silent consumer's come back.
