@@ -1,35 +1,21 @@
-"""Amazon SQS backend (aiobotocore), for an SQS-compatible server or AWS itself.
-
-Two kinds of URL:
-
-* ``sqs://[key:secret@]host:port[/queue]`` — a local endpoint speaking the SQS API over
-  HTTP (moto in server mode, as ``mailbench services`` starts it; ElasticMQ and
-  LocalStack too). ``region`` in the query (default ``us-east-1``); the key and secret
-  of the user info, else a fixed pair, never the machine's AWS credentials.
-* ``https://sqs.<region>.amazonaws.com/<account>/<queue>`` — a queue of AWS, with the
-  usual credentials chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
-  ``AWS_PROFILE``, ``~/.aws``, an instance or task role).
-
-The queue is the URL's path where it has one, else the name the caller gives. A name
-ending in ``.fifo`` is a FIFO queue: the job's id is its ``MessageDeduplicationId`` on
-enqueue (one message group per job, so no job waits behind another's).
+"""Amazon SQS backend (aiobotocore): ``sqs://[key:secret@]host:port[/queue]?region=…`` for
+an SQS-compatible server such as moto (a fixed dummy key unless the URL has one, never
+the machine's AWS credentials), or an AWS queue URL,
+``https://sqs.<region>.amazonaws.com/<account>/<queue>``, with the usual credentials
+chain. The queue is the URL's path where it has one, else the name the caller gives; a
+name ending in ``.fifo`` is a FIFO queue, whose enqueue is deduplicated by the job's id.
 
 Query parameters (besides ``region``): ``visibility`` — seconds a received message stays
-invisible to other consumers (default 30; the consumer extends it for the messages it
-holds every third of it, so only a dead consumer's come back); ``poll`` — the long
-poll's ``WaitTimeSeconds`` (default 1, at most 20); ``max_receives`` — the redrive
-policy's ``maxReceiveCount`` (default 20, far above the worker's ``--max-deliveries``).
+hidden (default 30; extended every third of it for the messages a consumer holds);
+``poll`` — the long poll's ``WaitTimeSeconds`` (default 1, at most 20);
+``max_receives`` — the redrive policy's ``maxReceiveCount`` (default 20).
 
-The dead letter is the queue's redrive target, ``<queue>-dead`` (``<queue>-dead.fifo``),
-made with the queue unless the queue already names one: SQS moves a message received
-``max_receives`` times there itself; the worker's dead letters and undecodable
-payloads are sent there with the reason in the ``mailbench-reason`` attribute. A retry
-is a new message with ``DelaySeconds`` (rounded up to whole seconds, at most 900), and
-the original is deleted once SQS has taken it; a FIFO queue takes no per-message delay,
-so there the retry carries its due time (``mailbench-due``) and a consumer that receives
-it early hides it again until then. Hand-backs are new messages too, carrying the
-deliveries made so far (``mailbench-deliveries``), as ``ApproximateReceiveCount``
-starts again from 1 for each message.
+The dead letter is the redrive target, ``<queue>-dead`` (``…-dead.fifo``), with the
+reason in the ``mailbench-reason`` attribute. Retries and hand-backs are new messages:
+a retry with ``DelaySeconds`` (a FIFO queue takes none: there it carries its due time,
+``mailbench-due``, and is hidden again if received early), a hand-back with the
+deliveries made so far (``mailbench-deliveries``), as ``ApproximateReceiveCount`` starts
+again with each message. docs/modes.md has the rest.
 """
 
 from __future__ import annotations
@@ -376,10 +362,11 @@ class SQSQueue:
         return await until_closed(self._closed, aw)
 
     async def _keep_hidden(self) -> None:
-        # Extend the visibility of the messages held, so only a silent consumer's come back.
+        # Extend the visibility of the messages held (handed out, or received and not yet
+        # handed out), so only a silent consumer's come back.
         while not self._closed.is_set():
             await asyncio.sleep(self._settings.visibility / 3)
-            receipts = list(self._in_flight)
+            receipts = [*self._in_flight, *self._unyielded]
             for start in range(0, len(receipts), BATCH):
                 entries = [
                     {"Id": str(n), "ReceiptHandle": r, "VisibilityTimeout": self._visibility}
@@ -413,7 +400,14 @@ class SQSQueue:
     async def ack(self, delivery: Delivery) -> None:
         receipt = self._release(delivery)
         with self._action(f"delete job {delivery.job.id}"):
-            await self._client.delete_message(QueueUrl=self._main, ReceiptHandle=receipt)
+            try:
+                await self._client.delete_message(QueueUrl=self._main, ReceiptHandle=receipt)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "ReceiptHandleIsInvalid":
+                    raise
+                # Its visibility ran out and another consumer took the message and
+                # deleted it: the job is done (twice, which the ledger shows).
+                log.warning("job %s was deleted by another consumer: %s", delivery.job.id, exc)
 
     async def retry(self, delivery: Delivery, delay: float) -> None:
         receipt = self._release(delivery)
