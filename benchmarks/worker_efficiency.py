@@ -6,7 +6,7 @@ fills each backend's queue, lets one ``mailbench worker`` drain it against the f
 Mailgun, and reports the sustained delivered/s over a steady window as a fraction of that
 limit (target ≥ 90%).
 
-    python benchmarks/worker_efficiency.py [--backends sqlite,redis,rabbitmq,postgres]
+    python benchmarks/worker_efficiency.py [--backends sqlite,redis,rabbitmq,postgres,sqs]
         [--concurrency 200] [--latency uniform:0.5,1.0] [--window 15] [--json out.json]
 """
 
@@ -30,7 +30,7 @@ from queues.base import Email, Job
 from servers.fakegun.admin import FakegunAdmin
 from servers.fakegun.latency import parse_latency
 
-BACKENDS = ("sqlite", "redis", "rabbitmq", "postgres")
+BACKENDS = ("sqlite", "redis", "rabbitmq", "postgres", "sqs")
 WARMUP_S = 4.0
 
 

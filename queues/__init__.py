@@ -31,12 +31,15 @@ BACKENDS: dict[str, str] = {
     "sqlite": "queues.sqlite:open_sqlite",
     "postgresql": "queues.postgres:open_postgres",
     "postgres": "queues.postgres:open_postgres",
+    "sqs": "queues.sqs:open_sqs",
+    "https": "queues.sqs:open_sqs",  # an AWS SQS queue URL (any other https:// is refused)
 }
 
 
 async def open_queue(url: str, name: str = "mailbench") -> Queue:
     """Connect to the queue at ``url`` (``amqp://``, ``redis://``, ``sqlite:///path``,
-    ``postgresql://``, ``memory://``) and make sure the queue ``name`` exists."""
+    ``postgresql://``, ``sqs://``, an SQS ``https://`` queue URL, ``memory://``) and make
+    sure the queue ``name`` exists."""
     scheme = urlsplit(url).scheme
     target = BACKENDS.get(scheme)
     if target is None:

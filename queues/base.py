@@ -94,6 +94,24 @@ class Slots:
         self.released.set()
 
 
+async def until_closed(closed: asyncio.Event, aw: Any) -> Any:
+    """Await ``aw`` unless ``closed`` is set first, then cancel it and return ``None``
+    (a helper shared by backends whose consumers wait on the broker)."""
+    task = asyncio.ensure_future(aw)
+    closing = asyncio.ensure_future(closed.wait())
+    try:
+        await asyncio.wait([task, closing], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        closing.cancel()
+        # Read before the cancel: a future (a shield) is done as soon as it is cancelled.
+        cut_off = not task.done()
+        if cut_off:
+            task.cancel()
+            # Its connection closes with the queue; that error is of no interest.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return None if cut_off else task.result()
+
+
 def encode_job(job: Job) -> bytes:
     """The one wire format shared by every backend: compact UTF-8 JSON."""
     payload = {

@@ -35,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from queues.base import Delivery, Job, Slots, decode_job, encode_job
+from queues.base import Delivery, Job, Slots, decode_job, encode_job, until_closed
 from queues.errors import ConfigError, InvalidJob, MailbenchError, QueueError, ServiceUnavailable
 from queues.urls import redact_url, split_settings
 
@@ -289,18 +289,7 @@ class RedisQueue:
             log.warning("%s; they come back after the visibility timeout", exc)
 
     async def _until_closed(self, aw: Any) -> Any:
-        """Await ``aw`` unless the queue closes first (then return ``None``)."""
-        task = asyncio.ensure_future(aw)
-        closed = asyncio.ensure_future(self._closed.wait())
-        try:
-            await asyncio.wait([task, closed], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-            if not task.done():
-                task.cancel()
-                # Its connection closes with the queue; that error is of no interest.
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return task.result() if task.done() else None
+        return await until_closed(self._closed, aw)
 
     async def _keep_claims(self) -> None:
         # Reset the idle time of our unsettled entries so only a silent consumer's

@@ -218,6 +218,19 @@ MODES: dict[str, Mode] = {
             worker="worker",
             lease_parameter="lease",
         ),
+        Mode(
+            "sqs",
+            Kind.QUEUED,
+            _QUEUED,
+            title="Amazon SQS",
+            explanation="POST /send sends the job to an SQS queue (aiobotocore) and waits for "
+            "the reply; workers long-poll. Locally moto's in-memory SQS server: its figures "
+            "are moto's, not AWS's.",
+            colour="#999999",
+            service="sqs",
+            worker="worker",
+            lease_parameter="visibility",
+        ),
         # Shortcuts people ship: as fast as a queue until something goes wrong.
         Mode(
             "background",
@@ -237,7 +250,7 @@ MODES: dict[str, Mode] = {
             explanation="POST /send opens a new AMQP connection and publishes without "
             "confirms; one consumer polls with auto-ack every 5 s when idle, never retries "
             "and never checks the API's answer.",
-            colour="#999999",
+            colour="#000000",
             service="rabbitmq",
             worker="naive-worker",
             depth="servers.naive:open_depth",

@@ -54,7 +54,7 @@ def make_service_settings(
     def make() -> ServiceSettings:
         base = tmp_path_factory.mktemp("services")
         _let_postgres_in(base, tmp_path_factory.getbasetemp())
-        amqp, dist, epmd, redis, postgres = free_ports(5)
+        amqp, dist, epmd, redis, postgres, sqs = free_ports(6)
         return ServiceSettings(
             base_dir=base,
             rabbitmq_port=amqp,
@@ -62,7 +62,8 @@ def make_service_settings(
             epmd_port=epmd,
             redis_port=redis,
             postgres_port=postgres,
-            env=dict(os.environ),  # AMQP_URL, REDIS_URL, DATABASE_URL are honoured
+            sqs_port=sqs,
+            env=dict(os.environ),  # AMQP_URL, REDIS_URL, DATABASE_URL, SQS_URL are honoured
         )
 
     return make
@@ -87,6 +88,11 @@ def redis_url(services: Services) -> str:
 @pytest.fixture(scope="session")
 def postgres_url(services: Services) -> str:
     return _start_or_skip(services, "postgres")
+
+
+@pytest.fixture(scope="session")
+def sqs_url(services: Services) -> str:
+    return _start_or_skip(services, "sqs")
 
 
 @pytest.fixture(scope="session")

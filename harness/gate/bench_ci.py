@@ -133,10 +133,10 @@ def brokers(modes: Sequence[str], base: Path, env: Mapping[str, str]) -> Iterato
         if (service := MODES[mode].service) is not None and not env.get(ENV_VARS[service]):
             needed[service] = None
     wanted = list(needed)
-    amqp, dist, epmd, redis, postgres = free_ports(5)
+    amqp, dist, epmd, redis, postgres, sqs = free_ports(6)
     settings = ServiceSettings(
         base_dir=base, rabbitmq_port=amqp, rabbitmq_dist_port=dist, epmd_port=epmd,
-        redis_port=redis, postgres_port=postgres, env=dict(env),
+        redis_port=redis, postgres_port=postgres, sqs_port=sqs, env=dict(env),
     )  # fmt: skip
     with Services(settings) as services:
         yield {ENV_VARS[name]: services.start(name) for name in wanted}

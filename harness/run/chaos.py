@@ -7,7 +7,9 @@ replacement at once, as a supervisor would), restarts the broker once half-way
 (``--restart-broker``: a crash — SIGKILL for Redis and RabbitMQ, an immediate
 shutdown for PostgreSQL — then a start on the same data; SQLite has no broker
 process, so the server processes that write its file are killed and restarted
-instead), and the fake Mailgun injects ``--api-faults`` and a ``--rate-limit``.
+instead; the local SQS server, moto, keeps its queues in memory alone, so its restart
+is skipped, with an event and a note that say so), and the fake Mailgun injects
+``--api-faults`` and a ``--rate-limit``.
 Then it drains and prints the accounting per backend: accepted, delivered,
 duplicates, dead-lettered, lost (must be 0) and unexpected (must be 0).
 
@@ -68,6 +70,7 @@ from harness.run.config import RunConfig
 from harness.run.driver import FAKEGUN_STATS, Hooks
 from harness.run.target import Target
 from harness.run.tiers import Tiers, TierStarter
+from harness.services.brokers import BROKERS
 from harness.services.manager import Services, add_service_arguments, settings_from_args
 from harness.services.settings import ENV_VARS
 from servers.fakegun.admin import FakegunAdmin
@@ -92,7 +95,8 @@ class ChaosSettings:
 class Event:
     at_s: float
     # "kill" (a worker), "restart" (the broker), "crash" (a worker that exited by itself),
-    # "server-kill" and "server-restart" (a server process, as a deploy replaces it)
+    # "server-kill" and "server-restart" (a server process, as a deploy replaces it), or
+    # "skip" (a broker restart not made: the broker keeps its queues in memory alone)
     kind: str
     what: str
 
@@ -183,6 +187,7 @@ class Chaos(Hooks):
             f"chaos: {killed} workers killed, broker restarted {restarted} time(s), "
             f"{servers} servers restarted, {crashed} workers exited by themselves"
         )
+        result.notes.extend(f"chaos: {e.what}" for e in self.plan.events if e.kind == "skip")
         stats = json.loads((raw / FAKEGUN_STATS).read_text())
         faults = ", ".join(f"{n} × {kind}" for kind, n in sorted(stats["faults"].items()))
         result.notes.append(
@@ -227,6 +232,16 @@ class Chaos(Hooks):
                 tiers.servers.remove(server)
             starter.start_servers(tiers)
             what = f"restarted the {mode.name} servers (SIGKILL, then started again)"
+        elif not (broker := BROKERS[mode.service]).keeps_data:
+            # Its jobs would be gone with its memory: a loss of the broker's making that
+            # says nothing of the queue's code, so neither made nor counted.
+            self._event(
+                elapsed,
+                "skip",
+                f"broker restart skipped: {broker.title} keeps its queues in memory alone, "
+                "so a restart would empty them (not counted as loss)",
+            )
+            return
         else:
             self.services.restart(mode.service)
             what = f"restarted {mode.service} (crashed, then started on its data)"
@@ -329,7 +344,11 @@ def cli_main(args: argparse.Namespace) -> int:
     if restart_broker:
         for mode in modes:
             service = mode_named(mode).service
-            if service is not None and services_settings.url_from_env(service):
+            if (
+                service is not None
+                and BROKERS[service].keeps_data
+                and services_settings.url_from_env(service)
+            ):
                 raise ConfigError(
                     f"chaos restarts the {service} broker, so it must start its own: unset "
                     f"{ENV_VARS[service]} (or pass --no-restart-broker)."

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import grp
+import importlib.util
 import json
 import logging
 import os
@@ -25,6 +26,8 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
+import urllib.request
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -87,11 +90,14 @@ class Broker(Protocol):
 
     name: str
     title: str  # as users know it: "RabbitMQ"
-    package: str  # Debian package
+    package: str  # Debian package, or "pip:<requirement>" for a server from PyPI
     env_var: str  # names the URL of a server the user runs; we then start nothing
     login: str  # the user clients log in as (its password is drawn per broker data)
     stop_signal: int
     crash_signal: int  # a crash that keeps the data: what `mailbench chaos` restarts with
+    # False for a server that keeps its queues in memory alone: a restart loses every job,
+    # so `mailbench chaos` skips it (with a note) rather than count the jobs as lost.
+    keeps_data: bool
 
     def installed(self, settings: ServiceSettings) -> bool: ...
     def ports(self, settings: ServiceSettings) -> tuple[int, ...]: ...
@@ -134,6 +140,7 @@ class Redis:
     # With appendfsync always a reply follows the AOF's write and fsync, so nothing acked
     # is lost; with everysec, see REDIS_FSYNC.
     crash_signal: int = signal.SIGKILL
+    keeps_data = True
 
     def installed(self, settings: ServiceSettings) -> bool:
         return shutil.which("redis-server", path=_path(settings)) is not None
@@ -191,6 +198,7 @@ class RabbitMQ:
     # The start script traps SIGTERM and stops the Erlang VM cleanly.
     stop_signal: int = signal.SIGTERM
     crash_signal: int = signal.SIGKILL  # confirms follow the disk write of persistent messages
+    keeps_data = True
     node = "mailbench@localhost"
 
     def _server(self, settings: ServiceSettings) -> Path | None:
@@ -285,6 +293,7 @@ class Postgres:
     # "Immediate" shutdown: no checkpoint, crash recovery from the WAL on the next start.
     # (SIGKILL to the postmaster would leave its backends holding the shared memory.)
     crash_signal: int = signal.SIGQUIT
+    keeps_data = True
     user = "postgres"
 
     def bin_dir(self, settings: ServiceSettings) -> Path | None:
@@ -442,6 +451,12 @@ def ensure_installed(broker: Broker, settings: ServiceSettings) -> None:
     """Install a missing broker with apt-get if allowed, else say how to get one."""
     if broker.installed(settings):
         return
+    if broker.package.startswith("pip:"):  # not apt's: PyPI's, in mailbench's own venv
+        requirement = broker.package.removeprefix("pip:")
+        raise ServiceUnavailable(
+            f"{broker.title} is not installed: run `make install` or `pip install "
+            f"'{requirement}'`, or set {broker.env_var} to an existing server."
+        )
     hint = (
         f"run `apt-get install {broker.package}`, or set {broker.env_var} to an existing "
         f"server, or `docker compose up -d {broker.name}`"
@@ -478,5 +493,56 @@ def _apt(args: list[str], install_log: Path) -> None:
         )
 
 
-_ALL: tuple[Broker, ...] = (RabbitMQ(), Redis(), Postgres())
+# moto's server, quiet: werkzeug would log a line per request, thousands a second.
+_MOTO = (
+    "import logging, sys; logging.getLogger('werkzeug').setLevel(logging.WARNING); "
+    "from moto.server import main; main(sys.argv[1:])"
+)
+
+
+class SQS:
+    """moto in server mode: the SQS API, in memory (a restart empties it).
+
+    It checks no signature, so the URL carries no credentials: anyone on the machine
+    who finds its port on loopback can use its queues (docs/modes.md, sqs).
+    """
+
+    name = "sqs"
+    title = "SQS (moto)"
+    package = "pip:moto[server]"
+    env_var = ENV_VARS["sqs"]
+    login = "mailbench"
+    stop_signal: int = signal.SIGTERM
+    crash_signal: int = signal.SIGKILL  # loses every queue: chaos skips the restart
+    keeps_data = False  # what chaos asks before it restarts a broker
+
+    def installed(self, settings: ServiceSettings) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in ("moto", "flask_cors"))
+
+    def ports(self, settings: ServiceSettings) -> tuple[int, ...]:
+        return (settings.sqs_port,)
+
+    def url(self, settings: ServiceSettings, credentials: Credentials) -> str:
+        return f"sqs://127.0.0.1:{settings.sqs_port}?region=us-east-1"
+
+    def prepare(self, settings: ServiceSettings, workdir: Path, credentials: Credentials) -> Launch:
+        private_dir(workdir)
+        argv = [sys.executable, "-c", _MOTO, "-H", "127.0.0.1", "-p", str(settings.sqs_port)]
+        return Launch(argv, workdir / "moto.log", _base_env(settings))
+
+    def ready(self, settings: ServiceSettings, launch: Launch, credentials: Credentials) -> bool:
+        url = f"http://127.0.0.1:{settings.sqs_port}/moto-api/data.json"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                return reply.status == 200 and isinstance(json.loads(reply.read()), dict)
+        except (OSError, ValueError):
+            return False
+
+    def after_ready(
+        self, settings: ServiceSettings, workdir: Path, credentials: Credentials
+    ) -> None:
+        pass
+
+
+_ALL: tuple[Broker, ...] = (RabbitMQ(), Redis(), Postgres(), SQS())
 BROKERS: dict[str, Broker] = {b.name: b for b in _ALL}

@@ -11,12 +11,13 @@ from typing import Final
 
 from harness.errors import ConfigError
 
-SERVICE_NAMES: Final = ("rabbitmq", "redis", "postgres")
+SERVICE_NAMES: Final = ("rabbitmq", "redis", "postgres", "sqs")
 # The variable naming a broker the user runs: with it set, mailbench starts none.
 ENV_VARS: Final[Mapping[str, str]] = {
     "rabbitmq": "AMQP_URL",
     "redis": "REDIS_URL",
     "postgres": "DATABASE_URL",
+    "sqs": "SQS_URL",  # sqs://HOST:PORT, or an AWS queue's https:// URL
 }
 
 
@@ -59,6 +60,7 @@ class ServiceSettings:
     epmd_port: int = 28369  # a private epmd, not the machine's 4369
     redis_port: int = 28379
     postgres_port: int = 28432
+    sqs_port: int = 28576  # moto's server (its own default is 5000)
     redis_fsync: str = "always"  # one of REDIS_FSYNC
     install: bool = field(default_factory=_apt_allowed)  # may apt-get install a missing broker
     start_timeout: float = 60.0  # RabbitMQ needs ~5 s alone, far more on a busy 2-core box

@@ -38,7 +38,7 @@ from servers.worker import CRASH_EXIT_CODE
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-BACKENDS = ("redis", "sqlite", "postgres", "rabbitmq")
+BACKENDS = ("redis", "sqlite", "postgres", "rabbitmq", "sqs")
 POISON = "this subject crashes the worker"
 MAX_DELIVERIES = 3
 GOOD_JOBS = 20
@@ -64,9 +64,11 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Broker:
         base = f"sqlite:///{tmp_path / 'jobs.db'}"
         return Broker(kind, f"{base}?lease=1&poll=0.05", f"{base}?lease=60&poll=0.05")
     url = request.getfixturevalue(f"{kind}_url")
-    if kind == "redis":
+    if kind in ("redis", "sqs"):
         return Broker(
-            kind, with_query(url, "visibility=1&poll=0.1"), with_query(url, "visibility=60")
+            kind,
+            with_query(url, f"visibility=1&poll={1 if kind == 'sqs' else 0.1}"),
+            with_query(url, "visibility=60"),
         )
     if kind == "postgres":
         return Broker(kind, with_query(url, "lease=1&poll=0.1"), with_query(url, "lease=60"))

@@ -13,17 +13,21 @@ from harness.results.folder import load_run
 
 pytestmark = pytest.mark.integration
 
-QUEUED = ("sqlite", "redis", "rabbitmq", "postgres")
+QUEUED = ("sqlite", "redis", "rabbitmq", "postgres", "sqs")
 
 
 @pytest.fixture(scope="module")
 def queued_run(
-    tmp_path_factory: pytest.TempPathFactory, rabbitmq_url: str, redis_url: str, postgres_url: str
+    tmp_path_factory: pytest.TempPathFactory,
+    rabbitmq_url: str,
+    redis_url: str,
+    postgres_url: str,
+    sqs_url: str,
 ) -> Path:
     out = tmp_path_factory.mktemp("results")
     # The session's brokers are handed over as a user's own brokers would be.
     env = {**os.environ, "AMQP_URL": rabbitmq_url, "REDIS_URL": redis_url,
-           "DATABASE_URL": postgres_url, "CI": "true"}  # fmt: skip
+           "DATABASE_URL": postgres_url, "SQS_URL": sqs_url, "CI": "true"}  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "harness.cli", "run", "--modes", ",".join(QUEUED),
          "--duration", "5", "--users", "20", "--latency", "fixed:0.05", "--out", str(out)],

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -256,6 +257,7 @@ def test_urls_from_the_environment_start_nothing(tmp_path: Path) -> None:
         "AMQP_URL": "amqp://bench:secret@broker.example:5672/",
         "REDIS_URL": "redis://cache.example:6379/3",
         "DATABASE_URL": "postgresql://bench@db.example:5432/bench",
+        "SQS_URL": "https://sqs.eu-west-1.amazonaws.com/123456789012/mailbench",
     }
     settings = ServiceSettings(base_dir=tmp_path / "services", env=given, install=False)
     before = _tree(os.getpid())
@@ -277,6 +279,22 @@ def test_a_missing_broker_says_how_to_get_one(tmp_path: Path) -> None:
         "Redis is not installed: run `apt-get install redis-server`, or set REDIS_URL to an "
         "existing server, or `docker compose up -d redis`."
     )
+
+
+def test_a_taken_sqs_port_is_one_sentence_and_starts_nothing(
+    make_service_settings: Callable[[], ServiceSettings],
+) -> None:
+    settings = _no_url_vars(make_service_settings())
+    before = _tree(os.getpid())
+    with socket.socket() as holder, Services(settings) as services:
+        holder.bind(("127.0.0.1", settings.sqs_port))
+        holder.listen()
+        with pytest.raises(ServiceUnavailable) as caught:
+            services.start("sqs")
+        assert _tree(os.getpid()) == before
+    message = str(caught.value)
+    assert message.startswith(f"SQS (moto) cannot start: port {settings.sqs_port} on 127.0.0.1")
+    assert "SQS_URL" in message and "\n" not in message
 
 
 # --- nothing outlives stop(), the context, a signal, or `services down` -------------------
