@@ -206,12 +206,7 @@ def gap_chart(runs: Sequence[Run], labels: Sequence[str]) -> Figure:
         ax.barh(y, gap, height=0.8, color=mode_colour(mode), hatch=HATCHES[i % 6],
                 edgecolor="white", lw=0)  # fmt: skip
         ax.annotate(f" {times(gap)}", (gap, y), va="center", ha="left", fontsize=9)
-    known = [g for g in gaps if g]
-    ax.set_xscale("log")
-    ax.set_xlim(min([1.0, *known]) / 1.5, max([10.0, *known]) * 4)
-    ax.xaxis.set_major_formatter(lambda x, _p: f"{x:g}×")
-    ax.axvline(1.0, color=GREY, lw=0.8)
-    ax.set_xlabel("POST /send p50 ÷ form p50, log scale (1× = as fast as the form page)")
+    targets.gap_axis(ax, gaps)
     _bar_axis(ax, rows)
     handles, names = _run_handles(labels)
     return finish(fig, _note(runs), "The gap, run by run", handles, names, 1)

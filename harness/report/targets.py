@@ -122,12 +122,7 @@ def gap_chart(runs: Sequence[Run], names: Sequence[str], note: str) -> Figure:
             continue
         ax.barh(y, gap, height=0.26, color=colour(i), lw=0)
         ax.annotate(f" {times(gap)}", (gap, y), va="center", ha="left", fontsize=9)
-    known = [g for g in gaps if g]
-    ax.set_xscale("log")
-    ax.set_xlim(min([1.0, *known]) / 1.5, max([10.0, *known]) * 4)
-    ax.xaxis.set_major_formatter(lambda x, _p: f"{x:g}×")
-    ax.axvline(1.0, color=GREY, lw=0.8)
-    ax.set_xlabel("POST /send p50 ÷ form p50, log scale (1× = as fast as the form page)")
+    gap_axis(ax, gaps)
     _bar_axis(ax, ys, total, names)
     return finish(fig, note, "The gap, target by target")
 
@@ -210,3 +205,13 @@ def render(
         ),
     ]
     return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def gap_axis(ax: Any, gaps: list[float | None]) -> None:
+    """The gap chart's log axis, 1× marked: the same for modes and for targets."""
+    known = [g for g in gaps if g]
+    ax.set_xscale("log")
+    ax.set_xlim(min([1.0, *known]) / 1.5, max([10.0, *known]) * 4)
+    ax.xaxis.set_major_formatter(lambda x, _p: f"{x:g}×")
+    ax.axvline(1.0, color=GREY, lw=0.8)
+    ax.set_xlabel("POST /send p50 ÷ form p50, log scale (1× = as fast as the form page)")
